@@ -1,0 +1,289 @@
+"""Command line: argument parsing, sub-commands, and the ONLY place that maps errors to exit
+codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from bamcountd import __version__, logs
+from bamcountd.errors import BadOption, BamcountdError, InputError
+
+if TYPE_CHECKING:
+    from bamcountd.count import CountRequest
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse reports usage errors itself, with status 2
+        return int(exit_.code or 0)
+    logs.configure(level="debug" if args.verbose else args.log_level, json=_log_json(args.log_format))
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("bamcountd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except InputError as error:
+        _print_error(error)
+        return EXIT_USAGE
+    except BamcountdError as error:
+        _print_error(error)
+        return EXIT_FAILURE
+
+
+def _print_error(error: BaseException) -> None:
+    print(f"bamcountd: error: {error}", file=sys.stderr)
+
+
+def _log_json(choice: str) -> bool | None:
+    return None if choice == "auto" else choice == "json"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bamcountd",
+        description="Exact, parallel read counts of BAM files per region, with samtools.",
+    )
+    parser.add_argument("--version", action="version", version=f"bamcountd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log at debug level (one event per region)")
+    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    common.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "console", "json"],
+        help="console on a terminal, JSON lines otherwise (default: auto)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    count = commands.add_parser(
+        "count",
+        parents=[common],
+        help="count the reads of one BAM",
+        description="Count the reads of one coordinate-sorted BAM per region.",
+    )
+    count.add_argument("bam", type=Path, help="coordinate-sorted BAM file")
+    _add_count_options(count)
+    count.add_argument(
+        "--format",
+        choices=["table", "tsv", "json", "seed"],
+        help="output format (default: table on a terminal, json for -o *.json, else tsv)",
+    )
+    count.add_argument("-o", "--output", type=Path, help="write the result to FILE atomically instead of stdout")
+    count.set_defaults(handler=_run_count)
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="count a small generated BAM",
+        description="Generate a small BAM with tricky contig names and count it.",
+    )
+    demo.add_argument("--dir", type=Path, help="where to write demo.bam (default: a temporary folder)")
+    demo.add_argument("--format", choices=["table", "tsv", "json", "seed"], default="table")
+    demo.add_argument("--samtools", help="samtools executable (default: samtools on PATH)")
+    demo.set_defaults(handler=_run_demo)
+    return parser
+
+
+def _flags(text: str) -> int:
+    from bamcountd.samtools import parse_flags
+
+    try:
+        return parse_flags(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _add_count_options(parser: argparse.ArgumentParser) -> None:
+    """The counting options, shared by every sub-command that counts."""
+    where = parser.add_argument_group("regions")
+    where.add_argument(
+        "-r",
+        "--region",
+        action="append",
+        default=[],
+        metavar="REGION",
+        help="NAME, NAME:START-END or {NAME}:START-END; repeat for more (default: every "
+        "reference, then * for unplaced reads)",
+    )
+    where.add_argument("--regions-file", type=Path, metavar="BED", help="count each BED interval")
+    reads = parser.add_argument_group("read filters (samtools view's)")
+    reads.add_argument(
+        "-f",
+        "--require-flags",
+        type=_flags,
+        default=0,
+        metavar="FLAGS",
+        help="count only reads with all of FLAGS (e.g. 0x2 or PROPER_PAIR)",
+    )
+    reads.add_argument(
+        "-F",
+        "--exclude-flags",
+        type=_flags,
+        default=0,
+        metavar="FLAGS",
+        help="skip reads with any of FLAGS (e.g. 0x904)",
+    )
+    reads.add_argument(
+        "-G", "--exclude-all-flags", type=_flags, default=0, metavar="FLAGS", help="skip reads with all of FLAGS"
+    )
+    reads.add_argument("-q", "--min-mapq", type=int, default=0, metavar="INT", help="skip reads with MAPQ below INT")
+    run = parser.add_argument_group("how to run")
+    run.add_argument(
+        "-j", "--jobs", type=_positive_int, default=10, help="most samtools processes at once (default 10)"
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="threads per samtools process (default: chosen from the cores)",
+    )
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill and fail a samtools command after SECONDS")
+    run.add_argument(
+        "--method",
+        choices=["view", "index"],
+        default="view",
+        help="view: read every record (default); index: unfiltered totals from the index only, "
+        "without reading or verifying the data",
+    )
+    run.add_argument(
+        "--no-split",
+        dest="split",
+        action="store_false",
+        help="one samtools per region, as the seed applet did (no balanced shards)",
+    )
+    run.add_argument("--index", type=Path, metavar="FILE", help="index file (default: BAM.bai or BAM.csi)")
+    run.add_argument(
+        "--no-index-build",
+        dest="build_index",
+        action="store_false",
+        help="fail if the index is missing or older than the BAM instead of building one",
+    )
+    run.add_argument(
+        "--index-cache",
+        type=Path,
+        metavar="DIR",
+        help="where built indexes go (default: $XDG_CACHE_HOME/bamcountd/index)",
+    )
+    run.add_argument("--samtools", metavar="PATH", help="samtools executable (default: samtools on PATH)")
+
+
+def request_from_args(args: argparse.Namespace, bam: Path) -> CountRequest:
+    from bamcountd.count import CountRequest
+    from bamcountd.samtools import Filters
+
+    return CountRequest(
+        bam=bam,
+        regions=tuple(args.region),
+        regions_file=args.regions_file,
+        filters=Filters(
+            require_flags=args.require_flags,
+            exclude_flags=args.exclude_flags,
+            exclude_all_flags=args.exclude_all_flags,
+            min_mapq=args.min_mapq,
+        ),
+        jobs=args.jobs,
+        threads=args.threads,
+        timeout=args.timeout,
+        index=args.index,
+        build_index=args.build_index,
+        index_cache=args.index_cache,
+        samtools=args.samtools,
+        method=args.method,
+        split=args.split,
+    )
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return str(args.format)
+    if args.output is not None:
+        return "json" if args.output.suffix == ".json" else "tsv"
+    return "table" if sys.stdout.isatty() else "tsv"
+
+
+def _run_count(args: argparse.Namespace) -> int:
+    from bamcountd.count import count_bam_sync
+    from bamcountd.report import render, write_atomic
+
+    if args.output is not None and not os.access(args.output.parent if str(args.output.parent) else ".", os.W_OK):
+        raise BadOption(f"{args.output}: cannot write there (folder missing or not writable)")
+    fmt = _output_format(args)
+    with _Progress(sys.stderr) as progress:
+        result = count_bam_sync(request_from_args(args, args.bam), progress=progress.update)
+    text = render(result, fmt)
+    if args.output is not None:
+        try:
+            write_atomic(args.output, text.encode())
+        except OSError as error:
+            raise BamcountdError(f"{args.output}: cannot write the result ({error.strerror})") from None
+    else:
+        _write_stdout(text)
+    return EXIT_OK
+
+
+def _write_stdout(text: str) -> None:
+    if not text.endswith("\n") and sys.stdout.isatty():
+        text += "\n"  # the seed format ends without one; keep the prompt on its own line
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from bamcountd.count import CountRequest, count_bam_sync
+    from bamcountd.report import render
+    from bamcountd.synth import demo_bam
+
+    with tempfile.TemporaryDirectory(prefix="bamcountd-demo-") as scratch:
+        folder = args.dir if args.dir is not None else Path(scratch)
+        bam = demo_bam(folder, samtools=args.samtools or "samtools")
+        print(f"# demo BAM: {bam}" + ("" if args.dir else " (removed on exit)"), file=sys.stderr)
+        result = count_bam_sync(CountRequest(bam=bam, samtools=args.samtools, index_cache=folder / "cache"))
+        _write_stdout(render(result, args.format))
+    return EXIT_OK
+
+
+class _Progress:
+    """``done/total shards, elapsed`` on stderr for counts longer than a second, on a tty only."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._enabled = stream.isatty()
+        self._started = time.monotonic()
+        self._shown = False
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shown:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+
+    def update(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self._started
+        if self._enabled and elapsed >= 1.0:
+            self._stream.write(f"\rcounting: {done}/{total} shards, {elapsed:.1f} s")
+            self._stream.flush()
+            self._shown = True

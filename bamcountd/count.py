@@ -1,0 +1,394 @@
+"""The orchestrator: checks, plan, concurrent samtools commands, streamed reduction.
+
+Every shard's command runs under a capacity limiter; each finished command is sent at once
+over a memory object stream to the reducer, which verifies it (exit status, stderr, output)
+and adds it to its region.  The first bad result raises out of the task group, which
+cancels the other shards; cancellation kills their samtools processes (see
+:func:`bamcountd.samtools.run`), so a failed or interrupted count leaves no child behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ObjectSendStream
+
+from bamcountd import plan
+from bamcountd import samtools as st
+from bamcountd.errors import (
+    BadOption,
+    BamcountdError,
+    IndexMismatch,
+    IndexMissing,
+    NotCoordinateSorted,
+    SamtoolsBadOutput,
+    SamtoolsFailed,
+)
+from bamcountd.inputs import cached_index_path, check_bam_file, default_cache_dir, find_index
+from bamcountd.samtools import Filters
+
+log = structlog.get_logger("bamcountd")
+
+METHODS = ("view", "index")
+#: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.
+_BAI_MAX_LENGTH = (1 << 29) - 1
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountRequest:
+    """What to count and how; every option has samtools' meaning where samtools has one."""
+
+    bam: Path
+    regions: tuple[str, ...] = ()
+    regions_file: Path | None = None
+    filters: Filters = field(default_factory=Filters)
+    jobs: int = 10  # most samtools processes at once
+    threads: int | None = None  # threads per samtools process; None picks from the cores
+    timeout: float | None = None  # seconds per samtools command
+    index: Path | None = None
+    build_index: bool = True
+    index_cache: Path | None = None
+    samtools: str | None = None
+    method: str = "view"
+    split: bool = True  # balanced start-position shards for large references
+
+
+@dataclass(frozen=True)
+class RegionCount:
+    region: str
+    count: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountResult:
+    bam: Path
+    total: int
+    regions: tuple[RegionCount, ...]
+    filters: Filters
+    samtools_version: str
+    jobs: int
+    threads: int
+    method: str
+    shards: int
+    index: Path
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON contract other tools read (``bamcountd count --format json``)."""
+        return {
+            "bam": str(self.bam),
+            "total": self.total,
+            "regions": [{"region": r.region, "count": r.count} for r in self.regions],
+            "filters": self.filters.as_dict(),
+            "samtools": self.samtools_version,
+            "jobs": self.jobs,
+            "threads": self.threads,
+            "method": self.method,
+            "shards": self.shards,
+            "index": str(self.index),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    shard: plan.Shard
+    completed: st.Completed
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
+    """(processes at once, threads per process) that fill the cores without oversubscribing.
+
+    Measured (benchmarks/bench_count.py): on 2 cores one samtools with 2 threads beats two
+    single-threaded ones, because a BGZF decompression thread takes work off the parser; with
+    more cores, more processes win.  ``--jobs`` always caps the process count.
+    """
+    if threads is None:
+        threads = 2 if cores <= 4 else 1
+    processes = max(1, min(jobs, max(cores // threads, 1)))
+    return processes, threads
+
+
+def _validate(request: CountRequest) -> None:
+    if request.jobs < 1:
+        raise BadOption(f"--jobs must be at least 1, not {request.jobs}")
+    if request.threads is not None and request.threads < 1:
+        raise BadOption(f"--threads must be at least 1, not {request.threads}")
+    if request.timeout is not None and request.timeout <= 0:
+        raise BadOption(f"--timeout must be positive, not {request.timeout}")
+    if request.method not in METHODS:
+        raise BadOption(f"--method must be one of {', '.join(METHODS)}, not {request.method!r}")
+    if request.method == "index" and request.filters.active:
+        raise BadOption("--method index reads only the index, so it cannot apply -f/-F/-G/-q filters")
+    if request.filters.min_mapq < 0:
+        raise BadOption(f"--min-mapq must be 0 or more, not {request.filters.min_mapq}")
+
+
+async def count_bam(
+    request: CountRequest,
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+    progress: ProgressCallback | None = None,
+) -> CountResult:
+    """Count the reads of one BAM per region; raise a :class:`BamcountdError` on any doubt.
+
+    ``limiter`` is shared with other counts (the daemon's global cap on samtools processes);
+    the request's own ``jobs`` still applies within it.
+    """
+    started = time.monotonic()
+    _validate(request)
+    samtools = await st.locate(request.samtools)
+    bam = check_bam_file(request.bam)
+    await st.quickcheck(samtools, bam)
+    header = await st.read_header(samtools, bam)
+    regions = plan.resolve_regions(header, request.regions, request.regions_file)
+    index = await _usable_index(samtools, bam, header, request)
+    stats = {stat.name: stat for stat in await st.idxstats(samtools, bam, index)}
+    _check_index_names(bam, header, stats)
+    lengths = {ref.name: ref.length for ref in header.references}
+    bound = log.bind(bam=str(bam))
+
+    processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
+    if request.method == "index":
+        counts = _counts_from_index(bam, regions, stats)
+        shard_count = 0
+    else:
+        policy = plan.ShardPolicy(
+            slots=processes,
+            split=request.split and samtools.supports_expressions,
+            group=request.split,
+        )
+        weights = plan.region_weights(regions, stats, lengths)
+        shards = plan.plan_shards(regions, weights, lengths, policy)
+        bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
+        counts = await _run_shards(
+            samtools,
+            bam,
+            index,
+            regions,
+            shards,
+            request=request,
+            processes=processes,
+            threads=threads,
+            limiter=limiter,
+            progress=progress,
+        )
+        shard_count = len(shards)
+        _cross_check(bam, regions, counts, stats, filtered=request.filters.active)
+    result = CountResult(
+        bam=bam,
+        total=sum(counts),
+        regions=tuple(RegionCount(r.label, c) for r, c in zip(regions, counts, strict=True)),
+        filters=request.filters,
+        samtools_version=samtools.version,
+        jobs=request.jobs,
+        threads=threads,
+        method=request.method,
+        shards=shard_count,
+        index=index,
+        seconds=time.monotonic() - started,
+    )
+    bound.info(
+        "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
+    )
+    return result
+
+
+def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
+    """:func:`count_bam` for callers without an event loop."""
+    return anyio.run(partial(count_bam, request, progress=progress))
+
+
+async def _usable_index(samtools: st.Samtools, bam: Path, header: st.Header, request: CountRequest) -> Path:
+    lookup = find_index(bam, request.index)
+    if lookup.path is not None and not lookup.stale:
+        return lookup.path
+    if lookup.path is None:
+        reason = "has no index (looked for .bai and .csi next to it)"
+    else:
+        reason = f"has an index older than the BAM ({lookup.path})"
+    if not request.build_index:
+        raise IndexMissing(f"{bam}: {reason}; run `samtools index` on it, or drop --no-index-build")
+    if header.sort_order in ("unsorted", "queryname"):
+        raise NotCoordinateSorted(
+            f"{bam}: the BAM is not coordinate-sorted (SO:{header.sort_order}), so it cannot be indexed; "
+            f"sort it first (samtools sort -o sorted.bam {bam.name})"
+        )
+    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
+    csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        out = cached_index_path(bam, cache, csi=csi)
+    except OSError as error:
+        raise IndexMissing(f"{bam}: {reason}, and the index cache {cache} is not usable ({error.strerror})") from None
+    if not out.is_file():
+        log.info("building_index", bam=str(bam), reason=reason, index=str(out))
+        await st.build_index(samtools, bam, out, csi=csi, threads=available_cores())
+    return out
+
+
+def _check_index_names(bam: Path, header: st.Header, stats: dict[str, st.IndexStat]) -> None:
+    # idxstats prints the header's names with the index's numbers, so this catches an index
+    # with a different number of references only; the count cross-check catches the rest.
+    named = [name for name in stats if name != plan.UNPLACED]
+    if len(named) != len(header.references):
+        raise IndexMismatch(f"{bam}: the index describes {len(named)} references, the header {len(header.references)}")
+
+
+def _counts_from_index(bam: Path, regions: Sequence[plan.Region], stats: dict[str, st.IndexStat]) -> list[int]:
+    counts: list[int] = []
+    for region in regions:
+        if not region.whole:
+            raise BadOption(f"{bam}: --method index counts whole references only, not {region.label!r}")
+        counts.append(_index_total(region, stats))
+    return counts
+
+
+def _index_total(region: plan.Region, stats: dict[str, st.IndexStat]) -> int:
+    if region.reference is None:
+        return stats[plan.UNPLACED].unmapped if plan.UNPLACED in stats else 0
+    return stats[region.reference].reads
+
+
+def _cross_check(
+    bam: Path,
+    regions: Sequence[plan.Region],
+    counts: Sequence[int],
+    stats: dict[str, st.IndexStat],
+    *,
+    filtered: bool,
+) -> None:
+    """Compare whole-reference counts with the index's own totals.
+
+    Unfiltered, they must be equal; filtered, a count can only be smaller.  A difference
+    means the index was made from another file (or the file changed under us).
+    """
+    for region, count in zip(regions, counts, strict=True):
+        if not region.whole:
+            continue
+        expected = _index_total(region, stats)
+        if count != expected and (not filtered or count > expected):
+            raise IndexMismatch(
+                f"{bam}: region {region.label} has {count} reads but its index says {expected}; "
+                "the index does not belong to this BAM (or the BAM changed during the count): "
+                "re-index it with `samtools index`"
+            )
+
+
+async def _run_shards(
+    samtools: st.Samtools,
+    bam: Path,
+    index: Path,
+    regions: Sequence[plan.Region],
+    shards: Sequence[plan.Shard],
+    *,
+    request: CountRequest,
+    processes: int,
+    threads: int,
+    limiter: anyio.CapacityLimiter | None,
+    progress: ProgressCallback | None,
+) -> list[int]:
+    counts = [0] * len(regions)
+    if not shards:
+        return counts
+    local = anyio.CapacityLimiter(processes)
+    send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=processes)
+    by_name = {os.fsencode(regions[i].reference or ""): i for shard in shards if shard.tally for i in shard.regions}
+
+    async def run_one(shard: plan.Shard, results: ObjectSendStream[_Outcome]) -> None:
+        argv = st.count_argv(
+            samtools,
+            bam,
+            index,
+            shard.args,
+            filters=request.filters,
+            threads=threads,
+            expression=shard.expression,
+            count=not shard.tally,
+        )
+        async with results, local:
+            try:
+                if limiter is None:
+                    completed = await st.run(argv, timeout=request.timeout)
+                else:
+                    async with limiter:
+                        completed = await st.run(argv, timeout=request.timeout)
+            except OSError as error:
+                raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
+            await results.send(_Outcome(shard, completed))
+
+    try:
+        async with anyio.create_task_group() as group:
+            async with send:
+                for shard in shards:
+                    group.start_soon(run_one, shard, send.clone())
+            done = 0
+            async with receive:
+                async for outcome in receive:
+                    _reduce(bam, regions, outcome, counts, by_name)
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(shards))
+    except BaseExceptionGroup as group_error:
+        raise _first_error(group_error) from None
+    return counts
+
+
+def _reduce(
+    bam: Path,
+    regions: Sequence[plan.Region],
+    outcome: _Outcome,
+    counts: list[int],
+    by_name: dict[bytes, int],
+) -> None:
+    shard, completed = outcome.shard, outcome.completed
+    what = f"{bam}: region {shard.label}"
+    if shard.tally:
+        for name, tally in st.tally_references(completed, what).items():
+            index = by_name.get(name)
+            if index is None or index not in shard.regions:
+                raise SamtoolsBadOutput(f"{what}: samtools returned a record on {os.fsdecode(name)!r}")
+            counts[index] += tally
+        count = sum(counts[i] for i in shard.regions)
+    else:
+        count = st.parse_count(completed, what)
+        counts[shard.regions[0]] += count
+    log.debug("shard_counted", bam=str(bam), region=shard.label, count=count, seconds=round(completed.seconds, 4))
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: ours first, then anything that is not a cancel."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, BamcountdError):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, anyio.get_cancelled_exc_class()):
+            return leaf
+    return group

@@ -1,0 +1,77 @@
+"""One small exception class per failure.
+
+The CLI maps the two families to exit codes: :class:`InputError` (the user must change
+something: a path, a region, an option) and everything else under :class:`BamcountdError`
+(the data or a tool failed).  Every message names the file and the cause in one line.
+"""
+
+from __future__ import annotations
+
+
+class BamcountdError(Exception):
+    """Base class of every error bamcountd raises on purpose."""
+
+
+# --- input errors: the user must change what they asked for -------------------------------
+
+
+class InputError(BamcountdError):
+    """The request cannot be carried out as given (exit status 2)."""
+
+
+class BamNotFound(InputError):
+    """The BAM (or index, or regions file) does not exist or cannot be read."""
+
+
+class UnknownRegion(InputError):
+    """A region names a reference that the BAM header does not have, or is malformed."""
+
+
+class AmbiguousRegion(InputError):
+    """A region could be read two ways because contig names contain ':'."""
+
+
+class BadRegionsFile(InputError):
+    """A BED file line cannot be parsed or names an unknown reference."""
+
+
+class IndexMissing(InputError):
+    """No usable index and building one was not allowed."""
+
+
+class NotCoordinateSorted(InputError):
+    """The BAM is not coordinate-sorted, so it cannot be indexed or queried by region."""
+
+
+class BadOption(InputError):
+    """An option value is out of range or contradicts another option."""
+
+
+# --- data errors: the file is not what it claims to be -------------------------------------
+
+
+class CorruptBam(BamcountdError):
+    """The BAM is truncated, corrupt or not a BAM at all."""
+
+
+class IndexMismatch(BamcountdError):
+    """Counts disagree with the index's own totals: the index belongs to another file."""
+
+
+# --- tool errors: samtools could not be run or misbehaved -----------------------------------
+
+
+class SamtoolsNotFound(BamcountdError):
+    """No samtools executable at the given path or on PATH."""
+
+
+class SamtoolsFailed(BamcountdError):
+    """A samtools command exited non-zero, was killed, or wrote a warning or error."""
+
+
+class SamtoolsTimeout(SamtoolsFailed):
+    """A samtools command ran past its time limit and was killed."""
+
+
+class SamtoolsBadOutput(SamtoolsFailed):
+    """A samtools command's output could not be parsed."""

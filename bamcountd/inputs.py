@@ -1,0 +1,93 @@
+"""Checks on the input files that need no samtools: existence, readability, BAM magic, and
+where the index is (next to the BAM, given, or cached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from bamcountd.errors import BamNotFound, CorruptBam
+
+_BGZF_MAGIC = b"\x1f\x8b\x08\x04"
+
+
+def check_bam_file(path: Path) -> Path:
+    """Return the absolute path of a readable BAM, or raise naming the file and cause."""
+    absolute = Path(os.path.abspath(path))
+    if "##idx##" in str(absolute):
+        raise BamNotFound(f"{path}: the path contains '##idx##', which htslib reads as an index marker")
+    try:
+        with open(absolute, "rb") as handle:
+            first_block = handle.read(65536)
+    except FileNotFoundError:
+        raise BamNotFound(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BamNotFound(f"{path}: is a directory, not a BAM file") from None
+    except PermissionError:
+        raise BamNotFound(f"{path}: permission denied") from None
+    except OSError as error:
+        raise BamNotFound(f"{path}: cannot read ({error.strerror})") from None
+    if not first_block:
+        raise CorruptBam(f"{path}: the file is empty")
+    if first_block[:4] != _BGZF_MAGIC or _first_block_payload(first_block)[:4] != b"BAM\x01":
+        raise CorruptBam(f"{path}: not a BAM file (no BGZF/BAM magic); SAM and CRAM are not supported")
+    return absolute
+
+
+def _first_block_payload(data: bytes) -> bytes:
+    if len(data) < 18:
+        return b""
+    block_size = struct.unpack_from("<H", data, 16)[0] + 1
+    try:
+        return zlib.decompressobj(-15).decompress(data[18:block_size], 8)
+    except zlib.error:
+        return b""
+
+
+@dataclass(frozen=True)
+class IndexLookup:
+    """Where an index is, and whether it can be trusted to describe the BAM."""
+
+    path: Path | None
+    stale: bool  # older than the BAM
+
+
+def find_index(bam: Path, given: Path | None = None) -> IndexLookup:
+    """The user's index, or one next to the BAM as samtools would find it."""
+    if given is not None:
+        candidate = Path(os.path.abspath(given))
+        if not candidate.is_file():
+            raise BamNotFound(f"{given}: index file not found")
+        return IndexLookup(candidate, _older(candidate, bam))
+    stem = bam.with_suffix("")
+    for candidate in (
+        bam.with_name(bam.name + ".bai"),
+        bam.with_name(bam.name + ".csi"),
+        stem.with_name(stem.name + ".bai"),
+        stem.with_name(stem.name + ".csi"),
+    ):
+        if candidate.is_file():
+            return IndexLookup(candidate, _older(candidate, bam))
+    return IndexLookup(None, False)
+
+
+def _older(index: Path, bam: Path) -> bool:
+    return index.stat().st_mtime_ns < bam.stat().st_mtime_ns
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bamcountd" / "index"
+
+
+def cached_index_path(bam: Path, cache_dir: Path, *, csi: bool) -> Path:
+    """A cache name tied to the BAM's identity, so a replaced BAM never reuses an old index."""
+    stat = bam.stat()
+    identity = f"{bam}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:32]
+    return cache_dir / f"{digest}.{'csi' if csi else 'bai'}"

@@ -1,0 +1,282 @@
+"""Regions and shards: what to count, and how to cut the work into samtools commands.
+
+A *region* is what the user gets a count for: a whole reference, a range of one, or ``*``
+(the unplaced unmapped reads).  A *shard* is one samtools command.  Shards are summed back
+into their regions, so the output never shows how the work was cut.
+
+Exactness rules for cutting one region into start-position shards ``[a_k, b_k]``: the first
+shard counts every read overlapping ``[S, b_1]`` (so reads that start before the region but
+reach into it are counted once, here), and every later shard counts reads overlapping its
+range whose 1-based start ``pos >= a_k`` (``samtools view -e``).  A read that starts inside
+the region starts in exactly one shard's range, and a read that starts in shard k's range
+cannot overlap an earlier shard's range, so no read is counted twice or missed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bamcountd.errors import AmbiguousRegion, BadRegionsFile, BamNotFound, UnknownRegion
+from bamcountd.samtools import Header, IndexStat
+
+UNPLACED = "*"
+
+_RANGE = re.compile(r"\A([0-9][0-9,]*)?(?:(-)([0-9][0-9,]*)?)?\Z")
+
+
+@dataclass(frozen=True)
+class Region:
+    """One row of the output."""
+
+    label: str
+    reference: str | None  # None for ``*``
+    start: int | None = None  # 1-based, inclusive
+    end: int | None = None  # 1-based, inclusive; None runs to the end of the reference
+
+    @property
+    def whole(self) -> bool:
+        return self.start is None and self.end is None
+
+    def samtools_arg(self, start: int | None = None, end: int | None = None) -> str:
+        """The region as samtools must see it: names in braces so ':' is never misread."""
+        if self.reference is None:
+            return UNPLACED
+        name = _quoted(self.reference)
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if start is None and end is None:
+            return name
+        return f"{name}:{start or 1}-{'' if end is None else end}"
+
+
+def _quoted(name: str) -> str:
+    if "}" not in name:
+        return "{" + name + "}"
+    if ":" in name:
+        raise UnknownRegion(f"reference {name!r} contains both ':' and '}}', which samtools cannot address")
+    return name
+
+
+def default_regions(header: Header) -> list[Region]:
+    """Every @SQ reference in header order, then ``*``: their sum is the whole file."""
+    return [Region(ref.name, ref.name) for ref in header.references] + [Region(UNPLACED, None)]
+
+
+def parse_region(text: str, lengths: Mapping[str, int]) -> Region:
+    """Parse samtools' ``NAME[:START[-END]]`` (or ``{NAME}[:...]``) against the header."""
+    if text == UNPLACED:
+        return Region(UNPLACED, None)
+    if text.startswith("{"):
+        close = text.find("}")
+        while close != -1 and text[1:close] not in lengths:
+            close = text.find("}", close + 1)
+        if close == -1:
+            raise UnknownRegion(f"region {text!r}: no reference of that name in the BAM header{_known(lengths)}")
+        name, rest = text[1:close], text[close + 1 :]
+        if not rest:
+            return Region(text, name)
+        if not rest.startswith(":"):
+            raise UnknownRegion(f"region {text!r}: expected ':' after '}}'")
+        return _ranged(text, name, rest[1:], lengths)
+    candidates: list[Region] = []
+    if text in lengths:
+        candidates.append(Region(text, text))
+    name, colon, rest = text.rpartition(":")
+    if colon and name in lengths and _RANGE.match(rest) and rest:
+        candidates.append(_ranged(text, name, rest, lengths))
+    if len(candidates) > 1:
+        raise AmbiguousRegion(
+            f"region {text!r} is ambiguous: it is a reference name and also {name!r} with a range; "
+            f"write {{{text}}} for the reference or {{{name}}}:{rest} for the range"
+        )
+    if not candidates:
+        raise UnknownRegion(f"region {text!r}: no reference of that name in the BAM header{_known(lengths)}")
+    return candidates[0]
+
+
+def _ranged(text: str, name: str, spec: str, lengths: Mapping[str, int]) -> Region:
+    match = _RANGE.match(spec)
+    if match is None or not spec:
+        raise UnknownRegion(f"region {text!r}: cannot read the range {spec!r} (expected START-END)")
+    first, dash, last = match.groups()
+    start = int(first.replace(",", "")) if first else 1
+    end = int(last.replace(",", "")) if last else None
+    if not dash and first:
+        end = None  # samtools: "chr:START" runs to the end of the reference
+    return _checked_range(text, name, start, end, lengths[name])
+
+
+def _checked_range(label: str, name: str, start: int, end: int | None, length: int) -> Region:
+    if start < 1:
+        raise UnknownRegion(f"region {label!r}: positions start at 1")
+    if end is not None and end < start:
+        raise UnknownRegion(f"region {label!r}: end is before start")
+    if start > length:
+        raise UnknownRegion(f"region {label!r}: starts past the end of {name} (length {length})")
+    return Region(label, name, start, end)
+
+
+def _known(lengths: Mapping[str, int]) -> str:
+    names = list(lengths)
+    shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+    return f" (it has {len(names)}: {shown})" if names else " (it has no @SQ lines)"
+
+
+def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
+    """Regions from a BED file (0-based, half-open), labelled 1-based like samtools regions."""
+    try:
+        text = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BamNotFound(f"{path}: regions file not found") from None
+    except OSError as error:
+        raise BamNotFound(f"{path}: cannot read regions file ({error.strerror})") from None
+    regions: list[Region] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = os.fsdecode(raw.rstrip(b"\r"))
+        if not line.strip() or line.startswith(("#", "track", "browser")):
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        if len(fields) < 3 or not fields[1].isdigit() or not fields[2].isdigit():
+            raise BadRegionsFile(f"{path}:{number}: expected 'chrom<TAB>start<TAB>end', got {line[:80]!r}")
+        name, start0, end = fields[0], int(fields[1]), int(fields[2])
+        if name not in lengths:
+            raise BadRegionsFile(f"{path}:{number}: reference {name!r} is not in the BAM header{_known(lengths)}")
+        if end <= start0:
+            raise BadRegionsFile(f"{path}:{number}: end {end} is not after start {start0}")
+        try:
+            regions.append(_checked_range(f"{name}:{start0 + 1}-{end}", name, start0 + 1, end, lengths[name]))
+        except UnknownRegion as error:
+            raise BadRegionsFile(f"{path}:{number}: {error}") from None
+    if not regions:
+        raise BadRegionsFile(f"{path}: no regions in the file")
+    return regions
+
+
+def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> list[Region]:
+    """The user's regions in the order given, or every reference plus ``*``."""
+    if not texts and bed is None:
+        return default_regions(header)
+    lengths = {ref.name: ref.length for ref in header.references}
+    regions = [parse_region(text, lengths) for text in texts]
+    if bed is not None:
+        regions += read_bed(bed, lengths)
+    return regions
+
+
+# --- shards -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One samtools command and the regions its result feeds."""
+
+    regions: tuple[int, ...]  # indices into the region list
+    args: tuple[str, ...]  # samtools region arguments
+    expression: str | None = None  # ``view -e`` filter for start-position shards
+    tally: bool = False  # records tallied per reference instead of ``view -c``
+    weight: float = 0.0  # expected records, from the index
+
+    @property
+    def label(self) -> str:
+        shown = " ".join(self.args[:3])
+        return shown + (f" (+{len(self.args) - 3} more)" if len(self.args) > 3 else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardPolicy:
+    """How finely to cut: ``pieces`` shards per concurrent process, none smaller than ``min_reads``."""
+
+    slots: int  # samtools processes that run at once
+    pieces_per_slot: int = 3
+    min_reads: int = 200_000  # below this a split costs more in start-up than it saves
+    split: bool = True  # cut large references into start-position shards (needs ``view -e``)
+    group: bool = True  # tally small references together instead of one process each
+    small_reads: int = 20_000  # references with fewer expected records are grouped
+    group_reads: int = 200_000  # at most this many expected records per tally group
+    group_names: int = 2_000  # and at most this many references per group
+
+
+def region_weights(
+    regions: Sequence[Region], stats: Mapping[str, IndexStat], lengths: Mapping[str, int]
+) -> list[float]:
+    """Expected records per region, from the index (uniform density within a reference)."""
+    weights: list[float] = []
+    for region in regions:
+        if region.reference is None:
+            weights.append(float(stats[UNPLACED].unmapped) if UNPLACED in stats else 0.0)
+            continue
+        stat = stats.get(region.reference)
+        reads = float(stat.reads) if stat else 0.0
+        length = max(lengths.get(region.reference, 1), 1)
+        start = region.start or 1
+        end = min(region.end or length, length)
+        weights.append(reads * max(end - start + 1, 1) / length)
+    return weights
+
+
+def plan_shards(
+    regions: Sequence[Region],
+    weights: Sequence[float],
+    lengths: Mapping[str, int],
+    policy: ShardPolicy,
+) -> list[Shard]:
+    """Cut regions into shards of similar size, biggest first."""
+    total = sum(weights)
+    target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
+    shards: list[Shard] = []
+    small: list[int] = []
+    references = [r.reference for r in regions]
+    for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
+        unique = region.reference is not None and references.count(region.reference) == 1
+        if policy.group and region.whole and unique and weight < policy.small_reads:
+            small.append(index)
+        elif policy.split and region.reference is not None and weight > 1.5 * target:
+            shards += _split(index, region, weight, lengths[region.reference], math.ceil(weight / target))
+        else:
+            shards.append(Shard((index,), (region.samtools_arg(),), weight=weight))
+    shards += _groups(small, regions, weights, policy)
+    shards.sort(key=lambda shard: shard.weight, reverse=True)
+    return shards
+
+
+def _split(index: int, region: Region, weight: float, length: int, pieces: int) -> list[Shard]:
+    start = region.start or 1
+    end = region.end  # None: to the end of the reference, reads past its length included
+    span = (min(end, length) if end is not None else length) - start + 1
+    pieces = max(1, min(pieces, span))
+    bounds = [start + (span * k) // pieces for k in range(pieces)]
+    shards: list[Shard] = []
+    for k, low in enumerate(bounds):
+        high = bounds[k + 1] - 1 if k + 1 < pieces else end
+        expression = None if k == 0 else f"pos >= {low}"
+        arg = region.samtools_arg(low, high)
+        shards.append(Shard((index,), (arg,), expression=expression, weight=weight / pieces))
+    return shards
+
+
+def _groups(
+    small: Iterable[int], regions: Sequence[Region], weights: Sequence[float], policy: ShardPolicy
+) -> list[Shard]:
+    groups: list[Shard] = []
+    members: list[int] = []
+    load = 0.0
+
+    def close() -> None:
+        nonlocal members, load
+        if members:
+            args = tuple(regions[i].samtools_arg() for i in members)
+            groups.append(Shard(tuple(members), args, tally=len(members) > 1, weight=load))
+        members, load = [], 0.0
+
+    for index in small:
+        if members and (load + weights[index] > policy.group_reads or len(members) >= policy.group_names):
+            close()
+        members.append(index)
+        load += weights[index]
+    close()
+    return groups

@@ -1,0 +1,365 @@
+"""The samtools boundary: nothing else in bamcountd runs samtools.
+
+Every command is an argument list (never a shell), every path handed to samtools is absolute
+(so none can be read as an option), and every result is checked three ways: exit status,
+output shape and stderr.  samtools exits 0 on several bad inputs (unknown region, ambiguous
+contig name, a file cut at a BGZF block boundary) and only says so on stderr, so any line on
+stderr of a command that normally prints nothing there is treated as a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from bamcountd.errors import (
+    CorruptBam,
+    NotCoordinateSorted,
+    SamtoolsBadOutput,
+    SamtoolsFailed,
+    SamtoolsNotFound,
+    SamtoolsTimeout,
+)
+
+#: The oldest samtools whose region syntax (``{name}``), ``-X`` and ``##idx##`` we rely on.
+MINIMUM_VERSION = (1, 10)
+#: ``view -e`` filter expressions, used for exact start-position shards.
+EXPRESSIONS_VERSION = (1, 12)
+
+INSTALL_HINT = "install it (apt-get install samtools) or pass --samtools PATH"
+
+# SAM flag names as samtools spells them (sam_view.c / bam_str2flag).
+FLAG_NAMES = {
+    "PAIRED": 0x1,
+    "PROPER_PAIR": 0x2,
+    "UNMAP": 0x4,
+    "MUNMAP": 0x8,
+    "REVERSE": 0x10,
+    "MREVERSE": 0x20,
+    "READ1": 0x40,
+    "READ2": 0x80,
+    "SECONDARY": 0x100,
+    "QCFAIL": 0x200,
+    "DUP": 0x400,
+    "SUPPLEMENTARY": 0x800,
+}
+
+_COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
+_VERSION_LINE = re.compile(r"\Asamtools ([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")
+
+
+def parse_flags(text: str) -> int:
+    """Parse a flag value the way samtools does: decimal, ``0x`` hex, ``0`` octal or names."""
+    value = text.strip()
+    if not value:
+        raise ValueError("empty flag value")
+    if value[0].isdigit():
+        octal = len(value) > 1 and value[0] == "0" and value[1].isdigit()  # strtol's base 0
+        number = int(value, 8 if octal else 0)
+    else:
+        number = 0
+        for name in value.split(","):
+            key = name.strip().upper()
+            if key not in FLAG_NAMES:
+                raise ValueError(f"unknown flag name {name!r} (known: {', '.join(FLAG_NAMES)})")
+            number |= FLAG_NAMES[key]
+    if not 0 <= number <= 0xFFFF:
+        raise ValueError(f"flag value {text!r} is outside 0..0xFFFF")
+    return number
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filters:
+    """samtools view's own read filters, with samtools' meaning."""
+
+    require_flags: int = 0  # -f: count reads with all of these flags
+    exclude_flags: int = 0  # -F: skip reads with any of these flags
+    exclude_all_flags: int = 0  # -G: skip reads with all of these flags
+    min_mapq: int = 0  # -q
+
+    @property
+    def active(self) -> bool:
+        return any((self.require_flags, self.exclude_flags, self.exclude_all_flags, self.min_mapq))
+
+    def argv(self) -> list[str]:
+        args: list[str] = []
+        if self.require_flags:
+            args += ["-f", str(self.require_flags)]
+        if self.exclude_flags:
+            args += ["-F", str(self.exclude_flags)]
+        if self.exclude_all_flags:
+            args += ["-G", str(self.exclude_all_flags)]
+        if self.min_mapq:
+            args += ["-q", str(self.min_mapq)]
+        return args
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "require_flags": self.require_flags,
+            "exclude_flags": self.exclude_flags,
+            "exclude_all_flags": self.exclude_all_flags,
+            "min_mapq": self.min_mapq,
+        }
+
+
+@dataclass(frozen=True)
+class Samtools:
+    """A located, version-checked samtools executable."""
+
+    executable: str
+    version: str
+    version_info: tuple[int, ...]
+
+    @property
+    def supports_expressions(self) -> bool:
+        return self.version_info >= EXPRESSIONS_VERSION
+
+
+@dataclass(frozen=True)
+class Completed:
+    """One finished samtools command."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        text = self.stderr.decode("utf-8", "replace")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def describe_failure(self) -> str | None:
+        """Why this command's result must not be trusted, or None if it can be."""
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            cause = f"killed by {name}"
+        elif self.returncode > 0:
+            cause = f"exit status {self.returncode}"
+        elif self.stderr_lines:
+            cause = "exit status 0 but it reported a problem"
+        else:
+            return None
+        words = _summarise(self.stderr_lines)
+        return f"{cause}: {words}" if words else cause
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One @SQ line of the header."""
+
+    name: str
+    length: int
+
+
+@dataclass(frozen=True)
+class Header:
+    references: tuple[Reference, ...]
+    sort_order: str | None
+
+
+@dataclass(frozen=True)
+class IndexStat:
+    """One line of ``samtools idxstats``: the index's own per-reference totals."""
+
+    name: str
+    length: int
+    mapped: int
+    unmapped: int
+
+    @property
+    def reads(self) -> int:
+        return self.mapped + self.unmapped
+
+
+def _summarise(lines: Sequence[str], limit: int = 3) -> str:
+    shown = " | ".join(lines[:limit])
+    if len(lines) > limit:
+        shown += f" | (+{len(lines) - limit} more lines)"
+    return shown
+
+
+async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed:
+    """Run one command to completion; on cancellation or timeout the child is killed.
+
+    anyio's ``run_process`` kills and reaps the child when the calling scope is cancelled,
+    which is what guarantees that no samtools outlives a failed or interrupted count.
+    """
+    started = time.monotonic()
+    try:
+        with anyio.fail_after(timeout):
+            process = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL)
+    except TimeoutError:
+        raise SamtoolsTimeout(f"{' '.join(argv[1:3])}: killed after the {timeout:g} s time limit") from None
+    return Completed(
+        argv=tuple(argv),
+        returncode=process.returncode,
+        stdout=process.stdout,
+        stderr=process.stderr,
+        seconds=time.monotonic() - started,
+    )
+
+
+_located: dict[tuple[str, int, int], Samtools] = {}
+
+
+async def locate(path: str | None = None) -> Samtools:
+    """Find samtools (``path`` or PATH), check its version; cached per executable."""
+    wanted = path or "samtools"
+    executable = shutil.which(wanted)
+    if executable is None:
+        where = f"at {wanted}" if os.sep in wanted else "on PATH"
+        raise SamtoolsNotFound(f"samtools not found {where}: {INSTALL_HINT}")
+    executable = os.path.abspath(executable)
+    stat = os.stat(executable)
+    key = (executable, stat.st_ino, stat.st_mtime_ns)
+    if key in _located:
+        return _located[key]
+    try:
+        completed = await run([executable, "--version"], timeout=30)
+    except OSError as error:
+        raise SamtoolsNotFound(f"{executable}: cannot run samtools ({error.strerror}): {INSTALL_HINT}") from None
+    first = completed.stdout.decode("utf-8", "replace").splitlines()[:1]
+    match = _VERSION_LINE.match(first[0]) if first else None
+    if completed.returncode != 0 or match is None:
+        raise SamtoolsBadOutput(f"{executable}: `samtools --version` did not print a samtools version")
+    info = tuple(int(part) for part in match.groups() if part is not None)
+    if info < MINIMUM_VERSION:
+        raise SamtoolsNotFound(
+            f"{executable}: samtools {'.'.join(map(str, info))} is too old, need "
+            f"{'.'.join(map(str, MINIMUM_VERSION))} or newer: {INSTALL_HINT}"
+        )
+    located = Samtools(executable=executable, version=first[0].split()[1], version_info=info)
+    _located[key] = located
+    return located
+
+
+def _checked(completed: Completed, what: str) -> Completed:
+    failure = completed.describe_failure()
+    if failure is not None:
+        raise SamtoolsFailed(f"{what}: samtools {failure}")
+    return completed
+
+
+def with_index(bam: Path, index: Path) -> str:
+    """htslib's ``FILE##idx##INDEX`` form, for commands that have no ``-X``."""
+    return f"{bam}##idx##{index}"
+
+
+async def quickcheck(samtools: Samtools, bam: Path) -> None:
+    completed = await run([samtools.executable, "quickcheck", "-v", str(bam)], timeout=120)
+    if completed.returncode != 0:
+        words = _summarise(completed.stderr_lines) or "not a valid BAM"
+        raise CorruptBam(f"{bam}: failed samtools quickcheck, the file is truncated or not a BAM ({words})")
+
+
+async def read_header(samtools: Samtools, bam: Path) -> Header:
+    completed = await run([samtools.executable, "view", "--no-PG", "-H", str(bam)], timeout=300)
+    failure = completed.describe_failure()
+    if failure is not None:
+        raise CorruptBam(f"{bam}: cannot read the header: samtools {failure}")
+    references: list[Reference] = []
+    sort_order: str | None = None
+    for raw in completed.stdout.split(b"\n"):
+        if raw.startswith(b"@HD\t"):
+            for field in raw.split(b"\t")[1:]:
+                if field.startswith(b"SO:"):
+                    sort_order = field[3:].decode("ascii", "replace")
+        elif raw.startswith(b"@SQ\t"):
+            fields = dict((f[:2], f[3:]) for f in raw.split(b"\t")[1:] if len(f) >= 3 and f[2:3] == b":")
+            if b"SN" not in fields or b"LN" not in fields or not fields[b"LN"].isdigit():
+                raise CorruptBam(f"{bam}: malformed @SQ header line: {raw[:200]!r}")
+            references.append(Reference(name=os.fsdecode(fields[b"SN"]), length=int(fields[b"LN"])))
+    return Header(references=tuple(references), sort_order=sort_order)
+
+
+async def idxstats(samtools: Samtools, bam: Path, index: Path) -> list[IndexStat]:
+    completed = await run([samtools.executable, "idxstats", with_index(bam, index)], timeout=300)
+    _checked(completed, f"{bam}: idxstats")
+    stats: list[IndexStat] = []
+    for raw in completed.stdout.splitlines():
+        parts = raw.split(b"\t")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+            raise SamtoolsBadOutput(f"{bam}: unexpected `samtools idxstats` line {raw[:200]!r}")
+        stats.append(IndexStat(os.fsdecode(parts[0]), int(parts[1]), int(parts[2]), int(parts[3])))
+    return stats
+
+
+async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, threads: int) -> None:
+    """Index ``bam`` into ``out`` atomically (a temp file renamed into place)."""
+    partial = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.part")
+    argv = [samtools.executable, "index", "-@", str(max(threads - 1, 0))]
+    argv += ["-c"] if csi else ["-b"]
+    argv += [str(bam), str(partial)]
+    try:
+        completed = await run(argv)
+        failure = completed.describe_failure()
+        if failure is not None:
+            words = " ".join(completed.stderr_lines)
+            if "Unsorted positions" in words or "NO_COOR reads not in a single block" in words:
+                raise NotCoordinateSorted(
+                    f"{bam}: the BAM is not coordinate-sorted, so it cannot be indexed; "
+                    f"sort it first (samtools sort -o sorted.bam {bam.name})"
+                )
+            raise CorruptBam(f"{bam}: cannot build an index: samtools {failure}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def count_argv(
+    samtools: Samtools,
+    bam: Path,
+    index: Path,
+    regions: Iterable[str],
+    *,
+    filters: Filters,
+    threads: int = 1,
+    expression: str | None = None,
+    count: bool = True,
+) -> list[str]:
+    """``samtools view`` for one shard: ``-c`` for a count, or records (for per-contig tallies)."""
+    argv = [samtools.executable, "view", "--no-PG"]
+    if count:
+        argv.append("-c")
+    argv += filters.argv()
+    if threads > 1:
+        argv += ["-@", str(threads - 1)]
+    if expression is not None:
+        argv += ["-e", expression]
+    argv += ["-X", str(bam), str(index), *regions]
+    return argv
+
+
+def parse_count(completed: Completed, what: str) -> int:
+    """The integer of a ``view -c`` run, after checking exit status and stderr."""
+    _checked(completed, what)
+    match = _COUNT_LINE.match(completed.stdout)
+    if match is None:
+        raise SamtoolsBadOutput(f"{what}: samtools printed {completed.stdout[:80]!r} instead of a count")
+    return int(match.group(1))
+
+
+def tally_references(completed: Completed, what: str) -> dict[bytes, int]:
+    """Per-reference record counts from SAM records (column 3), after the same checks."""
+    _checked(completed, what)
+    tallies: dict[bytes, int] = {}
+    for line in completed.stdout.splitlines():
+        fields = line.split(b"\t", 3)
+        if len(fields) < 4 or line.startswith(b"@"):
+            raise SamtoolsBadOutput(f"{what}: samtools printed a line that is not a SAM record: {line[:80]!r}")
+        tallies[fields[2]] = tallies.get(fields[2], 0) + 1
+    return tallies
