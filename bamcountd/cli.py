@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bamcountd import __version__, logs
 from bamcountd.errors import BadOption, BamcountdError, InputError
@@ -96,7 +96,17 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=["table", "tsv", "json", "seed"], default="table")
     demo.add_argument("--samtools", help="samtools executable (default: samtools on PATH)")
     demo.set_defaults(handler=_run_demo)
+    _add_service_commands(commands, common)
+    _add_dnanexus_commands(commands, common)
     return parser
+
+
+# Sub-parsers: argparse's private type has no public name.
+_Commands = Any
+
+
+def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    """``bamcountd serve``: the watch-folder daemon (bamcountd.service)."""
 
 
 def _flags(text: str) -> int:
@@ -287,3 +297,10 @@ class _Progress:
             self._stream.write(f"\rcounting: {done}/{total} shards, {elapsed:.1f} s")
             self._stream.flush()
             self._shown = True
+
+
+# --- DNAnexus ------------------------------------------------------------------------------
+
+
+def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    """``bamcountd dx-watch``: the DNAnexus project-folder runner (bamcountd.dnanexus)."""

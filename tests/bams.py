@@ -1,0 +1,63 @@
+"""Test BAMs made with real samtools, and the oracle every asserted count is checked against."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from bamcountd.synth import Reference, random_records, write_bam
+
+SAMTOOLS = shutil.which("samtools") or "samtools"
+
+
+def samtools_count(bam: Path, *args: str, index: Path | None = None) -> int:
+    """The oracle: ``samtools view -c [args] BAM`` (args may end with one region), checked."""
+    options = [a for a in args if a.startswith("-") or a.isdigit() or a.startswith("0x")]
+    argv = [SAMTOOLS, "view", "-c", *args[: len(options)]]
+    if index is not None:
+        argv += ["-X", str(bam), str(index), *args[len(options) :]]
+    else:
+        argv += [str(bam), *args[len(options) :]]
+    completed = subprocess.run(argv, capture_output=True, check=True)
+    assert completed.stderr == b"", completed.stderr
+    return int(completed.stdout)
+
+
+def oracle(bam: Path, regions: Sequence[str], filters: Sequence[str] = ()) -> dict[str, int]:
+    """samtools' own count for each region (names quoted with braces when needed)."""
+    counts: dict[str, int] = {}
+    for region in regions:
+        arg = region if region == "*" or region.startswith("{") else "{" + region + "}"
+        counts[region] = samtools_count(bam, *filters, arg)
+    return counts
+
+
+def header_names(bam: Path) -> list[str]:
+    text = subprocess.run([SAMTOOLS, "view", "-H", str(bam)], capture_output=True, check=True, text=True).stdout
+    return [
+        field[3:]
+        for line in text.splitlines()
+        if line.startswith("@SQ")
+        for field in line.split("\t")
+        if field.startswith("SN:")
+    ]
+
+
+def tricky_bam(
+    folder: Path, *, reads: int = 3000, unplaced: int = 200, seed: int = 1, name: str = "tricky.bam"
+) -> Path:
+    """Several references, an empty one, ':' and '*' in names, every flag kind, unplaced reads."""
+    references = [
+        Reference("chr1", 300_000),
+        Reference("chr2", 150_000),
+        Reference("chrEmpty", 10_000),
+        Reference("HLA-A*01:01:01:01", 3_503),
+        Reference("chr1:weird", 8_000),
+        Reference("chrM", 16_569),
+    ]
+    weights = [300_000, 150_000, 0, 3_503, 8_000, 16_569]
+    folder.mkdir(parents=True, exist_ok=True)
+    records = random_records(references, reads, unplaced=unplaced, read_length=100, seed=seed, weights=weights)
+    return write_bam(folder / name, references, records, sort=True)

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.bams import tricky_bam
+
+
+@pytest.fixture(scope="session")
+def shared_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tricky BAM made once per session; tests must not modify it (copy it first)."""
+    return tricky_bam(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(autouse=True)
+def _private_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Built indexes go to a per-test cache, never to the developer's ~/.cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
