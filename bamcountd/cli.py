@@ -183,6 +183,13 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="one samtools per region, as the seed applet did (no balanced shards)",
     )
+    run.add_argument(
+        "--min-shard-reads",
+        type=_positive_int,
+        default=200_000,
+        metavar="N",
+        help="do not cut shards smaller than N expected reads (default 200000)",
+    )
     run.add_argument("--index", type=Path, metavar="FILE", help="index file (default: BAM.bai or BAM.csi)")
     run.add_argument(
         "--no-index-build",
@@ -222,6 +229,7 @@ def request_from_args(args: argparse.Namespace, bam: Path) -> CountRequest:
         samtools=args.samtools,
         method=args.method,
         split=args.split,
+        min_shard_reads=args.min_shard_reads,
     )
 
 

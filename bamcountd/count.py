@@ -61,6 +61,7 @@ class CountRequest:
     samtools: str | None = None
     method: str = "view"
     split: bool = True  # balanced start-position shards for large references
+    min_shard_reads: int = 200_000  # no shard smaller than this (tests lower it to force splits)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ async def count_bam(
             slots=processes,
             split=request.split and samtools.supports_expressions,
             group=request.split,
+            min_reads=request.min_shard_reads,
+            small_reads=min(request.min_shard_reads // 10, 20_000),
         )
         weights = plan.region_weights(regions, stats, lengths)
         shards = plan.plan_shards(regions, weights, lengths, policy)

@@ -176,14 +176,14 @@ class Shard:
     """One samtools command and the regions its result feeds."""
 
     regions: tuple[int, ...]  # indices into the region list
-    args: tuple[str, ...]  # samtools region arguments
+    args: tuple[str, ...]  # samtools region arguments; none: the whole file
     expression: str | None = None  # ``view -e`` filter for start-position shards
     tally: bool = False  # records tallied per reference instead of ``view -c``
     weight: float = 0.0  # expected records, from the index
 
     @property
     def label(self) -> str:
-        shown = " ".join(self.args[:3])
+        shown = " ".join(self.args[:3]) or "(whole file)"
         return shown + (f" (+{len(self.args) - 3} more)" if len(self.args) > 3 else "")
 
 
@@ -232,6 +232,11 @@ def plan_shards(
     small: list[int] = []
     references = [r.reference for r in regions]
     for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
+        if region.reference is None and total == 0:
+            # htslib cannot seek to the unplaced reads of a file whose index holds no reads at
+            # all ("invalid region"); count the whole file instead, which is then the same set.
+            shards.append(Shard((index,), (), weight=weight))
+            continue
         unique = region.reference is not None and references.count(region.reference) == 1
         if policy.group and region.whole and unique and weight < policy.small_reads:
             small.append(index)

@@ -340,7 +340,9 @@ def count_argv(
         argv += ["-@", str(threads - 1)]
     if expression is not None:
         argv += ["-e", expression]
-    argv += ["-X", str(bam), str(index), *regions]
+    regions = list(regions)
+    # No region: the whole file, read without the index (view rejects -X without a region).
+    argv += ["-X", str(bam), str(index), *regions] if regions else [str(bam)]
     return argv
 
 

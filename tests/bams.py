@@ -29,9 +29,19 @@ def oracle(bam: Path, regions: Sequence[str], filters: Sequence[str] = ()) -> di
     """samtools' own count for each region (names quoted with braces when needed)."""
     counts: dict[str, int] = {}
     for region in regions:
+        if region == "*" and _no_records(bam):
+            # samtools cannot seek to "*" in a file without records ("invalid region"); the
+            # whole-file count is then samtools' answer for the unplaced reads.
+            counts[region] = samtools_count(bam, *filters)
+            continue
         arg = region if region == "*" or region.startswith("{") else "{" + region + "}"
         counts[region] = samtools_count(bam, *filters, arg)
     return counts
+
+
+def _no_records(bam: Path) -> bool:
+    stats = subprocess.run([SAMTOOLS, "idxstats", str(bam)], capture_output=True, check=True, text=True).stdout
+    return all(line.split("\t")[2:] == ["0", "0"] for line in stats.splitlines())
 
 
 def header_names(bam: Path) -> list[str]:

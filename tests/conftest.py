@@ -17,3 +17,10 @@ def shared_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _private_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Built indexes go to a per-test cache, never to the developer's ~/.cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    from bamcountd import logs
+
+    logs.configure(level="warning", json=False)
