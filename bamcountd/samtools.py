@@ -315,6 +315,11 @@ async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, th
                     f"sort it first (samtools sort -o sorted.bam {bam.name})"
                 )
             raise CorruptBam(f"{bam}: cannot build an index: samtools {failure}")
+        # A BAM stamped in the future (clock skew on shared storage) would make htslib call
+        # the fresh index stale; it describes exactly this content, so date it no older.
+        bam_mtime = bam.stat().st_mtime_ns
+        if partial.stat().st_mtime_ns < bam_mtime:
+            os.utime(partial, ns=(bam_mtime, bam_mtime))
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)

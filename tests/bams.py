@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def samtools_count(bam: Path, *args: str, index: Path | None = None) -> int:
     """The oracle: ``samtools view -c [args] BAM`` (args may end with one region), checked."""
     options = [a for a in args if a.startswith("-") or a.isdigit() or a.startswith("0x")]
     argv = [SAMTOOLS, "view", "-c", *args[: len(options)]]
-    if index is not None:
+    if index is not None and args[len(options) :]:  # -X needs a region; a whole-file count needs no index
         argv += ["-X", str(bam), str(index), *args[len(options) :]]
     else:
         argv += [str(bam), *args[len(options) :]]
@@ -71,3 +72,61 @@ def tricky_bam(
     folder.mkdir(parents=True, exist_ok=True)
     records = random_records(references, reads, unplaced=unplaced, read_length=100, seed=seed, weights=weights)
     return write_bam(folder / name, references, records, sort=True)
+
+
+def bgzf_blocks(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of every BGZF block, the empty EOF block last."""
+    blocks: list[tuple[int, int]] = []
+    offset = 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset + 16 : offset + 18], "little") + 1
+        blocks.append((offset, size))
+        offset += size
+    return blocks
+
+
+FAKE_SAMTOOLS = """#!{python}
+# A samtools stand-in that injects one fault into `view -c`, and runs the real samtools
+# for everything else. Never used to prove a count.
+import os, signal, sys, time
+real, mode, token = os.environ["FAKE_REAL"], os.environ.get("FAKE_MODE", ""), os.environ.get("FAKE_TOKEN", "0")
+args = sys.argv[1:]
+if args[:1] == ["view"] and "-c" in args:
+    if mode == "crash-first-hang-rest":
+        try:  # the first `view -c` to get here fails after a moment; the others hang
+            os.close(os.open(os.environ["FAKE_FLAG"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            os.execvp("sleep", ["sleep", token])
+        time.sleep(0.5)
+        sys.stderr.write("[E::fake] injected failure\\n")
+        sys.exit(1)
+    if mode == "hang":
+        os.execvp("sleep", ["sleep", token])
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "garbage":
+        print("lots of reads")
+        sys.exit(0)
+os.execv(real, [real, *args])
+"""
+
+
+def fake_samtools(folder: Path) -> Path:
+    script = folder / "fake-samtools"
+    script.write_text(FAKE_SAMTOOLS.format(python=sys.executable))
+    script.chmod(0o755)
+    return script
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids whose command line contains ``token`` (our fake samtools' hanging children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if token.encode() in cmdline:
+                found.append(int(entry.name))
+    return found

@@ -1,0 +1,151 @@
+"""The command line: formats, files, exit codes, logs, the demo."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from bamcountd import CountRequest, count_bam_sync, logs
+from bamcountd.cli import main
+from bamcountd.report import format_seed, write_atomic
+from tests.bams import header_names, oracle, samtools_count
+
+
+def expected_rows(bam: Path, *filters: str) -> list[tuple[str, int]]:
+    names = [*header_names(bam), "*"]
+    counts = oracle(bam, names, filters)
+    return [(name, counts[name]) for name in names]
+
+
+def test_tsv(shared_bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["count", str(shared_bam), "--format", "tsv", "-F", "0x904", "-q", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = expected_rows(shared_bam, "-F", "0x904", "-q", "20")
+    assert lines == [f"{name}\t{count}" for name, count in rows] + [
+        f"total\t{samtools_count(shared_bam, '-F', '0x904', '-q', '20')}"
+    ]
+
+
+def test_json_contract(shared_bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "counts.json"
+    assert main(["count", str(shared_bam), "-o", str(out), "-f", "PROPER_PAIR", "-j", "3"]) == 0
+    assert capsys.readouterr().out == ""
+    document = json.loads(out.read_text())
+    assert document["bam"] == str(shared_bam)
+    assert document["total"] == samtools_count(shared_bam, "-f", "2")
+    assert [(r["region"], r["count"]) for r in document["regions"]] == expected_rows(shared_bam, "-f", "2")
+    assert document["filters"] == {"require_flags": 2, "exclude_flags": 0, "exclude_all_flags": 0, "min_mapq": 0}
+    assert document["samtools"].startswith("1.")
+    assert document["jobs"] == 3
+    assert isinstance(document["seconds"], float)
+
+
+def test_table(shared_bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["count", str(shared_bam), "--format", "table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["region", "count"]
+    rows = expected_rows(shared_bam)
+    assert [line.rsplit(None, 1) for line in lines[1 : len(rows) + 1]] == [[name, str(count)] for name, count in rows]
+    assert lines[-1].split() == ["total", str(samtools_count(shared_bam))]
+    assert len({len(line) for line in lines}) == 1  # aligned
+
+
+def test_seed_format_is_the_applets_byte_for_byte(shared_bam: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sample_count.txt"
+    assert main(["count", str(shared_bam), "--format", "seed", "-o", str(out)]) == 0
+    rows = expected_rows(shared_bam)
+    expected = (
+        "".join(f"Region {name}: {count}\n" for name, count in rows) + f"Total reads: {samtools_count(shared_bam)}"
+    )
+    assert out.read_text() == expected
+    result = count_bam_sync(CountRequest(bam=shared_bam))
+    assert format_seed(result) == expected
+
+
+def test_index_method_reads_only_the_index(shared_bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["count", str(shared_bam), "--method", "index", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [(r["region"], r["count"]) for r in document["regions"]] == expected_rows(shared_bam)
+    assert document["shards"] == 0
+    assert main(["count", str(shared_bam), "--method", "index", "-q", "1"]) == 2
+    assert "cannot apply" in capsys.readouterr().err
+
+
+def test_output_folder_missing_is_a_usage_error(
+    shared_bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["count", str(shared_bam), "-o", str(tmp_path / "no" / "such" / "out.tsv")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_bad_jobs_is_a_usage_error(shared_bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["count", str(shared_bam), "-j", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_one_debug_event_per_shard(shared_bam: Path) -> None:
+    logs.configure(level="debug", json=True)
+    with capture_logs() as events:
+        result = count_bam_sync(CountRequest(bam=shared_bam, split=False))
+    shards = [e for e in events if e["event"] == "shard_counted"]
+    assert len(shards) == len(result.regions)
+    assert all(e["log_level"] == "debug" and e["seconds"] >= 0 for e in shards)
+    by_region = {e["region"]: e["count"] for e in shards}
+    assert by_region["{chr2}"] == samtools_count(shared_bam, "chr2")
+    assert by_region["*"] == samtools_count(shared_bam, "*")
+    assert next(e for e in events if e["event"] == "counted")["total"] == samtools_count(shared_bam)
+    logs.configure(level="warning", json=False)
+
+
+def test_logs_are_json_lines_when_not_a_tty(shared_bam: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bamcountd", "count", str(shared_bam), "--log-level", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    events = [json.loads(line) for line in completed.stderr.splitlines()]
+    assert events[-1]["event"] == "counted"
+    assert events[-1]["total"] == samtools_count(shared_bam)
+    assert completed.stdout.splitlines()[-1] == f"total\t{samtools_count(shared_bam)}"
+
+
+def test_write_atomic_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, b"new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_demo_counts_match_samtools(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--dir", str(tmp_path), "--format", "tsv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bam = tmp_path / "demo.bam"
+    assert lines == [f"{name}\t{count}" for name, count in expected_rows(bam)] + [f"total\t{samtools_count(bam)}"]
+    assert "HLA-A*01:01:01:01" in lines[3]
+
+
+def test_count_does_not_import_dxpy_or_service_code(shared_bam: Path) -> None:
+    code = (
+        "import sys; from bamcountd.cli import main; main(['count', sys.argv[1], '--format', 'tsv']); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('dxpy', 'watchfiles', 'prometheus_client') "
+        "or m.startswith(('bamcountd.service', 'bamcountd.dnanexus'))]; print(bad, file=sys.stderr)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code, str(shared_bam)], capture_output=True, text=True, check=True
+    )
+    assert completed.stderr.strip() == "[]"

@@ -1,0 +1,311 @@
+"""Bad input and misbehaving samtools: a clear one-line error, the right exit status, no number
+and no output file — never a plausible wrong count."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bamcountd import CountRequest, count_bam
+from bamcountd.cli import main
+from bamcountd.errors import SamtoolsFailed
+from bamcountd.synth import Reference, write_bam
+from tests.bams import SAMTOOLS, bgzf_blocks, fake_samtools, processes_with, samtools_count, tricky_bam
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["count", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def bam(tmp_path: Path, shared_bam: Path) -> Path:
+    """A private copy of the shared BAM (with its index), free to damage."""
+    (tmp_path / "data").mkdir()
+    copy = tmp_path / "data" / "sample.bam"
+    shutil.copy2(shared_bam, copy)
+    shutil.copy2(str(shared_bam) + ".bai", str(copy) + ".bai")
+    return copy
+
+
+def assert_failed(code: int, expected: int, out: str, err: str, *words: str, output: Path | None = None) -> None:
+    assert code == expected, err
+    assert out == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("bamcountd: error: "), err
+    for word in words:
+        assert word in line, line
+    if output is not None:
+        assert not output.exists()
+        assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+
+
+def test_truncated_mid_block(bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = bam.read_bytes()
+    offset, size = bgzf_blocks(data)[2]
+    bam.write_bytes(data[: offset + size // 2])
+    out_file = tmp_path / "out.json"
+    code, out, err = run_cli(capsys, bam, "-o", out_file)
+    assert_failed(code, 1, out, err, str(bam), "truncated", output=out_file)
+
+
+def test_truncated_at_a_block_boundary(bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """samtools itself exits 0 and undercounts here; we must not."""
+    data = bam.read_bytes()
+    blocks = bgzf_blocks(data)
+    cut = data[: blocks[-2][0]]  # drop the last data block and the EOF marker
+    bam.write_bytes(cut)
+    plain = subprocess.run([SAMTOOLS, "view", "-c", str(bam)], capture_output=True, check=False)
+    assert plain.returncode == 0  # the trap: samtools "succeeds" with a smaller number
+    out_file = tmp_path / "out.tsv"
+    code, out, err = run_cli(capsys, bam, "-o", out_file)
+    assert_failed(code, 1, out, err, str(bam), "truncated", output=out_file)
+
+
+def test_eof_marker_appended_back_still_caught_by_the_counts(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file cut at a block boundary, with an EOF marker glued on, passes quickcheck; the
+    index's own totals then disagree with what the data holds."""
+    data = bam.read_bytes()
+    blocks = bgzf_blocks(data)
+    eof = data[blocks[-1][0] :]
+    os.utime(bam, ns=(0, 0))
+    bam.write_bytes(data[: blocks[-2][0]] + eof)
+    os.utime(str(bam) + ".bai")  # the old index now looks fresh
+    code, out, err = run_cli(capsys, bam)
+    assert_failed(code, 1, out, err, str(bam), "index")
+
+
+def test_corrupted_block(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = bytearray(bam.read_bytes())
+    offset, size = bgzf_blocks(bytes(data))[2]
+    rng = random.Random(5)
+    for k in range(offset + 40, offset + size - 20, 7):
+        data[k] = rng.randrange(256)
+    bam.write_bytes(bytes(data))
+    os.utime(str(bam) + ".bai")
+    code, out, err = run_cli(capsys, bam)
+    assert_failed(code, 1, out, err, str(bam), "samtools")
+
+
+def test_missing_index_with_no_index_build(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path(str(bam) + ".bai").unlink()
+    code, out, err = run_cli(capsys, bam, "--no-index-build")
+    assert_failed(code, 2, out, err, str(bam), "no index")
+
+
+def test_stale_index_is_refused_with_no_index_build(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    later = time.time() + 60
+    os.utime(bam, (later, later))
+    code, out, err = run_cli(capsys, bam, "--no-index-build")
+    assert_failed(code, 2, out, err, str(bam), "older than the BAM")
+
+
+def test_stale_index_is_rebuilt_into_the_cache(bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    later = time.time() + 60
+    os.utime(bam, (later, later))
+    cache = tmp_path / "cache"
+    code, out, err = run_cli(capsys, bam, "--format", "tsv", "--index-cache", cache)
+    assert code == 0, err
+    built = list(cache.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".bai"
+    counts = dict(line.split("\t") for line in out.splitlines())
+    assert int(counts["total"]) == samtools_count(bam)
+    assert int(counts["chr2"]) == samtools_count(bam, "chr2", index=built[0])
+
+
+def test_missing_index_is_built_and_the_bam_left_alone(
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path(str(bam) + ".bai").unlink()
+    before = sorted(p.name for p in bam.parent.iterdir())
+    code, out, err = run_cli(capsys, bam, "--format", "tsv")
+    assert code == 0, err
+    assert sorted(p.name for p in bam.parent.iterdir()) == before
+    total = int(out.splitlines()[-1].split("\t")[1])
+    assert total == samtools_count(bam)
+
+
+def test_index_from_another_bam(bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tricky_bam(tmp_path / "other", reads=2000, unplaced=50, seed=99)
+    shutil.copy(str(other) + ".bai", str(bam) + ".bai")  # newer than the BAM: not stale
+    code, out, err = run_cli(capsys, bam)
+    assert_failed(code, 1, out, err, str(bam), "index")
+
+
+def test_unknown_region(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, bam, "-r", "chrNope")
+    assert_failed(code, 2, out, err, "chrNope", "no reference")
+
+
+def test_range_past_the_end(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, bam, "-r", "chr2:200000-300000")
+    assert_failed(code, 2, out, err, "past the end")
+
+
+def test_ambiguous_region(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    references = [Reference("chr1", 1000), Reference("chr1:1-100", 1000)]
+    records = ["a\t0\tchr1\t5\t60\t10M\t*\t0\t0\tAAAAAAAAAA\t*", "b\t0\tchr1:1-100\t5\t60\t10M\t*\t0\t0\tAAAAAAAAAA\t*"]
+    bam = write_bam(tmp_path / "amb.bam", references, records)
+    code, out, err = run_cli(capsys, bam, "-r", "chr1:1-100")
+    assert_failed(code, 2, out, err, "ambiguous", "{chr1:1-100}")
+    code, out, err = run_cli(capsys, bam, "-r", "{chr1:1-100}", "-r", "{chr1}:1-100", "--format", "tsv")
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"{{chr1:1-100}}\t{samtools_count(bam, '{chr1:1-100}')}",
+        f"{{chr1}}:1-100\t{samtools_count(bam, '{chr1}:1-100')}",
+        "total\t2",
+    ]
+
+
+def test_bad_flag_is_a_usage_error(bam: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, bam, "-F", "NOT_A_FLAG")
+    assert code == 2
+    assert "NOT_A_FLAG" in err
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, tmp_path / "nope.bam")
+    assert_failed(code, 2, out, err, "nope.bam", "no such file")
+
+
+def test_directory_instead_of_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, tmp_path)
+    assert_failed(code, 2, out, err, str(tmp_path), "directory")
+
+
+def test_not_a_bam(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "reads.bam"
+    text.write_text("@HD\tVN:1.6\nr\t4\t*\t0\t0\t*\t*\t0\t0\tA\t*\n")
+    code, out, err = run_cli(capsys, text)
+    assert_failed(code, 1, out, err, str(text), "not a BAM")
+
+
+def test_unreadable_file(bam: Path) -> None:
+    bam.chmod(0)
+    argv = [sys.executable, "-m", "bamcountd", "count", str(bam)]
+    if os.geteuid() == 0:  # root reads any file: drop the capabilities that let it
+        drop = "-dac_override,-dac_read_search"
+        argv = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *argv]
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stdout == ""
+    assert completed.stderr.strip() == f"bamcountd: error: {bam}: permission denied"
+
+
+def test_unsorted_bam(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    references = [Reference("chr1", 10_000)]
+    records = [f"r{i}\t0\tchr1\t{pos}\t60\t10M\t*\t0\t0\tAAAAAAAAAA\t*" for i, pos in enumerate([500, 20, 900, 3])]
+    for sort_order in ("unsorted", "coordinate"):  # a header that lies about the order too
+        bam = write_bam(
+            tmp_path / f"{sort_order}.bam", references, records, sort=False, index=False, sort_order=sort_order
+        )
+        code, out, err = run_cli(capsys, bam)
+        assert_failed(code, 2, out, err, str(bam), "not coordinate-sorted", "samtools sort")
+
+
+def test_samtools_missing(
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_cli(capsys, bam, "--samtools", tmp_path / "bin" / "samtools")
+    assert_failed(code, 1, out, err, "samtools not found", "apt-get install samtools", "--samtools")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    code, out, err = run_cli(capsys, bam)
+    assert_failed(code, 1, out, err, "on PATH", "apt-get install samtools")
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    token = f"{random.randrange(10_000, 99_999)}.{os.getpid()}"
+    monkeypatch.setenv("FAKE_REAL", SAMTOOLS)
+    monkeypatch.setenv("FAKE_TOKEN", token)
+    return fake_samtools(tmp_path), token
+
+
+@pytest.mark.parametrize(("mode", "words"), [("kill", "killed by SIGKILL"), ("garbage", "instead of a count")])
+def test_samtools_killed_or_garbage(
+    bam: Path,
+    fake: tuple[Path, str],
+    mode: str,
+    words: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", mode)
+    code, out, err = run_cli(capsys, bam, "--samtools", fake[0])
+    assert_failed(code, 1, out, err, str(bam), words)
+
+
+def test_samtools_hang_past_timeout(
+    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    started = time.monotonic()
+    code, out, err = run_cli(capsys, bam, "--samtools", fake[0], "--timeout", "1")
+    assert_failed(code, 1, out, err, "time limit")
+    assert time.monotonic() - started < 20
+    assert processes_with(fake[1]) == []
+
+
+def test_one_failure_cancels_the_rest_and_kills_them(
+    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "crash-first-hang-rest")
+    monkeypatch.setenv("FAKE_FLAG", str(bam.parent / "crashed"))
+
+    async def attempt() -> None:
+        with pytest.raises(SamtoolsFailed, match="injected failure"):
+            await count_bam(CountRequest(bam=bam, samtools=str(fake[0]), jobs=64, threads=1, split=False))
+
+    anyio.run(attempt)
+    assert (bam.parent / "crashed").exists()
+    assert processes_with(fake[1]) == []
+
+
+def test_cancelling_a_count_kills_every_samtools(
+    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "hang")
+
+    async def attempt() -> None:
+        with anyio.move_on_after(3) as scope:
+            await count_bam(CountRequest(bam=bam, samtools=str(fake[0]), jobs=4, split=False))
+        assert scope.cancelled_caught
+
+    anyio.run(attempt)
+    assert processes_with(fake[1]) == []
+
+
+def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, fake: tuple[Path, str], tmp_path: Path) -> None:
+    env = {**os.environ, "FAKE_MODE": "hang"}
+    argv = [
+        sys.executable,
+        "-m",
+        "bamcountd",
+        "count",
+        str(bam),
+        "--samtools",
+        str(fake[0]),
+        "-o",
+        str(tmp_path / "o.tsv"),
+    ]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not processes_with(fake[1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with(fake[1]), "samtools never started"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert b"interrupted" in err
+    assert processes_with(fake[1]) == []
+    assert not (tmp_path / "o.tsv").exists()

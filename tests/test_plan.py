@@ -1,0 +1,146 @@
+"""Regions as samtools reads them, and shards that never double count or drop a read."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
+from bamcountd.plan import Region, ShardPolicy, parse_region, plan_shards, read_bed
+from bamcountd.synth import Reference, write_bam
+from tests.bams import SAMTOOLS, oracle, samtools_count
+
+LENGTHS = {"chr1": 1000, "chr1:weird": 500, "HLA-A*01:01:01:01": 300, "c}x": 10}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "arg"),
+    [
+        ("chr1", Region("chr1", "chr1"), "{chr1}"),
+        ("chr1:10-20", Region("chr1:10-20", "chr1", 10, 20), "{chr1}:10-20"),
+        ("chr1:1,000-1,000", Region("chr1:1,000-1,000", "chr1", 1000, 1000), "{chr1}:1000-1000"),
+        ("chr1:500", Region("chr1:500", "chr1", 500, None), "{chr1}:500-"),
+        ("chr1:500-", Region("chr1:500-", "chr1", 500, None), "{chr1}:500-"),
+        ("chr1:-20", Region("chr1:-20", "chr1", 1, 20), "{chr1}:1-20"),
+        ("chr1:weird", Region("chr1:weird", "chr1:weird"), "{chr1:weird}"),
+        ("{chr1:weird}:5-9", Region("{chr1:weird}:5-9", "chr1:weird", 5, 9), "{chr1:weird}:5-9"),
+        ("HLA-A*01:01:01:01", Region("HLA-A*01:01:01:01", "HLA-A*01:01:01:01"), "{HLA-A*01:01:01:01}"),
+        ("c}x", Region("c}x", "c}x"), "c}x"),
+        ("*", Region("*", None), "*"),
+    ],
+)
+def test_parse_region(text: str, expected: Region, arg: str) -> None:
+    region = parse_region(text, LENGTHS)
+    assert region == expected
+    assert region.samtools_arg() == arg
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("chr2", UnknownRegion),
+        ("chr1:20-10", UnknownRegion),
+        ("chr1:0-10", UnknownRegion),
+        ("chr1:2000-3000", UnknownRegion),
+        ("chr1:ten", UnknownRegion),
+        ("{chr9}", UnknownRegion),
+        ("{chr1}x", UnknownRegion),
+    ],
+)
+def test_bad_regions(text: str, error: type[Exception]) -> None:
+    with pytest.raises(error, match="region"):
+        parse_region(text, LENGTHS)
+
+
+def test_ambiguous_names_need_braces() -> None:
+    lengths = {"chr1": 100, "chr1:1-10": 100}
+    with pytest.raises(AmbiguousRegion, match=r"\{chr1:1-10\}"):
+        parse_region("chr1:1-10", lengths)
+    assert parse_region("{chr1:1-10}", lengths).reference == "chr1:1-10"
+    assert parse_region("{chr1}:1-10", lengths) == Region("{chr1}:1-10", "chr1", 1, 10)
+
+
+def test_bed_errors_name_file_and_line(tmp_path: Path) -> None:
+    bed = tmp_path / "r.bed"
+    bed.write_text("chr1\t0\t10\nchr9\t0\t10\n")
+    with pytest.raises(BadRegionsFile, match=r"r\.bed:2: reference 'chr9'"):
+        read_bed(bed, LENGTHS)
+    bed.write_text("chr1\t10\t5\n")
+    with pytest.raises(BadRegionsFile, match=r"r\.bed:1: end 5 is not after start 10"):
+        read_bed(bed, LENGTHS)
+    bed.write_text("track name=x\n")
+    with pytest.raises(BadRegionsFile, match="no regions"):
+        read_bed(bed, LENGTHS)
+
+
+def test_split_shards_tile_the_region() -> None:
+    regions = [Region("chr1", "chr1"), Region("chr1:101-900", "chr1", 101, 900), Region("*", None)]
+    policy = ShardPolicy(slots=4, min_reads=1)
+    shards = plan_shards(regions, [1000.0, 800.0, 10.0], {"chr1": 1000}, policy)
+    whole = [s for s in shards if s.regions == (0,)]
+    assert len(whole) == 7  # ceil(1000 / (1810 / (4 slots * 3 pieces)))
+    args = sorted((s.args[0], s.expression) for s in whole)
+    assert ("{chr1}:1-142", None) in args  # the first piece counts reads that reach into it
+    assert sum(1 for _, expression in args if expression is None) == 1
+    assert any(arg.endswith("-") for arg, _ in args)  # the last piece runs to the end
+    ranged = [s for s in shards if s.regions == (1,)]
+    assert {s.args[0] for s in ranged if s.expression is None} == {"{chr1}:101-233"}
+    assert any(s.args[0].endswith("-900") for s in ranged)
+
+
+@pytest.fixture(scope="module")
+def dense_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Reads starting at every position, of several lengths, mapped and placed-unmapped, so
+    that whatever the shard boundaries are, reads start exactly at S, at E, span them, and
+    sit unmapped on them."""
+    references = [Reference("chr1", 3000), Reference("chr:2", 1500)]
+    records: list[str] = []
+    for ref in references:
+        for pos in range(1, ref.length + 1):
+            length = 1 + (pos * 7) % 120
+            flag = (0, 16, 256, 1024)[pos % 4]
+            records.append(
+                f"m{ref.name}_{pos}\t{flag}\t{ref.name}\t{pos}\t{pos % 61}\t{length}M\t*\t0\t0\t{'A' * length}\t*"
+            )
+            records.append(f"s{ref.name}_{pos}\t0\t{ref.name}\t{pos}\t60\t1M\t*\t0\t0\tA\t*")
+            if pos % 3 == 0:
+                records.append(f"u{ref.name}_{pos}\t4\t{ref.name}\t{pos}\t0\t*\t*\t0\t0\tA\t*")
+    records += [f"x{i}\t4\t*\t0\t0\t*\t*\t0\t0\tA\t*" for i in range(7)]
+    return write_bam(tmp_path_factory.mktemp("dense") / "dense.bam", references, records)
+
+
+@pytest.mark.parametrize("min_shard_reads", [1, 97, 1000])
+@pytest.mark.parametrize("filters", [(), ("-F", "0x404", "-q", "30")])
+def test_shard_boundaries_never_double_count_or_drop(
+    dense_bam: Path, min_shard_reads: int, filters: tuple[str, ...]
+) -> None:
+    flags = Filters(exclude_flags=0x404, min_mapq=30) if filters else Filters()
+    regions = ("chr1", "{chr:2}", "chr1:1000-2000", "{chr:2}:7-", "*")
+    request = CountRequest(
+        bam=dense_bam, regions=regions, filters=flags, min_shard_reads=min_shard_reads, jobs=4, threads=1
+    )
+    result = count_bam_sync(request)
+    if min_shard_reads == 1:
+        assert result.shards > len(regions)
+    expected = {r: samtools_count(dense_bam, *filters, r) for r in regions}
+    assert {r.region: r.count for r in result.regions} == expected
+
+
+def test_each_boundary_shard_agrees_with_samtools_on_its_own(dense_bam: Path) -> None:
+    """The planner's pieces, run one by one through samtools, sum to samtools' region count."""
+    regions = [Region("chr1", "chr1"), Region("chr1:1000-2000", "chr1", 1000, 2000)]
+    shards = plan_shards(regions, [9000.0, 3000.0], {"chr1": 3000}, ShardPolicy(slots=5, min_reads=1))
+    for index, region in enumerate(regions):
+        total = 0
+        for shard in (s for s in shards if s.regions == (index,)):
+            extra = ["-e", shard.expression] if shard.expression else []
+            out = subprocess.run(
+                [SAMTOOLS, "view", "-c", *extra, str(dense_bam), *shard.args], capture_output=True, check=True
+            )
+            assert out.stderr == b""
+            total += int(out.stdout)
+        assert total == samtools_count(dense_bam, region.samtools_arg())
+    assert oracle(dense_bam, ["chr1"])["chr1"] == samtools_count(dense_bam, "chr1")
