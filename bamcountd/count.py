@@ -117,12 +117,13 @@ def available_cores() -> int:
 def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
     """(processes at once, threads per process) that fill the cores without oversubscribing.
 
-    Measured (benchmarks/bench_count.py): on 2 cores one samtools with 2 threads beats two
-    single-threaded ones, because a BGZF decompression thread takes work off the parser; with
-    more cores, more processes win.  ``--jobs`` always caps the process count.
+    Balanced shards make single-threaded processes, one per core, the fastest choice
+    (benchmarks/bench_count.py: on 2 cores two of them beat ``samtools view -c -@2``, whose
+    extra threads only decompress).  ``--threads`` gives each process more, for a BAM whose
+    work cannot be cut (most reads unplaced); ``--jobs`` always caps the process count.
     """
     if threads is None:
-        threads = 2 if cores <= 4 else 1
+        threads = 1
     processes = max(1, min(jobs, max(cores // threads, 1)))
     return processes, threads
 
@@ -372,7 +373,7 @@ def _reduce(
         count = sum(counts[i] for i in shard.regions)
     else:
         count = st.parse_count(completed, what)
-        counts[shard.regions[0]] += count
+        counts[shard.regions[0]] += shard.sign * count
     log.debug("shard_counted", bam=str(bam), region=shard.label, count=count, seconds=round(completed.seconds, 4))
 
 

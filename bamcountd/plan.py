@@ -4,12 +4,14 @@ A *region* is what the user gets a count for: a whole reference, a range of one,
 (the unplaced unmapped reads).  A *shard* is one samtools command.  Shards are summed back
 into their regions, so the output never shows how the work was cut.
 
-Exactness rules for cutting one region into start-position shards ``[a_k, b_k]``: the first
-shard counts every read overlapping ``[S, b_1]`` (so reads that start before the region but
-reach into it are counted once, here), and every later shard counts reads overlapping its
-range whose 1-based start ``pos >= a_k`` (``samtools view -e``).  A read that starts inside
-the region starts in exactly one shard's range, and a read that starts in shard k's range
-cannot overlap an earlier shard's range, so no read is counted twice or missed.
+Exactness rules for cutting one region into pieces ``[a_k, b_k]``: every piece counts the reads
+overlapping it, as samtools does, and each piece after the first also gets a *correction*
+shard, ``samtools view -c -e 'pos < a_k' REF:a_k-a_k``, that is subtracted.  A read that
+overlaps piece k but starts before ``a_k`` covers position ``a_k``; those are exactly the reads
+the correction counts (with the same filters), so each read is counted once: in the piece where
+it starts, or in the first piece if it starts before the region.  The pieces themselves run
+without ``-e``, whose per-record evaluation costs about a fifth more CPU; the corrections read
+only the reads over one position.
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ class Shard:
     args: tuple[str, ...]  # samtools region arguments; none: the whole file
     expression: str | None = None  # ``view -e`` filter for start-position shards
     tally: bool = False  # records tallied per reference instead of ``view -c``
+    sign: int = 1  # -1 for a boundary correction, whose count is subtracted
     weight: float = 0.0  # expected records, from the index
 
     @property
@@ -258,9 +261,10 @@ def _split(index: int, region: Region, weight: float, length: int, pieces: int) 
     shards: list[Shard] = []
     for k, low in enumerate(bounds):
         high = bounds[k + 1] - 1 if k + 1 < pieces else end
-        expression = None if k == 0 else f"pos >= {low}"
-        arg = region.samtools_arg(low, high)
-        shards.append(Shard((index,), (arg,), expression=expression, weight=weight / pieces))
+        shards.append(Shard((index,), (region.samtools_arg(low, high),), weight=weight / pieces))
+        if k:
+            boundary = region.samtools_arg(low, low)
+            shards.append(Shard((index,), (boundary,), expression=f"pos < {low}", sign=-1, weight=0.0))
     return shards
 
 

@@ -1,0 +1,181 @@
+"""bamcountd against samtools, in one run: wall time, peak RSS, ratios.
+
+Generates (once, cached in benchmarks/data/) a realistic BAM — random 150 bp reads with
+qualities, ~25 human-like references plus unplaced reads — and a second BAM with the same
+number of reads spread over 3,000+ references (25 chromosomes and thousands of small
+GRCh38-like alt/decoy/HLA contigs).  Then runs, alternately and several times each:
+
+- ``samtools view -c`` (1 thread) and ``samtools view -c -@N`` (N = cores),
+- the seed design: one ``samtools view -c BAM REF`` per header reference, 10 at a time in a
+  thread pool (the DNAnexus tutorial applet, without its forgotten ``*``),
+- ``bamcountd count`` (the CLI, Python start-up included),
+
+with no filters and with ``-F 0x904 -q 20``, and prints medians and ratios.
+
+    .venv/bin/python benchmarks/bench_count.py [--reads 6000000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bamcountd.synth import HUMAN, Reference, random_records, write_bam
+
+HERE = Path(__file__).resolve().parent
+SAMTOOLS = shutil.which("samtools") or "samtools"
+BAMCOUNTD = [sys.executable, "-m", "bamcountd"]
+FILTERS: dict[str, list[str]] = {"unfiltered": [], "-F 0x904 -q 20": ["-F", "0x904", "-q", "20"]}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def many_contigs(count: int = 3_341, seed: int = 11) -> list[Reference]:
+    """GRCh38-like: the 25 chromosomes, then small contigs of 1-200 kb (alts, decoys, HLA)."""
+    rng = random.Random(seed)
+    small = [Reference(f"chrUn_contig{i}_alt:HLA*{i % 7}", rng.randrange(1_000, 200_000)) for i in range(count)]
+    return [*HUMAN, *small]
+
+
+def ensure_bam(path: Path, references: Sequence[Reference], reads: int, unplaced: int) -> Path:
+    if path.exists() and Path(str(path) + ".bai").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    print(
+        f"# generating {path.name}: {reads:,} reads on {len(references):,} references ...", file=sys.stderr, flush=True
+    )
+    partial = path.with_suffix(".part.bam")
+    records = random_records(references, reads, unplaced=unplaced, read_length=150, seed=1)
+    write_bam(partial, references, records, sort=False, index=False, threads=cores())
+    subprocess.run([SAMTOOLS, "index", "-@", str(cores()), str(partial), str(path) + ".bai"], check=True)
+    partial.rename(path)
+    os.utime(str(path) + ".bai")
+    print(f"# generated in {time.monotonic() - started:.0f} s, {path.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
+    return path
+
+
+def timed(argv: Sequence[str]) -> tuple[float, float, bytes]:
+    """Wall seconds, peak RSS (MiB, largest process of the tree) and stdout of one command."""
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate()
+    wall = time.monotonic() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {err.decode()[-500:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return wall, rss, out
+
+
+def seed_design(bam: Path, filters: Sequence[str]) -> Callable[[], tuple[float, float, int]]:
+    """The tutorial applet's way: one samtools per @SQ name, a pool of 10 threads."""
+
+    def run() -> tuple[float, float, int]:
+        header = subprocess.run([SAMTOOLS, "view", "-H", str(bam)], capture_output=True, text=True, check=True).stdout
+        names = [
+            f[3:]
+            for line in header.splitlines()
+            if line.startswith("@SQ")
+            for f in line.split("\t")
+            if f.startswith("SN:")
+        ]
+        started = time.monotonic()
+        with ThreadPoolExecutor(10) as pool:
+            outs = list(
+                pool.map(
+                    lambda n: (
+                        subprocess.run(
+                            [SAMTOOLS, "view", "-c", *filters, str(bam), "{" + n + "}"], capture_output=True, check=True
+                        ).stdout
+                    ),
+                    names,
+                )
+            )
+        wall = time.monotonic() - started
+        return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, sum(int(o) for o in outs)
+
+    return run
+
+
+def command(argv: Sequence[str], parse: Callable[[bytes], int]) -> Callable[[], tuple[float, float, int]]:
+    def run() -> tuple[float, float, int]:
+        wall, rss, out = timed(argv)
+        return wall, rss, parse(out)
+
+    return run
+
+
+def tsv_total(out: bytes) -> int:
+    return int(out.decode().splitlines()[-1].split("\t")[1])
+
+
+def bench(bam: Path, label: str, repeats: int, n: int, extra: Sequence[str] = ()) -> dict[str, float]:
+    medians: dict[str, float] = {}
+    for filter_name, filters in FILTERS.items():
+        contenders: dict[str, Callable[[], tuple[float, float, int]]] = {
+            "samtools view -c": command([SAMTOOLS, "view", "-c", *filters, str(bam)], int),
+            f"samtools view -c -@{n}": command([SAMTOOLS, "view", "-c", "-@", str(n), *filters, str(bam)], int),
+            "seed: per-chromosome, 10 at a time (no *)": seed_design(bam, filters),
+            "bamcountd count": command([*BAMCOUNTD, "count", *filters, *extra, "--format", "tsv", str(bam)], tsv_total),
+        }
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        rss: dict[str, float] = {}
+        totals: dict[str, int] = {}
+        for _ in range(repeats):  # alternate, so drift hits every contender alike
+            for name, run in contenders.items():
+                wall, peak, total = run()
+                times[name].append(wall)
+                rss[name] = peak
+                totals[name] = total
+        exact = totals["samtools view -c"]
+        assert totals["bamcountd count"] == exact, (totals, exact)
+        threaded = statistics.median(times[f"samtools view -c -@{n}"])
+        single = statistics.median(times["samtools view -c"])
+        print(f"\n{label}, {filter_name} — {exact:,} reads counted; median of {repeats}")
+        print(f"{'':44} {'wall s':>8} {'vs 1 thr':>9} {'vs -@' + str(n):>8}")
+        for name, values in times.items():
+            median = statistics.median(values)
+            medians[f"{filter_name}|{name}"] = median
+            note = "" if totals[name] == exact else f"  (counted {totals[name]:,}: wrong)"
+            print(f"{name:44} {median:8.2f} {median / single:9.2f} {median / threaded:8.2f}{note}")
+    return medians
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reads", type=int, default=6_000_000)
+    parser.add_argument("--unplaced", type=int, default=60_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=HERE / "data")
+    parser.add_argument("--skip-many-contigs", action="store_true")
+    args = parser.parse_args(argv)
+    n = cores()
+    version = subprocess.run([SAMTOOLS, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    print(f"# {n} cores, {version}, Python {sys.version.split()[0]}, {os.uname().machine}")
+    few = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.unplaced)
+    base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
+    if not args.skip_many_contigs:
+        refs = many_contigs()
+        many = ensure_bam(args.data / f"contigs{len(refs)}_{args.reads}.bam", refs, args.reads, args.unplaced)
+        spread = bench(many, f"{len(refs):,} references + * ({many.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
+        print("\nmany contigs vs 25 references, bamcountd count:")
+        for filter_name in FILTERS:
+            key = f"{filter_name}|bamcountd count"
+            print(f"  {filter_name:16} {spread[key]:.2f} s vs {base[key]:.2f} s = {spread[key] / base[key]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
