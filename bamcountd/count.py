@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,7 +32,7 @@ from bamcountd.errors import (
     SamtoolsBadOutput,
     SamtoolsFailed,
 )
-from bamcountd.inputs import cached_index_path, check_bam_file, default_cache_dir, find_index
+from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
 
 log = structlog.get_logger("bamcountd")
@@ -156,13 +156,22 @@ async def count_bam(
     """
     started = time.monotonic()
     _validate(request)
-    samtools = await st.locate(request.samtools)
+    executable = st.find(request.samtools)
     bam = check_bam_file(request.bam)
-    await st.quickcheck(samtools, bam)
-    header = await st.read_header(samtools, bam)
+    lookup = find_index(bam, request.index)
+    fresh = lookup.path if lookup.path is not None and not lookup.stale else None
+    # The checks are independent samtools runs: start them together (a count of a small BAM
+    # is mostly these), then report the first failure in this order.
+    samtools, _, header, early_stats = await _gather(
+        partial(st.locate, executable),
+        partial(st.quickcheck, executable, bam),
+        partial(st.read_header, executable, bam),
+        partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
+    )
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
-    index = await _usable_index(samtools, bam, header, request)
-    stats = {stat.name: stat for stat in await st.idxstats(samtools, bam, index)}
+    index = fresh if fresh is not None else await _built_index(samtools, bam, header, request, lookup)
+    index_stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
+    stats = {stat.name: stat for stat in index_stats}
     _check_index_names(bam, header, stats)
     lengths = {ref.name: ref.length for ref in header.references}
     bound = log.bind(bam=str(bam))
@@ -220,10 +229,34 @@ def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None =
     return anyio.run(partial(count_bam, request, progress=progress))
 
 
-async def _usable_index(samtools: st.Samtools, bam: Path, header: st.Header, request: CountRequest) -> Path:
-    lookup = find_index(bam, request.index)
-    if lookup.path is not None and not lookup.stale:
-        return lookup.path
+async def _no_stats() -> None:
+    return None
+
+
+async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run calls concurrently; return their results, or raise the failure of the earliest
+    call that failed, so that the error reported never depends on which finished first."""
+    outcomes: list[tuple[bool, Any]] = [(True, None)] * len(calls)
+
+    async def one(position: int, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            outcomes[position] = (True, await call())
+        except BamcountdError as error:
+            outcomes[position] = (False, error)
+
+    async with anyio.create_task_group() as group:
+        for position, call in enumerate(calls):
+            group.start_soon(one, position, call)
+    for succeeded, value in outcomes:
+        if not succeeded:
+            raise value
+    return [value for _, value in outcomes]
+
+
+async def _built_index(
+    samtools: st.Samtools, bam: Path, header: st.Header, request: CountRequest, lookup: IndexLookup
+) -> Path:
+    """Build (or reuse from the cache) an index for a BAM whose own is missing or stale."""
     if lookup.path is None:
         reason = "has no index (looked for .bai and .csi next to it)"
     else:

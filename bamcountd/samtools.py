@@ -216,14 +216,19 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
 _located: dict[tuple[str, int, int], Samtools] = {}
 
 
-async def locate(path: str | None = None) -> Samtools:
-    """Find samtools (``path`` or PATH), check its version; cached per executable."""
+def find(path: str | None = None) -> str:
+    """The absolute path of samtools (``path``, or the first on PATH)."""
     wanted = path or "samtools"
     executable = shutil.which(wanted)
     if executable is None:
         where = f"at {wanted}" if os.sep in wanted else "on PATH"
         raise SamtoolsNotFound(f"samtools not found {where}: {INSTALL_HINT}")
-    executable = os.path.abspath(executable)
+    return os.path.abspath(executable)
+
+
+async def locate(path: str | None = None) -> Samtools:
+    """Find samtools (``path`` or PATH), check its version; cached per executable."""
+    executable = find(path)
     stat = os.stat(executable)
     key = (executable, stat.st_ino, stat.st_mtime_ns)
     if key in _located:
@@ -259,15 +264,15 @@ def with_index(bam: Path, index: Path) -> str:
     return f"{bam}##idx##{index}"
 
 
-async def quickcheck(samtools: Samtools, bam: Path) -> None:
-    completed = await run([samtools.executable, "quickcheck", "-v", str(bam)], timeout=120)
+async def quickcheck(executable: str, bam: Path) -> None:
+    completed = await run([executable, "quickcheck", "-v", str(bam)], timeout=120)
     if completed.returncode != 0:
         words = _summarise(completed.stderr_lines) or "not a valid BAM"
         raise CorruptBam(f"{bam}: failed samtools quickcheck, the file is truncated or not a BAM ({words})")
 
 
-async def read_header(samtools: Samtools, bam: Path) -> Header:
-    completed = await run([samtools.executable, "view", "--no-PG", "-H", str(bam)], timeout=300)
+async def read_header(executable: str, bam: Path) -> Header:
+    completed = await run([executable, "view", "--no-PG", "-H", str(bam)], timeout=300)
     failure = completed.describe_failure()
     if failure is not None:
         raise CorruptBam(f"{bam}: cannot read the header: samtools {failure}")
@@ -286,8 +291,8 @@ async def read_header(samtools: Samtools, bam: Path) -> Header:
     return Header(references=tuple(references), sort_order=sort_order)
 
 
-async def idxstats(samtools: Samtools, bam: Path, index: Path) -> list[IndexStat]:
-    completed = await run([samtools.executable, "idxstats", with_index(bam, index)], timeout=300)
+async def idxstats(executable: str, bam: Path, index: Path) -> list[IndexStat]:
+    completed = await run([executable, "idxstats", with_index(bam, index)], timeout=300)
     _checked(completed, f"{bam}: idxstats")
     stats: list[IndexStat] = []
     for raw in completed.stdout.splitlines():
