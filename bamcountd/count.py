@@ -10,6 +10,7 @@ cancels the other shards; cancellation kills their samtools processes (see
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ async def count_bam(
             slots=processes,
             split=request.split and samtools.supports_expressions,
             group=request.split,
+            filtered=request.filters.active,
             min_reads=request.min_shard_reads,
             small_reads=min(request.min_shard_reads // 10, 20_000),
         )
@@ -197,6 +199,8 @@ async def count_bam(
             index,
             regions,
             shards,
+            index_totals=[_index_total(region, stats) for region in regions],
+            lengths=lengths,
             request=request,
             processes=processes,
             threads=threads,
@@ -336,30 +340,21 @@ async def _run_shards(
     regions: Sequence[plan.Region],
     shards: Sequence[plan.Shard],
     *,
+    index_totals: Sequence[int],
+    lengths: dict[str, int],
     request: CountRequest,
     processes: int,
     threads: int,
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
 ) -> list[int]:
-    counts = [0] * len(regions)
+    reducer = _Reducer(bam, regions, index_totals)
     if not shards:
-        return counts
+        return reducer.counts
     local = anyio.CapacityLimiter(processes)
     send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=processes)
-    by_name = {os.fsencode(regions[i].reference or ""): i for shard in shards if shard.tally for i in shard.regions}
 
-    async def run_one(shard: plan.Shard, results: ObjectSendStream[_Outcome]) -> None:
-        argv = st.count_argv(
-            samtools,
-            bam,
-            index,
-            shard.args,
-            filters=request.filters,
-            threads=threads,
-            expression=shard.expression,
-            count=not shard.tally,
-        )
+    async def run_one(shard: plan.Shard, argv: list[str], results: ObjectSendStream[_Outcome]) -> None:
         async with results, local:
             try:
                 if limiter is None:
@@ -371,43 +366,82 @@ async def _run_shards(
                 raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
             await results.send(_Outcome(shard, completed))
 
-    try:
-        async with anyio.create_task_group() as group:
-            async with send:
-                for shard in shards:
-                    group.start_soon(run_one, shard, send.clone())
-            done = 0
-            async with receive:
-                async for outcome in receive:
-                    _reduce(bam, regions, outcome, counts, by_name)
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(shards))
-    except BaseExceptionGroup as group_error:
-        raise _first_error(group_error) from None
-    return counts
+    with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch:
+        commands = []
+        for number, shard in enumerate(shards):
+            bed = _write_bed(Path(scratch) / f"shard{number}.bed", shard.args, lengths) if shard.bed else None
+            argv = st.count_argv(
+                samtools,
+                bam,
+                index,
+                () if shard.bed else shard.args,
+                filters=request.filters,
+                threads=threads,
+                expression=shard.expression,
+                count=shard.kind != plan.TALLY,
+                bed=bed,
+            )
+            commands.append((shard, argv))
+        try:
+            async with anyio.create_task_group() as group:
+                async with send:
+                    for shard, argv in commands:
+                        group.start_soon(run_one, shard, argv, send.clone())
+                async with receive:
+                    async for outcome in receive:
+                        reducer.add(outcome)
+                        if progress is not None:
+                            progress(reducer.done, len(shards))
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+    return reducer.counts
 
 
-def _reduce(
-    bam: Path,
-    regions: Sequence[plan.Region],
-    outcome: _Outcome,
-    counts: list[int],
-    by_name: dict[bytes, int],
-) -> None:
-    shard, completed = outcome.shard, outcome.completed
-    what = f"{bam}: region {shard.label}"
-    if shard.tally:
-        for name, tally in st.tally_references(completed, what).items():
-            index = by_name.get(name)
-            if index is None or index not in shard.regions:
-                raise SamtoolsBadOutput(f"{what}: samtools returned a record on {os.fsdecode(name)!r}")
-            counts[index] += tally
-        count = sum(counts[i] for i in shard.regions)
-    else:
-        count = st.parse_count(completed, what)
-        counts[shard.regions[0]] += shard.sign * count
-    log.debug("shard_counted", bam=str(bam), region=shard.label, count=count, seconds=round(completed.seconds, 4))
+def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Path:
+    path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{lengths[name]}\n") for name in names))
+    return path
+
+
+class _Reducer:
+    """Verifies each finished samtools command and adds it to its regions, as it arrives."""
+
+    def __init__(self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int]) -> None:
+        self.bam = bam
+        self.counts = [0] * len(regions)
+        self.done = 0
+        self._index_totals = index_totals
+        self._by_name = {
+            os.fsencode(r.reference): i for i, r in enumerate(regions) if r.whole and r.reference is not None
+        }
+
+    def add(self, outcome: _Outcome) -> None:
+        shard, completed = outcome.shard, outcome.completed
+        what = f"{self.bam}: region {shard.label}"
+        if shard.kind == plan.TALLY:
+            count = 0
+            for name, tally in st.tally_references(completed, what).items():
+                index = self._by_name.get(name)
+                if index is None or index not in shard.regions:
+                    raise SamtoolsBadOutput(f"{what}: samtools returned a record on {os.fsdecode(name)!r}")
+                self.counts[index] += tally
+                count += tally
+        elif shard.kind == plan.SUM:
+            count = st.parse_count(completed, what)
+            expected = sum(self._index_totals[i] for i in shard.regions)
+            if count != expected:
+                raise IndexMismatch(
+                    f"{what}: {count} reads on these {len(shard.regions)} references but the index says "
+                    f"{expected}; the index does not belong to this BAM: re-index it with `samtools index`"
+                )
+            for i in shard.regions:  # the data was read and its sum verified; the split is the index's
+                self.counts[i] += self._index_totals[i]
+        else:
+            count = st.parse_count(completed, what)
+            self.counts[shard.regions[0]] += shard.sign * count
+        self.done += 1
+        log.debug(
+            "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
+        )
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -173,16 +173,29 @@ def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> l
 # --- shards -------------------------------------------------------------------------------
 
 
+#: How a shard's samtools output becomes counts.
+COUNT = "count"  # ``view -c``: one number for one region (times ``sign``)
+TALLY = "tally"  # the records themselves, tallied per reference (small references, filtered)
+SUM = "sum"  # ``view -c`` over several whole references: must equal the index's sum for them,
+#              and each reference then gets the index's own count (small references, unfiltered)
+
+
 @dataclass(frozen=True)
 class Shard:
     """One samtools command and the regions its result feeds."""
 
     regions: tuple[int, ...]  # indices into the region list
     args: tuple[str, ...]  # samtools region arguments; none: the whole file
-    expression: str | None = None  # ``view -e`` filter for start-position shards
-    tally: bool = False  # records tallied per reference instead of ``view -c``
+    expression: str | None = None  # ``view -e`` filter, for boundary corrections
+    kind: str = COUNT
     sign: int = 1  # -1 for a boundary correction, whose count is subtracted
     weight: float = 0.0  # expected records, from the index
+
+    @property
+    def bed(self) -> bool:
+        """Whole references handed over as a BED file to the multi-region iterator (``-M -L``),
+        which reads each stretch of the file once; ``{name}`` quoting does not apply there."""
+        return self.kind != COUNT
 
     @property
     def label(self) -> str:
@@ -198,10 +211,10 @@ class ShardPolicy:
     pieces_per_slot: int = 3
     min_reads: int = 200_000  # below this a split costs more in start-up than it saves
     split: bool = True  # cut large references into start-position shards (needs ``view -e``)
-    group: bool = True  # tally small references together instead of one process each
+    group: bool = True  # count small references together instead of one process each
+    filtered: bool = False  # filters make a group's per-reference counts need a tally
     small_reads: int = 20_000  # references with fewer expected records are grouped
-    group_reads: int = 200_000  # at most this many expected records per tally group
-    group_names: int = 2_000  # and at most this many references per group
+    group_reads: int = 400_000  # at most this many expected records per group
 
 
 def region_weights(
@@ -240,14 +253,16 @@ def plan_shards(
             # all ("invalid region"); count the whole file instead, which is then the same set.
             shards.append(Shard((index,), (), weight=weight))
             continue
-        unique = region.reference is not None and references.count(region.reference) == 1
-        if policy.group and region.whole and unique and weight < policy.small_reads:
+        groupable = (
+            region.reference is not None and _bed_safe(region.reference) and references.count(region.reference) == 1
+        )
+        if policy.group and region.whole and groupable and weight < policy.small_reads:
             small.append(index)
         elif policy.split and region.reference is not None and weight > 1.5 * target:
             shards += _split(index, region, weight, lengths[region.reference], math.ceil(weight / target))
         else:
             shards.append(Shard((index,), (region.samtools_arg(),), weight=weight))
-    shards += _groups(small, regions, weights, policy)
+    shards += _groups(small, regions, weights, policy, limit=min(float(policy.group_reads), target))
     shards.sort(key=lambda shard: shard.weight, reverse=True)
     return shards
 
@@ -268,22 +283,34 @@ def _split(index: int, region: Region, weight: float, length: int, pieces: int) 
     return shards
 
 
+# SAM's rule for reference names, less what a BED reader would skip or split on.
+_SAM_NAME = re.compile(r"\A[0-9A-Za-z!$%&+./:;?@^_|~-][0-9A-Za-z!#$%&*+./:;=?@^_|~-]*\Z")
+
+
+def _bed_safe(name: str) -> bool:
+    return bool(_SAM_NAME.match(name)) and not name.startswith(("track", "browser"))
+
+
 def _groups(
-    small: Iterable[int], regions: Sequence[Region], weights: Sequence[float], policy: ShardPolicy
+    small: Iterable[int], regions: Sequence[Region], weights: Sequence[float], policy: ShardPolicy, *, limit: float
 ) -> list[Shard]:
     groups: list[Shard] = []
     members: list[int] = []
     load = 0.0
+    kind = TALLY if policy.filtered else SUM
 
     def close() -> None:
         nonlocal members, load
-        if members:
-            args = tuple(regions[i].samtools_arg() for i in members)
-            groups.append(Shard(tuple(members), args, tally=len(members) > 1, weight=load))
+        if len(members) == 1:
+            index = members[0]
+            groups.append(Shard((index,), (regions[index].samtools_arg(),), weight=load))
+        elif members:
+            names = tuple(regions[i].reference or "" for i in members)
+            groups.append(Shard(tuple(members), names, kind=kind, weight=load))
         members, load = [], 0.0
 
     for index in small:
-        if members and (load + weights[index] > policy.group_reads or len(members) >= policy.group_names):
+        if members and load + weights[index] > limit:
             close()
         members.append(index)
         load += weights[index]

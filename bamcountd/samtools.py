@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,9 @@ FLAG_NAMES = {
     "SUPPLEMENTARY": 0x800,
 }
 
+_BGZF_MAGIC = b"\x1f\x8b\x08\x04"
+_INT = struct.Struct("<i")
+_RECORD_START = struct.Struct("<ii")  # block_size, refID
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")
 
@@ -340,19 +345,27 @@ def count_argv(
     threads: int = 1,
     expression: str | None = None,
     count: bool = True,
+    bed: Path | None = None,
 ) -> list[str]:
-    """``samtools view`` for one shard: ``-c`` for a count, or records (for per-contig tallies)."""
+    """``samtools view`` for one shard: ``-c`` for a count, or the records (for tallies).
+
+    Regions come as arguments, or as a BED file for the multi-region iterator (``-M -L``),
+    which reads each stretch of the file once instead of seeking once per region.
+    """
     argv = [samtools.executable, "view", "--no-PG"]
-    if count:
-        argv.append("-c")
+    argv.append("-c" if count else "-u")
     argv += filters.argv()
     if threads > 1:
         argv += ["-@", str(threads - 1)]
     if expression is not None:
         argv += ["-e", expression]
+    if bed is not None:
+        argv += ["-M", "-L", str(bed)]
     regions = list(regions)
-    # No region: the whole file, read without the index (view rejects -X without a region).
-    argv += ["-X", str(bam), str(index), *regions] if regions else [str(bam)]
+    if regions or bed is not None:
+        argv += [with_index(bam, index), *regions]
+    else:  # the whole file, which needs no index
+        argv.append(str(bam))
     return argv
 
 
@@ -366,12 +379,53 @@ def parse_count(completed: Completed, what: str) -> int:
 
 
 def tally_references(completed: Completed, what: str) -> dict[bytes, int]:
-    """Per-reference record counts from SAM records (column 3), after the same checks."""
+    """Per-reference record counts from ``view -u`` output (uncompressed BAM), after the same
+    checks.  BAM rather than SAM text: samtools skips formatting every record, and the only
+    field read here, the reference id, sits at a fixed offset."""
     _checked(completed, what)
-    tallies: dict[bytes, int] = {}
-    for line in completed.stdout.splitlines():
-        fields = line.split(b"\t", 3)
-        if len(fields) < 4 or line.startswith(b"@"):
-            raise SamtoolsBadOutput(f"{what}: samtools printed a line that is not a SAM record: {line[:80]!r}")
-        tallies[fields[2]] = tallies.get(fields[2], 0) + 1
+    data = _inflate_bgzf(completed.stdout, what)
+    if data[:4] != b"BAM\x01":
+        raise SamtoolsBadOutput(f"{what}: samtools did not write a BAM stream")
+    try:
+        (text_length,) = _INT.unpack_from(data, 4)
+        offset = 8 + text_length
+        (n_ref,) = _INT.unpack_from(data, offset)
+        offset += 4
+        names: list[bytes] = []
+        for _ in range(n_ref):
+            (name_length,) = _INT.unpack_from(data, offset)
+            names.append(data[offset + 4 : offset + 3 + name_length])  # NUL-terminated
+            offset += 8 + name_length
+        per_id = [0] * (n_ref + 1)  # slot 0 for reference id -1 (unplaced)
+        end = len(data)
+        record = _RECORD_START.unpack_from
+        while offset < end:
+            size, ref_id = record(data, offset)
+            per_id[ref_id + 1] += 1
+            offset += 4 + size
+    except (struct.error, IndexError):
+        raise SamtoolsBadOutput(f"{what}: samtools wrote a malformed BAM stream") from None
+    if offset != end:
+        raise SamtoolsBadOutput(f"{what}: samtools wrote a truncated BAM stream")
+    tallies = {name: count for name, count in zip(names, per_id[1:], strict=True) if count}
+    if per_id[0]:
+        tallies[b"*"] = per_id[0]
     return tallies
+
+
+def _inflate_bgzf(stream: bytes, what: str) -> bytes:
+    """Concatenated payloads of a BGZF stream, block by block (``gzip.decompress`` re-slices
+    the rest of the input after every member, which is quadratic in the number of blocks)."""
+    view = memoryview(stream)
+    parts: list[bytes] = []
+    offset = 0
+    try:
+        while offset < len(stream):
+            if view[offset : offset + 4] != _BGZF_MAGIC:
+                raise zlib.error("not a BGZF block")
+            block_size = int.from_bytes(view[offset + 16 : offset + 18], "little") + 1
+            parts.append(zlib.decompress(view[offset + 18 : offset + block_size - 8], -15))
+            offset += block_size
+    except zlib.error as error:
+        raise SamtoolsBadOutput(f"{what}: samtools did not write a BAM stream ({error})") from None
+    return b"".join(parts)
