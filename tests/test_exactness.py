@@ -86,7 +86,8 @@ def test_bed_regions_are_zero_based_half_open(shared_bam: Path, tmp_path: Path) 
     assert [(r.region, r.count) for r in result.regions] == expected
 
 
-def test_many_tiny_contigs_are_grouped_and_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["none", "F904_q20", "f2"])
+def test_many_tiny_contigs_are_grouped_and_exact(tmp_path: Path, case: str) -> None:
     references = [Reference(f"contig_{i}:{i}", 1_000 + i) for i in range(400)]
     references.append(Reference("big", 2_000_000))
     records = []
@@ -95,12 +96,18 @@ def test_many_tiny_contigs_are_grouped_and_exact(tmp_path: Path) -> None:
             records.append(
                 f"r{i}_{k}\t{16 * (k % 2)}\t{ref.name}\t{1 + k * 100}\t{k * 15}\t50M\t*\t0\t0\t{'A' * 50}\t*"
             )
-    records += [f"b{k}\t0\tbig\t{1 + k * 997}\t60\t50M\t*\t0\t0\t{'C' * 50}\t*" for k in range(2_000)]
+    records += [
+        f"b{k}\t{(0, 99, 147, 2048)[k % 4]}\tbig\t{1 + k * 997}\t{k % 61}\t50M\t*\t0\t0\t{'C' * 50}\t*"
+        for k in range(2_000)
+    ]
+    records += [f"u{k}\t4\t*\t0\t0\t*\t*\t0\t0\tA\t*" for k in range(9)]
     bam = write_bam(tmp_path / "many.bam", references, records)
-    result = count_bam_sync(CountRequest(bam=bam, filters=Filters(min_mapq=20), min_shard_reads=500))
+    args, filters = FILTER_CASES[case]
+    result = count_bam_sync(CountRequest(bam=bam, filters=filters, min_shard_reads=500))
     assert result.shards < 50  # 401 references, not 401 processes
     names = [*header_names(bam), "*"]
-    assert {r.region: r.count for r in result.regions} == oracle(bam, names, ("-q", "20"))
+    assert {r.region: r.count for r in result.regions} == oracle(bam, names, args)
+    assert result.total == samtools_count(bam, *args)
 
 
 def test_unplaced_reads_are_counted_which_the_seed_forgot(tmp_path: Path) -> None:

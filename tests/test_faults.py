@@ -135,10 +135,15 @@ def test_missing_index_is_built_and_the_bam_left_alone(
     assert total == samtools_count(bam)
 
 
-def test_index_from_another_bam(bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("how", [(), ("--no-split",), ("-q", "20")])
+def test_index_from_another_bam(
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: tuple[str, ...]
+) -> None:
+    """Grouped small references (sum checked against the index), one process per reference
+    (each count checked), and filtered (no count may exceed the index's): all refuse."""
     other = tricky_bam(tmp_path / "other", reads=2000, unplaced=50, seed=99)
     shutil.copy(str(other) + ".bai", str(bam) + ".bai")  # newer than the BAM: not stale
-    code, out, err = run_cli(capsys, bam)
+    code, out, err = run_cli(capsys, bam, *how)
     assert_failed(code, 1, out, err, str(bam), "index")
 
 
