@@ -153,3 +153,17 @@ def test_random_bams_match_samtools(
         names = [*header_names(bam), "*"]
         assert {r.region: r.count for r in result.regions} == oracle(bam, names, args)
         assert result.total == samtools_count(bam, *args)
+
+
+def test_reference_too_long_for_a_bai_gets_a_csi(tmp_path: Path) -> None:
+    references = [Reference("chr1", 600_000_000), Reference("chr2", 1_000)]
+    positions = [1, 536_870_000, 536_870_912, 550_000_000, 599_999_900]
+    records = [f"r{i}\t0\tchr1\t{pos}\t60\t50M\t*\t0\t0\t{'A' * 50}\t*" for i, pos in enumerate(positions)]
+    records.append("s\t0\tchr2\t10\t60\t5M\t*\t0\t0\tAAAAA\t*")
+    bam = write_bam(tmp_path / "long.bam", references, records, index=False)  # a BAI cannot hold it
+    cache = tmp_path / "cache"
+    result = count_bam_sync(CountRequest(bam=bam, regions=("chr1", "chr1:536870000-", "chr2"), index_cache=cache))
+    (csi,) = cache.iterdir()
+    assert csi.suffix == ".csi"
+    expected = [samtools_count(bam, region, index=csi) for region in ("chr1", "chr1:536870000-", "chr2")]
+    assert [r.count for r in result.regions] == expected == [5, 4, 1]
