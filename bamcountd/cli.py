@@ -4,6 +4,7 @@ codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted).""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import tempfile
@@ -145,7 +146,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.index is not None:
         raise BadOption("--index names one index file; the daemon finds (or builds) each BAM's own")
     config = load(vars(args))
-    # journald reads stdout; JSON lines unless it is a terminal.
+    # journald reads stdout: JSON lines unless it is a terminal, one line at a time.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     logs.configure(
         level="debug" if args.verbose else args.log_level, json=_log_json(args.log_format), stream=sys.stdout
     )

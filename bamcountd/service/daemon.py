@@ -145,12 +145,27 @@ class Daemon:
     # --- detection -----------------------------------------------------------------------
 
     async def _watch_events(self) -> None:
-        stop = anyio.Event()
-        try:
-            async for batch in events(self.roots, stop):
-                self._observed.update(batch)
-        finally:
-            stop.set()
+        """Feed file events to the scheduler; if the watcher fails, rescans carry on alone
+        until it is restarted (watchfiles fails, for one, on a name that is not UTF-8)."""
+        delay = 1.0
+        while True:
+            stop = anyio.Event()
+            try:
+                async for batch in events(self.roots, stop):
+                    self._observed.update(batch)
+                    delay = 1.0
+            except Exception as error:  # the watcher's own errors have no common base class
+                log.warning(
+                    "watcher_failed",
+                    error=str(error),
+                    kind=type(error).__name__,
+                    action=f"relying on rescans, restarting the watcher in {delay:g} s",
+                )
+                self._rescan_now.set()
+            finally:
+                stop.set()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, max(self.config.rescan_interval, 1.0))
 
     async def _rescan_loop(self) -> None:
         while True:

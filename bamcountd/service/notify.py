@@ -31,6 +31,8 @@ class Notifier:
         applies = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.watchdog_interval: float | None = int(usec) / 2e6 if applies else None
         self._last_watchdog = 0.0
+        self._last_status: str | None = None
+        self._failing = False
 
     @property
     def enabled(self) -> bool:
@@ -40,15 +42,23 @@ class Notifier:
         if self._socket is None:
             return
         try:
-            self._socket.sendto("\n".join(fields).encode(), self._address)
+            # Never block the scheduler loop on a receiver that does not read.
+            self._socket.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as error:
-            log.warning("notify_failed", socket=self._address.replace("\0", "@"), error=error.strerror)
+            if not self._failing:  # once per outage, not once per tick
+                log.warning("notify_failed", socket=self._address.replace("\0", "@"), error=error.strerror)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
     def status(self, status: str) -> None:
-        self.send(f"STATUS={status}")
+        """Send ``STATUS=`` when it has changed."""
+        if status != self._last_status:
+            self._last_status = status
+            self.send(f"STATUS={status}")
 
     def watchdog(self) -> None:
         """Pet the watchdog if it is due; call as often as you like."""

@@ -1,0 +1,137 @@
+"""A real ``bamcountd serve`` process, real BAMs dropped the ways uploaders drop them, every
+count checked against ``samtools view -c``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.service.helpers import (
+    Daemon,
+    Folders,
+    assert_result_matches,
+    drop_by_rename,
+    drop_slowly,
+    expected_counts,
+    result_path,
+    results,
+    wait_for,
+)
+
+
+def ledger_states(folders: Folders) -> dict[bytes, str]:
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        return {bytes(path): state for path, state in db.execute("SELECT path, state FROM files")}
+
+
+@pytest.mark.timeout(90)
+def test_slow_copy_rename_and_subfolders_are_counted_once(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(folders)
+    daemons.append(daemon)
+    daemon.start()
+    (folders.watch / "run 1" / "lane").mkdir(parents=True)
+    slow = drop_slowly(templates[0], folders.watch / "slow.bam", chunks=8, pause=0.2)
+    renamed = drop_by_rename(templates[1], folders.watch / "run 1" / "lane" / "renamed.bam")
+    with_index = folders.watch / "indexed.bam"
+    shutil.copyfile(templates[2], with_index)
+    shutil.copyfile(templates[2].with_name(templates[2].name + ".bai"), folders.watch / "indexed.bam.bai")
+    # Not BAMs, or not ready: never counted.
+    (folders.watch / "partial.bam.part").write_bytes(templates[0].read_bytes()[:1000])
+    (folders.watch / ".hidden.bam").write_bytes(templates[0].read_bytes())
+    os.symlink(templates[0], folders.watch / "link.bam")
+
+    expected = {
+        "slow.bam": (slow, templates[0]),
+        "run 1/lane/renamed.bam": (renamed, templates[1]),
+        "indexed.bam": (with_index, templates[2]),
+    }
+    wait_for(
+        lambda: all(result_path(folders, rel).exists() for rel in expected),
+        timeout=60,
+        what="three results",
+        context=daemon.log,
+    )
+    for relative, (bam, template) in expected.items():
+        document = assert_result_matches(result_path(folders, relative), bam, template)
+        stat = bam.stat()
+        assert document["source"]["path"] == str(bam)
+        assert (document["source"]["size"], document["source"]["inode"]) == (stat.st_size, stat.st_ino)
+        assert document["source"]["mtime_ns"] == stat.st_mtime_ns
+        assert document["bamcountd"]
+        assert document["bam"] == str(bam)
+    # The BAM that came with a fresh index used it; the others got one built in the state folder.
+    assert json.loads(result_path(folders, "indexed.bam").read_text())["index"] == str(with_index) + ".bai"
+    assert json.loads(result_path(folders, "slow.bam").read_text())["index"].startswith(str(folders.state))
+    assert daemon.stop() == 0
+    assert [p.relative_to(folders.results).as_posix() for p in results(folders)] == [
+        "indexed.counts.json",
+        "run 1/lane/renamed.counts.json",
+        "slow.counts.json",
+    ]
+    assert set(ledger_states(folders).values()) == {"done"}
+    # The slow copy was seen while it grew, but counted only once it had settled.
+    counted = [e for e in daemon.events() if e.get("event") == "done" and e["file"].endswith("slow.bam")]
+    assert len(counted) == 1
+
+
+@pytest.mark.timeout(90)
+def test_replaced_file_is_counted_again_and_restart_does_not_recount(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(folders)
+    daemons.append(daemon)
+    daemon.start()
+    bam = drop_by_rename(templates[0], folders.watch / "sample.bam")
+    result = result_path(folders, "sample.bam")
+    wait_for(result.exists, timeout=30, what="first result", context=daemon.log)
+    assert_result_matches(result, bam, templates[0])
+    first_inode = json.loads(result.read_text())["source"]["inode"]
+
+    drop_by_rename(templates[1], bam)  # a new version under the same name
+    wait_for(
+        lambda: json.loads(result.read_text())["source"]["inode"] != first_inode,
+        timeout=30,
+        what="the replaced BAM's result",
+    )
+    assert_result_matches(result, bam, templates[1])
+    assert expected_counts(templates[1]) != expected_counts(templates[0])
+    assert daemon.stop() == 0
+
+    # A restart finds everything done: nothing is counted again.
+    daemon.start()
+    daemon.signal(__import__("signal").SIGHUP)  # and a rescan on demand changes nothing
+    wait_for(
+        lambda: any(e.get("event") == "rescan_requested" for e in daemon.events()),
+        timeout=10,
+        what="SIGHUP",
+        context=daemon.log,
+    )
+    assert daemon.stop() == 0
+    assert not [e for e in daemon.events() if e.get("event") == "counting"]
+    assert [p.name for p in results(folders)] == ["sample.counts.json"]
+
+
+@pytest.mark.timeout(90)
+def test_odd_file_names(templates: list[Path], folders: Folders, daemons: list[Daemon]) -> None:
+    names = ["with space.bam", "new\nline.bam", "caf\u00e9 \u2013 ok.bam"]
+    raw_name = b"latin1-\xe9.bam"  # not UTF-8
+    daemon = Daemon(folders)
+    daemons.append(daemon)
+    daemon.start()
+    bams = [drop_by_rename(templates[0], folders.watch / name) for name in names]
+    raw_bam = Path(os.fsdecode(os.path.join(os.fsencode(folders.watch), raw_name)))
+    shutil.copyfile(templates[0], raw_bam)
+    bams.append(raw_bam)
+    targets = [result_path(folders, bam.name) for bam in bams]
+    wait_for(lambda: all(t.exists() for t in targets), timeout=60, what="results for odd names", context=daemon.log)
+    for target, bam in zip(targets, bams, strict=True):
+        document = assert_result_matches(target, bam, templates[0])
+        assert os.fsencode(document["source"]["path"]) == os.fsencode(bam)
+    assert daemon.stop() == 0
