@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -90,6 +91,7 @@ class NotifySocket:
         self._closed.set()
         self._thread.join(timeout=2)
         self._socket.close()
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 @dataclass
@@ -127,10 +129,12 @@ class Daemon:
 
     def start(self, *, wait_ready: bool = True) -> Daemon:
         self.starts += 1
-        self.log_path = self.folders.state.parent / f"daemon-{self.starts}.log"
+        tag = f"{id(self):x}-{self.starts}"
+        self.log_path = self.folders.state.parent / f"daemon-{tag}.log"
         if self.notify is not None:
             self.notify.close()
-        self.notify = NotifySocket(self.folders.state.parent / f"notify-{self.starts}.sock")
+        # A short path: unix socket names are limited to 107 bytes.
+        self.notify = NotifySocket(Path(tempfile.mkdtemp(prefix="bcd-notify-")) / "sock")
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **self.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

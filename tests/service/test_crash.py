@@ -1,0 +1,60 @@
+"""kill -9 at random instants while a batch is counted, restart, repeat: in the end exactly one
+correct result per BAM, none missing, no temp files left."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service.helpers import Daemon, Folders, assert_result_matches, drop_by_rename, result_path, results, wait_for
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_kill9_during_a_batch_loses_and_duplicates_nothing(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    rng = random.Random(20261126)
+    sources = {f"batch/s{i:02d}.bam": templates[i % len(templates)] for i in range(36)}
+    daemon = Daemon(folders, extra=["--max-files", "3"])
+    daemons.append(daemon)
+    daemon.start()
+    (folders.watch / "batch").mkdir()
+    for relative, template in sources.items():
+        drop_by_rename(template, folders.watch / relative)
+
+    kills = 0
+    done_at_kill: list[int] = []
+    while kills < 5:
+        time.sleep(rng.uniform(0.3, 1.6))
+        finished = sum(result_path(folders, rel).exists() for rel in sources)
+        if finished == len(sources):
+            break
+        daemon.kill9()  # the daemon only: its samtools children are orphaned, as in a real crash
+        kills += 1
+        done_at_kill.append(finished)
+        daemon.start()
+    assert kills >= 3, f"the batch finished before enough kills ({done_at_kill})"
+    assert any(0 < n < len(sources) for n in done_at_kill), done_at_kill  # some kills landed mid-batch
+
+    wait_for(
+        lambda: all(result_path(folders, rel).exists() for rel in sources),
+        timeout=120,
+        what="every result after the last restart",
+        context=daemon.log,
+    )
+    wait_for(lambda: _states(folders) == {"done"}, timeout=30, what="every row done", context=daemon.log)
+    assert daemon.stop() == 0
+    expected_files = sorted(result_path(folders, rel) for rel in sources)
+    assert results(folders) == expected_files  # exactly one result each, and no temp files
+    for relative, template in sources.items():
+        assert_result_matches(result_path(folders, relative), folders.watch / relative, template)
+
+
+def _states(folders: Folders) -> set[str]:
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        return {state for (state,) in db.execute("SELECT state FROM files")}
