@@ -20,7 +20,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -373,8 +373,10 @@ def _exists(path: Path) -> bool:
     return _identity(path) is not None
 
 
-async def serve(config: ServiceConfig) -> None:
-    """Open the ledger (refusing a second daemon), run until stopped, close everything."""
+async def serve(config: ServiceConfig, *, started: Callable[[Daemon], None] | None = None) -> None:
+    """Open the ledger (refusing a second daemon), run until stopped, close everything.
+
+    ``started`` gets the daemon before it runs (tests stop it with :meth:`Daemon.stop`)."""
     notifier = Notifier()
     metrics = Metrics()
     async with AsyncExitStack() as stack:
@@ -393,4 +395,7 @@ async def serve(config: ServiceConfig) -> None:
             server.start()
             stack.callback(server.close)
             log.info("metrics_listening", address=f"{host}:{server.port}")
-        await Daemon(config, ledger, notifier=notifier, metrics=metrics).run()
+        daemon = Daemon(config, ledger, notifier=notifier, metrics=metrics)
+        if started is not None:
+            started(daemon)
+        await daemon.run()
