@@ -82,6 +82,7 @@ class Daemon:
         self._running: dict[Path, _Running] = {}
         self._stop = anyio.Event()
         self._rescan_now = anyio.Event()
+        self._watch_stop = anyio.Event()
         self._drain = True
 
     # --- life cycle ----------------------------------------------------------------------
@@ -109,6 +110,9 @@ class Daemon:
                         log.info("ready", **self.ledger.counts())
                         await self._stop.wait()
                         self.notifier.stopping("stopping: draining running counts")
+                        # The watcher thread notices this within a step; a cancel alone waits
+                        # for its next timeout.
+                        self._watch_stop.set()
                         service.cancel_scope.cancel()
                     await self._drain_workers()
                     workers.cancel_scope.cancel()
@@ -148,8 +152,8 @@ class Daemon:
         """Feed file events to the scheduler; if the watcher fails, rescans carry on alone
         until it is restarted (watchfiles fails, for one, on a name that is not UTF-8)."""
         delay = 1.0
-        while True:
-            stop = anyio.Event()
+        while not self._stop.is_set():
+            stop = self._watch_stop = anyio.Event()
             try:
                 async for batch in events(self.roots, stop):
                     self._observed.update(batch)

@@ -248,7 +248,8 @@ def iter_files(folder: Path) -> Iterator[Path]:
 
 FAKE_SAMTOOLS = """#!{python}
 # Fault injection only: runs the real samtools, except that a read command (view without -H)
-# records its pid and then hangs (FAKE_HANG) or aborts (name contains FAKE_CRASH).
+# records its pid and then hangs (FAKE_HANG), waits while the file FAKE_HOLD exists, or aborts
+# (an argument contains FAKE_CRASH).
 import os, sys, time
 real = os.environ["FAKE_REAL_SAMTOOLS"]
 args = sys.argv[1:]
@@ -258,6 +259,8 @@ if reading and os.environ.get("FAKE_PIDS"):
         out.write(" ".join(args))
 if reading and os.environ.get("FAKE_HANG"):
     time.sleep(3600)
+while reading and os.environ.get("FAKE_HOLD") and os.path.exists(os.environ["FAKE_HOLD"]):
+    time.sleep(0.05)  # held until the test removes the file
 crash = os.environ.get("FAKE_CRASH")
 if reading and crash and any(crash in arg for arg in args):
     sys.stderr.write("samtools: simulated crash\\n")
