@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.bams import tricky_bam
 from tests.service.helpers import Daemon, Folders
@@ -31,3 +32,12 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for daemon in started:
         daemon.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # bamcountd.cli.main configures structlog onto the (captured) stderr/stdout of the test that
+    # calls it; later tests must not log to that closed stream.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
