@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -102,8 +103,11 @@ class Daemon:
                 outer.start_soon(self._handle_signals, signals)
                 async with anyio.create_task_group() as workers:
                     async with anyio.create_task_group() as service:
-                        await self._rescan()
                         service.start_soon(self._watch_events)
+                        # One step of the watcher task registers its inotify watches; the first
+                        # scan then catches everything that came before them.
+                        await anyio.sleep(0)
+                        await self._rescan()
                         service.start_soon(self._rescan_loop)
                         service.start_soon(self._scheduler_loop, workers)
                         self.notifier.ready(self._status())
@@ -402,4 +406,28 @@ async def serve(config: ServiceConfig, *, started: Callable[[Daemon], None] | No
         daemon = Daemon(config, ledger, notifier=notifier, metrics=metrics)
         if started is not None:
             started(daemon)
-        await daemon.run()
+        try:
+            await daemon.run()
+        except BaseExceptionGroup as group:  # task groups wrap what they raise
+            raise _reportable(group, ledger.path) from None
+
+
+def _reportable(group: BaseExceptionGroup[BaseException], ledger: Path) -> BaseException:
+    """The error the CLI should report for a failed daemon: ours first, then a ledger failure."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, BamcountdError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, sqlite3.Error):
+            return BamcountdError(f"{ledger}: the ledger failed ({leaf})")
+    return group

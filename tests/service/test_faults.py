@@ -181,3 +181,19 @@ def test_bad_config_is_exit_2_naming_the_key(
     assert "watch: not set" in capsys.readouterr().err
     assert main([*base, "--index", str(tmp_path / "x.bai")]) == 2
     assert "--index names one index file" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_an_option_no_bam_can_satisfy_stops_the_daemon_with_status_2(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(folders, extra=["--method", "index", "--min-mapq", "20"])
+    daemons.append(daemon)
+    daemon.start()
+    drop_by_rename(templates[0], folders.watch / "a.bam")
+    assert daemon.process is not None
+    assert daemon.process.wait(timeout=30) == 2
+    assert "bamcountd: error: --method index reads only the index" in daemon.log()
+    assert not results(folders)
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
