@@ -58,3 +58,38 @@ def test_kill9_during_a_batch_loses_and_duplicates_nothing(
 def _states(folders: Folders) -> set[str]:
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
         return {state for (state,) in db.execute("SELECT state FROM files")}
+
+
+@pytest.mark.timeout(60)
+def test_the_crash_window_between_result_and_done_row(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    """The exact state a crash leaves after the result's rename and before the ``done`` commit
+    (plus a temp file from a crash mid-write): the restarted daemon counts the BAM again and
+    replaces the result; one correct result remains, and no temp file."""
+    import os
+
+    from bamcountd.service.ledger import Identity, Ledger
+
+    bam = drop_by_rename(templates[0], folders.watch / "window.bam")
+    identity = Identity.of(os.lstat(bam))
+    with Ledger.open(folders.state) as ledger:
+        ledger.observe(bam, folders.watch, identity)
+        assert ledger.queue(bam, identity) and ledger.start(bam, identity)
+    result = result_path(folders, "window.bam")
+    result.write_text('{"total": -1, "regions": []}\n')  # stands for the result of that count
+    leftover = folders.results / ".window.counts.json.k3j2_x.tmp"
+    leftover.write_text("half a result")
+
+    daemon = Daemon(folders)
+    daemons.append(daemon)
+    daemon.start()
+    wait_for(lambda: _states(folders) == {"done"}, timeout=30, what="the row done", context=daemon.log)
+    assert daemon.stop() == 0
+    assert_result_matches(result, bam, templates[0])
+    assert results(folders) == [result]
+    assert [e["event"] for e in daemon.events() if e.get("event") in ("swept_temporaries", "counting", "done")] == [
+        "swept_temporaries",
+        "counting",
+        "done",
+    ]
