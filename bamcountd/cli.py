@@ -113,8 +113,9 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) 
         parents=[common],
         help="watch folders and count every BAM dropped there (the daemon)",
         description="Watch folders for BAMs and write RESULTS/<relative path minus .bam>.counts.json for each "
-        "one, exactly once. Every option can also be set as BAMCOUNTD_<OPTION> or in the TOML --config file "
-        "(key: the option name with _ for -); flags win over the environment, which wins over the file.",
+        "one, exactly once. Every option can also be set as BAMCOUNTD_<KEY> or in the TOML --config file, "
+        "KEY being the option name with _ for - (--region: regions; --no-split: split = false; "
+        "--no-index-build: build_index = false); flags win over the environment, which wins over the file.",
     )
     where = serve.add_argument_group("service")
     where.add_argument("--config", type=Path, metavar="FILE", help="TOML file (default: $BAMCOUNTD_CONFIG if set)")

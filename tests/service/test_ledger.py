@@ -77,3 +77,13 @@ def test_a_second_process_cannot_open_a_held_ledger(tmp_path: Path) -> None:
         pass
     with pytest.raises(LedgerLocked), Ledger.open(state), Ledger.open(state):
         pass
+
+
+def test_oldest_first(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "state") as ledger:
+        ages = {"new.bam": 3000, "old.bam": 1000, "mid.bam": 2000}
+        for name, mtime_ns in ages.items():
+            identity = Identity(dev=1, inode=mtime_ns, size=1, mtime_ns=mtime_ns)
+            ledger.observe(tmp_path / name, tmp_path, identity)
+            ledger.queue(tmp_path / name, identity)
+        assert [e.path.name for e in ledger.waiting(now=0, limit=2)] == ["old.bam", "mid.bam"]
