@@ -6,6 +6,7 @@ turns it to 503, as systemd's watchdog would kill it.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -54,6 +55,10 @@ class _QuietHandler(WSGIRequestHandler):
         """Requests are not worth a journal line each."""
 
 
+class _IPv6Server(WSGIServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """``/metrics`` and ``/healthz`` in a background thread."""
 
@@ -63,7 +68,10 @@ class MetricsServer:
         self._metrics = metrics
         self._stale_after = stale_after
         self._prometheus = make_wsgi_app(metrics.registry)
-        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        server_class = _IPv6Server if ":" in host else WSGIServer
+        self._server: WSGIServer = make_server(
+            host, port, self._app, server_class=server_class, handler_class=_QuietHandler
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 
     @property

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ def ledger_states(folders: Folders) -> dict[bytes, str]:
 def test_slow_copy_rename_and_subfolders_are_counted_once(
     templates: list[Path], folders: Folders, daemons: list[Daemon]
 ) -> None:
-    daemon = Daemon(folders)
+    daemon = Daemon(folders, extra=["--formats", "tsv,seed"])
     daemons.append(daemon)
     daemon.start()
     (folders.watch / "run 1" / "lane").mkdir(parents=True)
@@ -66,14 +68,31 @@ def test_slow_copy_rename_and_subfolders_are_counted_once(
         assert document["source"]["mtime_ns"] == stat.st_mtime_ns
         assert document["bamcountd"]
         assert document["bam"] == str(bam)
+
+    # The same JSON as `bamcountd count --format json` (plus source and version), and the extra
+    # formats are exactly what `count` prints.
+    def count_output(fmt: str) -> str:
+        argv = [sys.executable, "-m", "bamcountd", "count", str(with_index), "--format", fmt]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    daemon_json = json.loads(result_path(folders, "indexed.bam").read_text())
+    count_json = json.loads(count_output("json"))
+    assert set(daemon_json) == {*count_json, "source", "bamcountd"}
+    assert {k: v for k, v in daemon_json.items() if k in count_json and k != "seconds"} == {
+        k: v for k, v in count_json.items() if k != "seconds"
+    }
+    stem = folders.results / "indexed"
+    assert stem.with_name("indexed.counts.tsv").read_text() == count_output("tsv")
+    assert stem.with_name("indexed.counts.txt").read_text() == count_output("seed")
+    assert stem.with_name("indexed.counts.txt").read_text().endswith(f"Total reads: {daemon_json['total']}")
     # The BAM that came with a fresh index used it; the others got one built in the state folder.
     assert json.loads(result_path(folders, "indexed.bam").read_text())["index"] == str(with_index) + ".bai"
     assert json.loads(result_path(folders, "slow.bam").read_text())["index"].startswith(str(folders.state))
     assert daemon.stop() == 0
     assert [p.relative_to(folders.results).as_posix() for p in results(folders)] == [
-        "indexed.counts.json",
-        "run 1/lane/renamed.counts.json",
-        "slow.counts.json",
+        f"{stem}.{suffix}"
+        for stem in ("indexed", "run 1/lane/renamed", "slow")
+        for suffix in ("counts.json", "counts.tsv", "counts.txt")
     ]
     assert set(ledger_states(folders).values()) == {"done"}
     # The slow copy was seen while it grew, but counted only once it had settled.
