@@ -8,8 +8,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -92,22 +94,33 @@ def test_crashing_samtools_is_retried_then_gets_an_error_file(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("where", "code"), [("fsync", errno.ENOSPC), ("mkstemp", errno.EACCES)])
 def test_disk_full_leaves_no_partial_result_and_requeues(
-    templates: list[Path], folders: Folders, monkeypatch: pytest.MonkeyPatch
+    templates: list[Path], folders: Folders, monkeypatch: pytest.MonkeyPatch, where: str, code: int
 ) -> None:
-    """ENOSPC is injected at fsync (where a full disk shows up with delayed allocation), since a
-    test cannot mount a tiny tmpfs here; the real write_atomic runs around it."""
+    """A full disk (ENOSPC at fsync, where delayed allocation reports it) or a results folder
+    that cannot be written (EACCES creating the temp file); both injected, since these tests run
+    as root and cannot mount a tiny tmpfs.  The real write_atomic runs around the fault."""
     failures_left = [2]
-    real_fsync = os.fsync
+    real_fsync, real_mkstemp = os.fsync, tempfile.mkstemp
 
-    def full_disk_fsync(fd: int) -> None:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        if target.startswith(str(folders.results)) and failures_left[0] > 0:
+    def fail_in_results(path: str) -> None:
+        if path.startswith(str(folders.results)) and failures_left[0] > 0:
             failures_left[0] -= 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
+
+    def fsync(fd: int) -> None:
+        if where == "fsync":
+            fail_in_results(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    def mkstemp(*args: Any, **kwargs: Any) -> Any:
+        if where == "mkstemp":
+            fail_in_results(str(kwargs.get("dir", "")))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     bam = drop_by_rename(templates[0], folders.watch / "full.bam")
     config = load(
         {
@@ -137,7 +150,7 @@ def test_disk_full_leaves_no_partial_result_and_requeues(
         anyio.run(scenario)
     write_failures = [e for e in logs if e["event"] == "result_write_failed"]
     assert len(write_failures) == 2
-    assert write_failures[0]["errno"] == errno.ENOSPC and "No space left" in write_failures[0]["error"]
+    assert write_failures[0]["errno"] == code and write_failures[0]["error"] == os.strerror(code)
     assert write_failures[0]["log_level"] == "error" and "requeued" in write_failures[0]["action"]
     assert all(names == [] for names in seen_states)
     assert_result_matches(result_path(folders, "full.bam"), bam, templates[0])
