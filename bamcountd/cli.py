@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -146,7 +147,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.index is not None:
         raise BadOption("--index names one index file; the daemon finds (or builds) each BAM's own")
-    config = load(vars(args))
+    flags = vars(args)
+    config = load(flags)
     # journald reads stdout: JSON lines unless it is a terminal, one line at a time.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
@@ -155,7 +157,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     import anyio
 
-    anyio.run(serve, config)
+    anyio.run(partial(serve, config, reload=partial(load, flags)))
     return EXIT_OK
 
 

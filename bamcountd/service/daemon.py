@@ -7,7 +7,8 @@ One event loop runs four kinds of task:
   files that have settled to ``queued``, starts up to ``max_files`` counts (oldest first),
   and reports (systemd status and watchdog, metrics, the /healthz heartbeat);
 * one worker per BAM being counted, all sharing one capacity limiter for samtools processes;
-* the signal handler: SIGHUP rescans, SIGTERM/SIGINT stop.
+* the signal handler: SIGHUP reloads the settings that can change safely and rescans,
+  SIGTERM/SIGINT stop.
 
 Stopping: no new work; running counts get ``drain_seconds`` to finish, then are cancelled
 (which kills their samtools processes, see :func:`bamcountd.samtools.run`) and put back to
@@ -16,6 +17,8 @@ Stopping: no new work; running counts get ``drain_seconds`` to finish, then are 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -37,6 +40,7 @@ from bamcountd.count import count_bam
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
+    ConfigError,
     CorruptBam,
     IndexMismatch,
     InputError,
@@ -64,6 +68,10 @@ class _Running:
     scope: anyio.CancelScope
 
 
+#: Settings a reload cannot change: the daemon's folders and its listening socket.
+_RESTART_KEYS = ("watch", "results", "state", "metrics_addr")
+
+
 def watch_roots(config: ServiceConfig) -> tuple[WatchRoot, ...]:
     real = [Path(os.path.realpath(folder)) for folder in config.watch]
     several = len(real) > 1
@@ -71,8 +79,17 @@ def watch_roots(config: ServiceConfig) -> tuple[WatchRoot, ...]:
 
 
 class Daemon:
-    def __init__(self, config: ServiceConfig, ledger: Ledger, *, notifier: Notifier, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        ledger: Ledger,
+        *,
+        notifier: Notifier,
+        metrics: Metrics,
+        reload: Callable[[], ServiceConfig] | None = None,
+    ) -> None:
         self.config = config
+        self._reload = reload
         self.ledger = ledger
         self.notifier = notifier
         self.metrics = metrics
@@ -131,6 +148,7 @@ class Daemon:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("rescan_requested", signal="SIGHUP")
+                self._reload_config()
                 self._rescan_now.set()
             else:
                 name = signal.Signals(signum).name
@@ -140,6 +158,38 @@ class Daemon:
                 if not self._drain:
                     for running in self._running.values():
                         running.scope.cancel()
+
+    def _reload_config(self) -> None:
+        """Re-read flags, environment and file; apply what can change while running.
+
+        The folders (watch, results, state) and the metrics address need a restart; a bad new
+        configuration is logged and the running one kept (the daemon must not die of a typo).
+        """
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as error:
+            log.error("reload_failed", error=str(error), action="keeping the running configuration")
+            return
+        old = self.config
+        fixed = [key for key in _RESTART_KEYS if getattr(new, key) != getattr(old, key)]
+        if fixed:
+            log.warning("reload_needs_restart", keys=fixed, action="keeping their running values")
+        count = argparse.Namespace(**vars(new.count))
+        if new.state != old.state:
+            count.index_cache = old.count.index_cache
+        kept = {key: getattr(old, key) for key in _RESTART_KEYS}
+        new = dataclasses.replace(new, count=count, **kept)
+        changed = [
+            f.name
+            for f in dataclasses.fields(new)
+            if f.name != "count" and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        changed += [f"count.{key}" for key, value in vars(count).items() if getattr(old.count, key, None) != value]
+        self.config = new
+        self.limiter.total_tokens = new.count.jobs
+        log.info("config_reloaded", changed=changed)
 
     async def _drain_workers(self) -> None:
         if self._running and self._drain and self.config.drain_seconds > 0:
@@ -381,10 +431,16 @@ def _exists(path: Path) -> bool:
     return _identity(path) is not None
 
 
-async def serve(config: ServiceConfig, *, started: Callable[[Daemon], None] | None = None) -> None:
+async def serve(
+    config: ServiceConfig,
+    *,
+    reload: Callable[[], ServiceConfig] | None = None,
+    started: Callable[[Daemon], None] | None = None,
+) -> None:
     """Open the ledger (refusing a second daemon), run until stopped, close everything.
 
-    ``started`` gets the daemon before it runs (tests stop it with :meth:`Daemon.stop`)."""
+    ``reload`` loads the configuration again (on SIGHUP); ``started`` gets the daemon before it
+    runs (tests stop it with :meth:`Daemon.stop`)."""
     notifier = Notifier()
     metrics = Metrics()
     async with AsyncExitStack() as stack:
@@ -403,7 +459,7 @@ async def serve(config: ServiceConfig, *, started: Callable[[Daemon], None] | No
             server.start()
             stack.callback(server.close)
             log.info("metrics_listening", address=f"{host}:{server.port}")
-        daemon = Daemon(config, ledger, notifier=notifier, metrics=metrics)
+        daemon = Daemon(config, ledger, notifier=notifier, metrics=metrics, reload=reload)
         if started is not None:
             started(daemon)
         try:

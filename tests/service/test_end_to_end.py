@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,7 +127,7 @@ def test_replaced_file_is_counted_again_and_restart_does_not_recount(
 
     # A restart finds everything done: nothing is counted again.
     daemon.start()
-    daemon.signal(__import__("signal").SIGHUP)  # and a rescan on demand changes nothing
+    daemon.signal(signal.SIGHUP)  # and a rescan on demand changes nothing
     wait_for(
         lambda: any(e.get("event") == "rescan_requested" for e in daemon.events()),
         timeout=10,
@@ -154,3 +156,45 @@ def test_odd_file_names(templates: list[Path], folders: Folders, daemons: list[D
         document = assert_result_matches(target, bam, templates[0])
         assert os.fsencode(document["source"]["path"]) == os.fsencode(bam)
     assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_sighup_reloads_what_can_change_and_survives_a_bad_file(
+    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    config = tmp_path / "bamcountd.toml"
+    config.write_text("max_files = 2\n")
+    daemon = Daemon(folders, extra=["--config", str(config)])
+    daemons.append(daemon)
+    daemon.start()
+    drop_by_rename(templates[0], folders.watch / "before.bam")
+    wait_for(result_path(folders, "before.bam").exists, timeout=30, what="first result", context=daemon.log)
+    assert not (folders.results / "before.counts.tsv").exists()
+
+    # --results on the command line wins over the file; metrics_addr needs a restart.
+    config.write_text(
+        f'formats = ["tsv"]\nmax_files = 1\nresults = "{tmp_path / "elsewhere"}"\nmetrics_addr = "127.0.0.1:1"\n'
+    )
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: bool(_events(daemon, "config_reloaded")), timeout=10, what="reload", context=daemon.log)
+    (reloaded,) = _events(daemon, "config_reloaded")
+    assert {"formats", "max_files"} <= set(reloaded["changed"]) and "results" not in reloaded["changed"]
+    (restart,) = _events(daemon, "reload_needs_restart")
+    assert restart["keys"] == ["metrics_addr"]
+    after = drop_by_rename(templates[1], folders.watch / "after.bam")
+    wait_for((folders.results / "after.counts.tsv").exists, timeout=30, what="tsv after reload", context=daemon.log)
+    assert_result_matches(result_path(folders, "after.bam"), after, templates[1])
+
+    config.write_text("max_files = 0\n")
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: bool(_events(daemon, "reload_failed")), timeout=10, what="failed reload", context=daemon.log)
+    assert "max_files: must be at least 1" in _events(daemon, "reload_failed")[0]["error"]
+    late = drop_by_rename(templates[2], folders.watch / "late.bam")
+    wait_for((folders.results / "late.counts.tsv").exists, timeout=30, what="still serving", context=daemon.log)
+    assert_result_matches(result_path(folders, "late.bam"), late, templates[2])
+    assert daemon.stop() == 0
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events() if e.get("event") == name]
