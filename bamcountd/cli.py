@@ -4,11 +4,13 @@ codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted).""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -107,6 +109,56 @@ _Commands = Any
 
 def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
     """``bamcountd serve``: the watch-folder daemon (bamcountd.service)."""
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="watch folders and count every BAM dropped there (the daemon)",
+        description="Watch folders for BAMs and write RESULTS/<relative path minus .bam>.counts.json for each "
+        "one, exactly once. Every option can also be set as BAMCOUNTD_<KEY> or in the TOML --config file, "
+        "KEY being the option name with _ for - (--region: regions; --no-split: split = false; "
+        "--no-index-build: build_index = false); flags win over the environment, which wins over the file.",
+    )
+    where = serve.add_argument_group("service")
+    where.add_argument("--config", type=Path, metavar="FILE", help="TOML file (default: $BAMCOUNTD_CONFIG if set)")
+    where.add_argument("--watch", action="append", metavar="DIR", help="folder to watch, recursively; repeat for more")
+    where.add_argument("--results", metavar="DIR", help="folder for the result files")
+    where.add_argument(
+        "--state", metavar="DIR", help="folder for the ledger and built indexes (default: $STATE_DIRECTORY)"
+    )
+    where.add_argument("--settle", metavar="SECONDS", help="a file is ready once unchanged this long (default 5)")
+    where.add_argument("--rescan-interval", metavar="SECONDS", help="seconds between full rescans (default 60)")
+    where.add_argument("--max-files", metavar="N", help="BAMs counted at once (default 2)")
+    where.add_argument("--retries", metavar="N", help="attempts before a BAM gets an error file (default 3)")
+    where.add_argument("--retry-delay", metavar="SECONDS", help="first retry delay, doubled each time (default 30)")
+    where.add_argument(
+        "--drain-seconds", metavar="SECONDS", help="on SIGTERM, time running counts get to finish (default 10)"
+    )
+    where.add_argument("--formats", metavar="LIST", help="extra result formats, comma-separated: tsv, seed")
+    where.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics and /healthz there")
+    _add_count_options(serve)
+    from bamcountd.service.config import flag_dests  # light: no watchfiles, no prometheus
+
+    serve.set_defaults(handler=_run_serve, log_level="info", index=None, **dict.fromkeys(flag_dests()))
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from bamcountd.service.config import load
+    from bamcountd.service.daemon import serve
+
+    if args.index is not None:
+        raise BadOption("--index names one index file; the daemon finds (or builds) each BAM's own")
+    flags = vars(args)
+    config = load(flags)
+    # journald reads stdout: JSON lines unless it is a terminal, one line at a time.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    logs.configure(
+        level="debug" if args.verbose else args.log_level, json=_log_json(args.log_format), stream=sys.stdout
+    )
+    import anyio
+
+    anyio.run(partial(serve, config, reload=partial(load, flags)))
+    return EXIT_OK
 
 
 def _flags(text: str) -> int:

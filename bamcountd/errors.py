@@ -75,3 +75,14 @@ class SamtoolsTimeout(SamtoolsFailed):
 
 class SamtoolsBadOutput(SamtoolsFailed):
     """A samtools command's output could not be parsed."""
+
+
+# --- service (bamcountd serve) --------------------------------------------------------------
+
+
+class ConfigError(InputError):
+    """The daemon's configuration (flags, BAMCOUNTD_* variables or TOML file) is invalid."""
+
+
+class LedgerLocked(BamcountdError):
+    """Another daemon already holds the ledger in this state folder."""

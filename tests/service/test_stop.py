@@ -1,0 +1,81 @@
+"""SIGTERM with samtools running: exit 0 within the drain time, no samtools left, the file back
+in the queue; and the next start counts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service.helpers import (
+    Daemon,
+    Folders,
+    assert_result_matches,
+    drop_by_rename,
+    fake_samtools,
+    pid_alive,
+    result_path,
+    results,
+    wait_for,
+)
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_kills_hung_samtools_and_requeues(
+    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    samtools, env = fake_samtools(tmp_path)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    drain = 1.0
+    daemon = Daemon(
+        folders,
+        extra=["--samtools", str(samtools), "--drain-seconds", str(drain)],
+        env={**env, "FAKE_HANG": "1", "FAKE_PIDS": str(pids)},
+    )
+    daemons.append(daemon)
+    daemon.start()
+    bam = drop_by_rename(templates[0], folders.watch / "hang.bam")
+    wait_for(lambda: any(pids.iterdir()), timeout=30, what="a samtools count to start", context=daemon.log)
+    time.sleep(0.3)
+    running = [int(p.name) for p in pids.iterdir()]
+    assert all(pid_alive(pid) for pid in running)
+
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process is not None
+    assert daemon.process.wait(timeout=drain + 10) == 0, daemon.log()
+    assert time.monotonic() - started < drain + 5
+    assert not [pid for pid in running if pid_alive(pid)], "samtools outlived the daemon"
+    assert not results(folders)
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
+    events = [e["event"] for e in daemon.events()]
+    assert "requeued" in events and events[-1] == "stopped"
+
+    # Restarted without the fault, the requeued file is counted.
+    daemon.env = {}
+    daemon.extra = []
+    daemon.start()
+    wait_for(result_path(folders, "hang.bam").exists, timeout=30, what="the result after restart", context=daemon.log)
+    assert_result_matches(result_path(folders, "hang.bam"), bam, templates[0])
+    assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigint_when_idle_exits_zero_and_releases_the_ledger(folders: Folders, daemons: list[Daemon]) -> None:
+    daemon = Daemon(folders)
+    daemons.append(daemon)
+    daemon.start()
+    daemon.signal(signal.SIGINT)
+    assert daemon.process is not None
+    assert daemon.process.wait(timeout=10) == 0
+    second = Daemon(folders)
+    daemons.append(second)
+    second.start()  # the lock went with the first daemon
+    assert second.stop() == 0
+    assert os.path.exists(folders.state / "ledger.sqlite3")
