@@ -75,3 +75,14 @@ class SamtoolsTimeout(SamtoolsFailed):
 
 class SamtoolsBadOutput(SamtoolsFailed):
     """A samtools command's output could not be parsed."""
+
+
+# --- DNAnexus (bamcountd.dnanexus) -----------------------------------------------------------
+
+
+class DxAuthFailed(InputError):
+    """The DNAnexus API rejected the token (401): the user must fix the credentials."""
+
+
+class DxAccessDenied(InputError):
+    """The DNAnexus project, folder or applet does not exist or is not accessible."""

@@ -199,6 +199,7 @@ class Emulator:
         self.nonces: dict[str, str] = {}
         self.faults: list[Fault] = []
         self.calls: list[str] = []
+        self.find_requests: list[Json] = []
         self.run_requests = 0
         self.job_env: dict[str, str] = {}
         self._fail_jobs: list[tuple[str, str]] = []
@@ -367,6 +368,7 @@ class Emulator:
         name = body.get("name")
         limit = int(body.get("limit", 1000))
         with self.lock:
+            self.find_requests.append(body)
             candidates = sorted(self.files.values(), key=lambda f: (f.created, f.id))
             hits: list[DxFile] = []
             for dxfile in candidates:
@@ -385,7 +387,12 @@ class Emulator:
                         continue
                 if isinstance(name, str) and dxfile.name != name:
                     continue
-                if isinstance(name, dict) and not fnmatch.fnmatchcase(dxfile.name, name["glob"]):
+                if isinstance(name, dict) and "glob" in name and not fnmatch.fnmatchcase(dxfile.name, name["glob"]):
+                    continue
+                if isinstance(name, dict) and "regexp" in name and not re.search(name["regexp"], dxfile.name):
+                    continue
+                wanted = body.get("properties") or {}
+                if any(dxfile.properties.get(key) != value for key, value in wanted.items()):
                     continue
                 hits.append(dxfile)
             start = 0
