@@ -15,12 +15,14 @@ created but the reply waits), and :meth:`Emulator.stop_listening` / :meth:`Emula
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -200,6 +202,7 @@ class Emulator:
         self.faults: list[Fault] = []
         self.calls: list[str] = []
         self.find_requests: list[Json] = []
+        self.connections: set[socket.socket] = set()
         self.run_requests = 0
         self.job_env: dict[str, str] = {}
         self._fail_jobs: list[tuple[str, str]] = []
@@ -228,10 +231,16 @@ class Emulator:
         thread.start()
 
     def stop_listening(self) -> None:
+        """The API becomes unreachable: no listener, and kept-alive connections are cut."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self.lock:
+            connections, self.connections = self.connections, set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.stop_listening()
@@ -760,6 +769,16 @@ def _read_json(path: Path) -> Json | None:
 class _Handler(BaseHTTPRequestHandler):
     api: Emulator
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api.lock:
+            self.api.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api.lock:
+            self.api.connections.discard(self.connection)
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -31,6 +31,7 @@ from typing import Any
 
 import dxpy  # type: ignore[import-untyped]
 import structlog
+import urllib3
 
 from bamcountd.count import CountRequest, CountResult, count_bam_sync
 from bamcountd.dnanexus.state import DONE, FAILED, LAUNCHED, Entry, Ledger
@@ -53,6 +54,14 @@ PROPERTY_FAILED = "bamcountd_failed"
 PROPERTY_SOURCE = "bamcountd_source"
 #: Failure reasons that a new job cannot fix: the input is at fault.
 PERMANENT_REASONS = frozenset({"AppError", "InputError"})
+#: What a poll may fail with and the next poll may not: API errors after dxpy's own retries,
+#: a network that is down, a transient samtools failure in --local mode.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    dxpy.exceptions.DXError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+    BamcountdError,
+)
 _INDEX_NAME = re.compile(r"\.(bai|csi)\Z")
 
 Json = dict[str, Any]
@@ -378,7 +387,7 @@ class Runner:
                 raise
             except dxpy.exceptions.InvalidAuthentication as error:
                 raise DxAuthFailed(f"DNAnexus rejected the API token ({error.msg})") from None
-            except Exception as error:  # the platform or the network; the next poll retries
+            except _TRANSIENT as error:  # the platform or the network; the next poll retries
                 if once:
                     raise BamcountdError(f"poll failed: {_describe_error(error)}") from None
                 log.warning("poll_failed", error=_describe_error(error), retry_in=self.config.poll)
