@@ -243,10 +243,13 @@ class Emulator:
                 connection.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self.stop_listening()
+        # Let running jobs finish first: cut off from the API, dxpy in them would retry for minutes.
         self.release_runs.set()
-        for thread in self._threads:
+        if self._server is None:
+            self.listen()
+        for thread in list(self._threads):
             thread.join(timeout=60)
+        self.stop_listening()
 
     def __enter__(self) -> Emulator:
         return self

@@ -95,22 +95,18 @@ def test_bad_token_is_a_clear_error_with_exit_status_2(emulator: Emulator, apple
 
 
 def test_unknown_project_is_exit_status_2(emulator: Emulator, tmp_path: Path) -> None:
-    completed = run_watch(emulator, tmp_path, tmp_path / "state", "--local", "--once")
-    assert completed.returncode == 0, completed.stderr  # the emulator's own project is fine
-    bad = subprocess.run(
-        [*watch_command(emulator, tmp_path / "state", "--local", "--once")[: -0 or None]],
-        env=watch_env(emulator, tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert bad.returncode == 0
     command = watch_command(emulator, tmp_path / "state", "--local", "--once")
     command[command.index("--project") + 1] = "project-" + "0" * 24
     missing = subprocess.run(command, env=watch_env(emulator, tmp_path), capture_output=True, text=True, check=False)
     assert missing.returncode == 2
     assert "project-000000000000000000000000" in missing.stderr and "ResourceNotFound" in missing.stderr
+
+
+def test_options_the_applet_cannot_take_are_usage_errors(emulator: Emulator, applet: str, tmp_path: Path) -> None:
+    completed = run_watch(emulator, tmp_path, tmp_path / "state", "--applet", applet, "--once", "-r", "chr1")
+    assert completed.returncode == 2
+    assert "--region: not an input of the applet" in completed.stderr
+    assert emulator.run_requests == 0
 
 
 def test_killed_between_launch_and_record_launches_no_second_job(
