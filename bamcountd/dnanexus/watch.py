@@ -374,15 +374,16 @@ class Runner:
     # --- the service loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, once: bool = False) -> None:
-        """Poll until ``stop`` is set; transient API failures are logged and retried next poll."""
-        notified = False
+        """Poll until ``stop`` is set; transient API failures are logged and retried next poll.
+
+        systemd hears READY=1 after the first poll, successful or not (a platform outage is the
+        runner's normal weather, not a start-up failure), and STOPPING=1 on the way out.
+        """
+        first = True
         while not stop.is_set():
+            status = f"watching {self.config.project}:{self.config.folder}"
             try:
                 self.poll_once()
-                if not notified:
-                    notify("READY=1")
-                    notified = True
-                notify(f"STATUS=watching {self.config.project}:{self.config.folder}")
             except (DxAuthFailed, DxAccessDenied):
                 raise
             except dxpy.exceptions.InvalidAuthentication as error:
@@ -391,8 +392,11 @@ class Runner:
                 if once:
                     raise BamcountdError(f"poll failed: {_describe_error(error)}") from None
                 log.warning("poll_failed", error=_describe_error(error), retry_in=self.config.poll)
+                status = f"last poll failed: {_describe_error(error)}"
                 if self.metrics is not None:
                     self.metrics.poll_errors.inc()
+            notify(("READY=1\n" if first else "") + f"STATUS={status}")
+            first = False
             if once:
                 return
             stop.wait(self.config.poll)

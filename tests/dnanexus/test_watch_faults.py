@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from structlog.testing import capture_logs
 
 from bamcountd import logs
 from bamcountd.dnanexus.state import DONE, Ledger
-from bamcountd.dnanexus.watch import install_redaction
+from bamcountd.dnanexus.watch import Metrics, install_redaction
 from tests.dnanexus.helpers import make_runner, run_watch, seed_text, settle, watch_command, watch_env
 from tests.dnanexus_emulator import Emulator
 
@@ -161,22 +164,52 @@ def test_two_runners_at_once_launch_one_job_per_bam(
     assert job_ids == {emulator.root_jobs()[0].id}
 
 
-def test_sigterm_stops_the_service_cleanly(emulator: Emulator, applet: str, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        watch_command(emulator, tmp_path / "state", "--applet", applet),
-        env=watch_env(emulator, tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while emulator.calls.count("/system/findDataObjects") < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
+def test_sigterm_stops_the_service_cleanly_and_systemd_hears_of_it(
+    emulator: Emulator, applet: str, tmp_path: Path
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_socket:
+        notify_socket.bind(str(notify_path))
+        notify_socket.settimeout(30)
+        process = subprocess.Popen(
+            watch_command(emulator, tmp_path / "state", "--applet", applet),
+            env={**watch_env(emulator, tmp_path), "NOTIFY_SOCKET": str(notify_path)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert notify_socket.recv(4096).decode().startswith("READY=1\n")
+        deadline = time.monotonic() + 30
+        while emulator.calls.count("/system/findDataObjects") < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        messages = []
+        with contextlib.suppress(TimeoutError):
+            notify_socket.settimeout(1)
+            while True:
+                messages.append(notify_socket.recv(4096).decode())
     assert process.returncode == 0, stderr
+    assert messages[-1] == "STOPPING=1"
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "stopping" in events and "polled" in events
+
+
+def test_metrics_count_launches(emulator: Emulator, applet: str, shared_bam: Path, tmp_path: Path) -> None:
+    emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runner = make_runner(emulator, tmp_path / "state", applet=applet)
+    runner.metrics = Metrics(port)
+    try:
+        settle(runner, emulator)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        runner.metrics.close()
+    assert "bamcountd_dx_jobs_launched_total 1.0" in text
+    assert "bamcountd_dx_bams_done_total 1.0" in text
 
 
 @pytest.mark.usefixtures("emulator")

@@ -3,30 +3,17 @@
 # The entry points live in bamcountd.dnanexus.job; this file only hands control to dxpy.
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
-try:
-    import bamcountd.dnanexus.job  # noqa: F401  (registers the entry points)
-except ImportError:
-    # On a worker: install bamcountd and its dependencies from the wheels that
-    # dnanexus/build.sh put into resources/opt/bamcountd (unpacked at / on the worker).
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-index",
-            "--find-links",
-            "/opt/bamcountd",
-            "bamcountd",
-        ],
-        check=True,
-    )
-    import bamcountd.dnanexus.job  # noqa: F401
+# On a worker, dnanexus/build.sh's resources are unpacked at /: bamcountd and its
+# dependencies are in /opt/bamcountd/lib.  Elsewhere (tests) the installed package is used.
+BUNDLED = "/opt/bamcountd/lib"
+if os.path.isdir(BUNDLED):
+    sys.path.insert(0, BUNDLED)
 
-import dxpy
+import dxpy  # noqa: E402
+
+import bamcountd.dnanexus.job  # noqa: E402, F401  (registers the entry points)
 
 dxpy.run()
