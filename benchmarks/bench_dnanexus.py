@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dxpy  # type: ignore[import-untyped]
 
+from bamcountd import logs
 from tests.bams import tricky_bam
 from tests.dnanexus.helpers import make_runner, settle
 from tests.dnanexus_emulator import Emulator
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--bams", type=int, default=6)
     parser.add_argument("--reads", type=int, default=20_000)
     args = parser.parse_args()
+    logs.configure(level="warning")
     with tempfile.TemporaryDirectory(prefix="bench-dx-") as scratch:
         work = Path(scratch)
         bams = [

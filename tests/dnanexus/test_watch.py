@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
 
-from bamcountd.dnanexus.state import DONE, FAILED, Ledger
+from bamcountd.count import CountRequest
+from bamcountd.dnanexus.state import DONE, FAILED, RETRY, Ledger
 from tests.bams import SAMTOOLS, tricky_bam
 from tests.dnanexus.helpers import make_runner, seed_text, settle
 from tests.dnanexus_emulator import Emulator
@@ -148,3 +150,35 @@ def test_properties_reach_the_platform(emulator: Emulator) -> None:
     file_id = emulator.add_file("x.bam", b"data", folder="/incoming")
     dxpy.DXFile(file_id, project=emulator.project).set_properties({"bamcountd_job": "job-x"})
     assert dxpy.DXFile(file_id).describe(fields={"properties": True})["properties"] == {"bamcountd_job": "job-x"}
+
+
+def test_local_transient_failure_is_retried_then_marked_failed(
+    emulator: Emulator, shared_bam: Path, tmp_path: Path
+) -> None:
+    # A fake samtools only to inject the fault: real for everything but counting views.
+    fake = tmp_path / "bin" / "samtools"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = view ]; then case " $* " in *" -H "*) ;; *) echo "injected crash" >&2; exit 1;; esac; fi\n'
+        f'exec {SAMTOOLS} "$@"\n'
+    )
+    fake.chmod(0o755)
+    bam_id = emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
+    state = tmp_path / "state"
+    runner = make_runner(emulator, state, applet=None, max_attempts=2)
+    runner.config = replace(
+        runner.config,
+        local_request=lambda bam, index: CountRequest(
+            bam=bam, index=index, index_cache=state / "cache", samtools=str(fake)
+        ),
+    )
+    runner.poll_once()
+    entry = runner.ledger.get(bam_id)
+    assert entry is not None and entry.status == RETRY and entry.attempts == 1
+    runner.poll_once()
+    entry = runner.ledger.get(bam_id)
+    assert entry is not None and entry.status == FAILED and entry.attempts == 2
+    assert entry.reason is not None and entry.reason.startswith("SamtoolsFailed: ") and "injected crash" in entry.reason
+    assert emulator.files[bam_id].properties["bamcountd_failed"] == entry.reason
+    assert emulator.files_in("/counts") == []
