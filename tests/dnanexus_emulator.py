@@ -170,7 +170,7 @@ class Job:
             "launchedBy": "user-test",
             "tryCount": self.tries,
         }
-        if self.state == "failed":
+        if self.state in ("failed", "terminated"):
             out["failureReason"] = self.failure_reason
             out["failureMessage"] = self.failure_message
         return out
@@ -205,7 +205,7 @@ class Emulator:
         self.connections: set[socket.socket] = set()
         self.run_requests = 0
         self.job_env: dict[str, str] = {}
-        self._fail_jobs: list[tuple[str, str]] = []
+        self._fail_jobs: list[tuple[str, str, str]] = []
         self._held_runs = 0
         self.run_created = threading.Event()
         self.release_runs = threading.Event()
@@ -305,10 +305,11 @@ class Emulator:
             self.faults.append(Fault(route, status, times, retry_after, kinds.get(status, "InternalError")))
 
     def fail_next_jobs(
-        self, count: int, *, reason: str = "AppInternalError", message: str = "injected failure"
+        self, count: int, *, reason: str = "AppInternalError", message: str = "injected failure", state: str = "failed"
     ) -> None:
+        """The next ``count`` root jobs end in ``state`` (failed, or terminated as by a user) without running."""
         with self.lock:
-            self._fail_jobs += [(reason, message)] * count
+            self._fail_jobs += [(reason, message, state)] * count
 
     def hold_runs(self, count: int = 1) -> None:
         """The next ``count`` /applet-xxxx/run calls create their job, then wait for release_runs."""
@@ -329,7 +330,7 @@ class Emulator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if all(job.state in ("done", "failed") for job in self.jobs.values()):
+                if all(job.state in ("done", "failed", "terminated") for job in self.jobs.values()):
                     return
             time.sleep(0.05)
         raise TimeoutError("jobs still running: " + ", ".join(f"{j.id}={j.state}" for j in self.jobs.values()))
@@ -689,7 +690,7 @@ class Emulator:
             job.state = "running"
             applet = self.applets[job.applet]
         if injected is not None:
-            self._end_job(job, None, {"error": {"type": injected[0], "message": injected[1]}})
+            self._end_job(job, None, {"error": {"type": injected[0], "message": injected[1]}}, state=injected[2])
             return
         home = self.work / "jobs" / job.id
         home.mkdir(parents=True)
@@ -722,10 +723,10 @@ class Emulator:
             error = {"error": {"type": "AppInternalError", "message": f"exit status {completed.returncode}"}}
         self._end_job(job, output, error)
 
-    def _end_job(self, job: Job, output: Json | None, error: Json | None) -> None:
+    def _end_job(self, job: Job, output: Json | None, error: Json | None, *, state: str = "failed") -> None:
         with self.lock:
             if error is not None:
-                job.state = "failed"
+                job.state = state
                 job.failure_reason = error["error"]["type"]
                 job.failure_message = error["error"]["message"]
             else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import tempfile
@@ -62,7 +61,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
     BamcountdError,
 )
-_INDEX_NAME = re.compile(r"\.(bai|csi)\Z")
 
 Json = dict[str, Any]
 
@@ -252,7 +250,8 @@ class Runner:
         bound = log.bind(bam=entry.file_id, name=entry.name, job=entry.job_id)
         if state == "done":
             output = describe.get("output") or {}
-            result_id = output["count_file"]["$dnanexus_link"]
+            link = output["count_file"]["$dnanexus_link"]
+            result_id = link["id"] if isinstance(link, dict) else link
             self._set_bam_properties(entry, {PROPERTY_RESULT: result_id})
             self.ledger.record_done(file_id=entry.file_id, project=entry.project, name=entry.name, result_id=result_id)
             stats.done += 1
@@ -262,7 +261,9 @@ class Runner:
             return
         reason = describe.get("failureReason") or state
         message = f"{reason}: {describe.get('failureMessage') or 'no message'}"
-        if reason not in PERMANENT_REASONS and entry.attempts < self.config.max_attempts:
+        # A terminated job was stopped by a person: relaunching it would overrule them.
+        retryable = state == "failed" and reason not in PERMANENT_REASONS
+        if retryable and entry.attempts < self.config.max_attempts:
             bound.warning("job_failed_retrying", reason=message, attempt=entry.attempts)
             stats.retried += 1
             source = self._source_of(entry)
@@ -518,6 +519,13 @@ def config_from_args(args: argparse.Namespace) -> WatchConfig:
 
     if args.poll <= 0:
         raise BadOption(f"--poll must be positive, not {args.poll}")
+    for option, value in (("--folder", args.folder), ("--results-folder", args.results_folder)):
+        if not value.startswith("/"):
+            raise BadOption(f"{option} {value!r}: a DNAnexus folder path starts with '/'")
+    if not args.project.startswith(("project-", "container-")):
+        raise BadOption(f"--project {args.project!r}: expected a project ID (project-…)")
+    if args.applet is not None and not args.applet.startswith("applet-"):
+        raise BadOption(f"--applet {args.applet!r}: expected an applet ID (applet-…)")
     applet_input: Json = {"jobs": args.jobs}
     if args.applet is not None:
         unsupported = [

@@ -95,6 +95,19 @@ def test_failed_job_is_retried_until_it_succeeds(
     assert emulator.files[entry.result_id or ""].data.decode() == seed_text(shared_bam)
 
 
+def test_job_terminated_by_a_person_is_not_relaunched(
+    emulator: Emulator, applet: str, shared_bam: Path, tmp_path: Path
+) -> None:
+    bam_id = emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
+    emulator.fail_next_jobs(1, reason="Terminated", message="terminated by user-alice", state="terminated")
+    runner = make_runner(emulator, tmp_path / "state", applet=applet)
+    settle(runner, emulator)
+    entry = runner.ledger.get(bam_id)
+    assert entry is not None and entry.status == FAILED
+    assert entry.reason == "Terminated: terminated by user-alice"
+    assert len(emulator.root_jobs()) == 1
+
+
 def test_bad_bam_is_marked_failed_without_retry(emulator: Emulator, applet: str, tmp_path: Path) -> None:
     bam_id = emulator.add_file("junk.bam", b"junk" * 100, folder="/incoming")
     runner = make_runner(emulator, tmp_path / "state", applet=applet)
