@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,8 @@ def main(
     if not scattered:
         with _app_errors():
             result = count_bam_sync(request)
-        return _upload_results(result, prefix, home / "out")
+        # The JSON names the BAM as the platform knows it, not the worker's download path.
+        return _upload_results(replace(result, bam=Path(bam.name)), prefix, home / "out")
     return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
 
 
@@ -169,6 +171,7 @@ def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, pre
             "samtools": [job.get_output_ref("samtools") for job in subjobs],
             "prefix": prefix,
             "bam_name": request.bam.name,
+            "index_name": request.index.name if request.index is not None else request.bam.name + totals.index.suffix,
             "filters": filters,
             "jobs": request.jobs,
             "started": time.time(),
@@ -231,6 +234,7 @@ def gather(
     samtools: list[str],
     prefix: str,
     bam_name: str,
+    index_name: str,
     filters: Json,
     jobs: int,
     started: float,
@@ -253,7 +257,7 @@ def gather(
         threads=0,
         method="view",
         shards=len(parts),
-        index=Path(f"{bam_name}.bai"),
+        index=Path(index_name),
         seconds=max(time.time() - started, 0.0),
     )
     log.info("gathered", subjobs=len(parts), total=result.total)

@@ -42,6 +42,7 @@ def test_main_counts_like_samtools_in_the_seed_format(emulator: Emulator, applet
     assert job.output["total_reads"] == samtools_count(shared_bam)
     counts = json.loads(_output_bytes(emulator, job, "counts_json"))
     assert counts["total"] == samtools_count(shared_bam)
+    assert counts["bam"] == "sample.bam"
     assert {r["region"]: r["count"] for r in counts["regions"]} == oracle(shared_bam, [*header_names(shared_bam), "*"])
     names = sorted(f.name for f in emulator.files_in("/results"))
     assert names == ["sample.counts.json", "sample_count.txt"]
@@ -97,6 +98,8 @@ def test_scatter_counts_through_subjobs(emulator: Emulator, applet: str, tmp_pat
     assert functions == ["count_shards", "count_shards", "count_shards", "gather", "main"]
     assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(bam, ("-F", "0x904"))
     assert job.output is not None and job.output["total_reads"] == samtools_count(bam, "-F", "0x904")
+    counts = json.loads(_output_bytes(emulator, job, "counts_json"))
+    assert (counts["bam"], counts["index"], counts["filters"]["exclude_flags"]) == ("big.bam", "big.bam.bai", 0x904)
     shard_regions = [j.input["regions"] for j in emulator.jobs.values() if j.function == "count_shards"]
     assert sorted(r for regions in shard_regions for r in regions) == sorted(
         ["*", *("{" + name + "}" for name in header_names(bam))]
