@@ -364,3 +364,38 @@ class _Progress:
 
 def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
     """``bamcountd dx-watch``: the DNAnexus project-folder runner (bamcountd.dnanexus)."""
+    watch = commands.add_parser(
+        "dx-watch",
+        parents=[common],
+        help="count every closed BAM that appears in a DNAnexus project folder, once",
+        description="Poll a DNAnexus project folder for closed BAMs and count each once: by launching the "
+        "bamcount applet (--applet) or on this machine (--local). Credentials come from dxpy's own "
+        "configuration (DX_SECURITY_CONTEXT, DX_APISERVER_*, or `dx login`).",
+    )
+    watch.add_argument("--project", required=True, help="project ID (project-…) to watch")
+    watch.add_argument("--folder", required=True, help="folder to watch, e.g. /incoming")
+    watch.add_argument("--recurse", action="store_true", help="also watch the folder's subfolders")
+    watch.add_argument("--results-folder", required=True, help="where results (or the jobs' outputs) go")
+    mode = watch.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--applet", help="applet ID (applet-…) of dnanexus/bamcount to launch per BAM")
+    mode.add_argument("--local", action="store_true", help="download and count on this machine instead")
+    watch.add_argument("--state", type=Path, required=True, help="folder for the local ledger (SQLite)")
+    watch.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="seconds between polls (60)")
+    watch.add_argument(
+        "--max-attempts", type=_positive_int, default=3, help="launches per BAM before it is marked failed (3)"
+    )
+    watch.add_argument(
+        "--api-retries", type=int, default=4, metavar="N", help="dxpy's retries per API call before a poll fails (4)"
+    )
+    watch.add_argument("--page-size", type=_positive_int, default=100, help="first result page size (100)")
+    watch.add_argument("--once", action="store_true", help="poll once and exit (for cron and tests)")
+    watch.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
+    _add_count_options(watch)
+    watch.set_defaults(handler=_run_dx_watch)
+
+
+def _run_dx_watch(args: argparse.Namespace) -> int:
+    from bamcountd.dnanexus.watch import run_from_args
+
+    run_from_args(args)
+    return EXIT_OK

@@ -86,3 +86,14 @@ class ConfigError(InputError):
 
 class LedgerLocked(BamcountdError):
     """Another daemon already holds the ledger in this state folder."""
+
+
+# --- DNAnexus (bamcountd.dnanexus) -----------------------------------------------------------
+
+
+class DxAuthFailed(InputError):
+    """The DNAnexus API rejected the token (401): the user must fix the credentials."""
+
+
+class DxAccessDenied(InputError):
+    """The DNAnexus project, folder or applet does not exist or is not accessible."""

@@ -1,0 +1,270 @@
+"""The applet's entry points (DNAnexus job mode): ``main``, ``count_shards`` and ``gather``.
+
+``main`` downloads its inputs, counts with the core and uploads the seed's ``count_file``,
+bamcountd's JSON and the total.  For big BAMs (``scatter``) it balances whole references
+across ``count_shards`` subjobs by the index's own totals and hands their outputs, as
+job-based object references, to a ``gather`` subjob; the platform runs the subjobs on their
+own workers and resolves the references, so DNAnexus is the distributed engine.
+
+Errors: bad input (not a BAM, truncated, unknown region, bad option) is ``dxpy.AppError``;
+a tool failure is ``dxpy.AppInternalError``; both carry the core's message, which quotes
+samtools' own words.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import dxpy  # type: ignore[import-untyped]
+import structlog
+
+from bamcountd import logs
+from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
+from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
+from bamcountd.report import render, write_atomic
+from bamcountd.samtools import Filters, parse_flags
+
+log = structlog.get_logger("bamcountd.dnanexus")
+
+#: BAMs at least this big are scattered over subjobs unless the ``scatter`` input says otherwise.
+SCATTER_BYTES = 50 * 1024**3
+#: Most ``count_shards`` subjobs per BAM when ``scatter_jobs`` is not given.
+SCATTER_JOBS = 8
+#: Errors that no retry can fix: the file's content is at fault.
+_DATA_ERRORS = (InputError, CorruptBam, IndexMismatch)
+
+Json = dict[str, Any]
+
+
+@contextmanager
+def _app_errors() -> Iterator[None]:
+    """Re-raise bamcountd's errors as the platform's: AppError for bad data, else AppInternalError."""
+    try:
+        yield
+    except _DATA_ERRORS as error:
+        raise dxpy.AppError(str(error)) from None
+    except BamcountdError as error:
+        raise dxpy.AppInternalError(str(error)) from None
+
+
+def _setup() -> Path:
+    logs.configure(level=os.environ.get("BAMCOUNTD_LOG_LEVEL", "info"), json=True)
+    home = Path(os.environ.get("HOME", ".")).resolve()
+    return home
+
+
+def _filters(exclude_flags: str | None, require_flags: str | None, min_mapq: int | None) -> Filters:
+    def flags(name: str, text: str | None) -> int:
+        if text is None or text == "":
+            return 0
+        try:
+            return parse_flags(str(text))
+        except ValueError as error:
+            raise dxpy.AppError(f"{name}: {error}") from None
+
+    if min_mapq is not None and min_mapq < 0:
+        raise dxpy.AppError(f"min_mapq must be 0 or more, not {min_mapq}")
+    return Filters(
+        require_flags=flags("require_flags", require_flags),
+        exclude_flags=flags("exclude_flags", exclude_flags),
+        min_mapq=min_mapq or 0,
+    )
+
+
+def _single(value: str | list[str]) -> str:
+    # download_all_inputs gives one-element lists for single files in current dxpy.
+    return value[0] if isinstance(value, list) else value
+
+
+def _prefix(name: str) -> str:
+    return name[: -len(".bam")] if name.endswith(".bam") else name
+
+
+def _fresh_index(bam: Path, index: Path | None) -> Path | None:
+    # Downloads set mtimes in download order; the core rebuilds an index "older" than its BAM,
+    # so give the given index the BAM's time when it is older only because of the download.
+    if index is not None and index.stat().st_mtime < bam.stat().st_mtime:
+        stat = bam.stat()
+        os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return index
+
+
+def _upload_results(result: CountResult, prefix: str, out: Path) -> Json:
+    out.mkdir(parents=True, exist_ok=True)
+    count_file = out / f"{prefix}_count.txt"
+    counts_json = out / f"{prefix}.counts.json"
+    write_atomic(count_file, render(result, "seed").encode())
+    write_atomic(counts_json, render(result, "json").encode())
+    return {
+        "count_file": dxpy.dxlink(dxpy.upload_local_file(str(count_file))),
+        "counts_json": dxpy.dxlink(dxpy.upload_local_file(str(counts_json))),
+        "total_reads": result.total,
+    }
+
+
+def main(
+    *,
+    mappings_bam: Json,
+    index_file: Json | None = None,
+    exclude_flags: str | None = None,
+    require_flags: str | None = None,
+    min_mapq: int | None = None,
+    jobs: int = 10,
+    scatter: bool | None = None,
+    scatter_jobs: int = SCATTER_JOBS,
+) -> Json:
+    home = _setup()
+    filters = _filters(exclude_flags, require_flags, min_mapq)
+    if jobs < 1 or scatter_jobs < 1:
+        raise dxpy.AppError(f"jobs and scatter_jobs must be at least 1, not {jobs} and {scatter_jobs}")
+    size = int(dxpy.DXFile(mappings_bam).describe(fields={"size": True})["size"])
+    scattered = scatter if scatter is not None else size >= SCATTER_BYTES
+    inputs = {key: _single(value) for key, value in dxpy.download_all_inputs().items()}
+    bam = Path(inputs["mappings_bam_path"])
+    index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
+    prefix = inputs.get("mappings_bam_prefix") or _prefix(bam.name)
+    log.info("job_started", bam=bam.name, size=size, scatter=scattered, index=index is not None)
+    request = CountRequest(bam=bam, index=index, filters=filters, jobs=jobs, index_cache=home / "index-cache")
+    if not scattered:
+        with _app_errors():
+            result = count_bam_sync(request)
+        # The JSON names the BAM as the platform knows it, not the worker's download path.
+        return _upload_results(replace(result, bam=Path(bam.name)), prefix, home / "out")
+    return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
+
+
+def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, prefix: str, scatter_jobs: int) -> Json:
+    # The index's own per-reference totals (no reads are read) weigh the references.
+    with _app_errors():
+        totals = count_bam_sync(
+            CountRequest(bam=request.bam, index=request.index, method="index", index_cache=request.index_cache)
+        )
+    if index_link is None:  # built here: share it so no worker builds it again
+        index_link = dxpy.dxlink(dxpy.upload_local_file(str(totals.index)))
+    bins = balance([(r.region, r.count) for r in totals.regions], scatter_jobs)
+    filters = request.filters.as_dict()
+    subjobs = [
+        dxpy.new_dxjob(
+            fn_input={
+                "mappings_bam": bam_link,
+                "index_file": index_link,
+                "regions": [_samtools_region(name) for name in names],
+                "filters": filters,
+                "jobs": request.jobs,
+            },
+            fn_name="count_shards",
+            name=f"count {len(names)} references",
+        )
+        for names in bins
+    ]
+    gather_job = dxpy.new_dxjob(
+        fn_input={
+            "labels": bins,
+            "order": [r.region for r in totals.regions],
+            "parts": [job.get_output_ref("counts") for job in subjobs],
+            "samtools": [job.get_output_ref("samtools") for job in subjobs],
+            "prefix": prefix,
+            "bam_name": request.bam.name,
+            "index_name": request.index.name if request.index is not None else request.bam.name + totals.index.suffix,
+            "filters": filters,
+            "jobs": request.jobs,
+            "started": time.time(),
+        },
+        fn_name="gather",
+        name="gather counts",
+    )
+    log.info("scattered", subjobs=len(subjobs), references=len(totals.regions), gather=gather_job.get_id())
+    return {field: gather_job.get_output_ref(field) for field in ("count_file", "counts_json", "total_reads")}
+
+
+def balance(weighted: list[tuple[str, int]], bins: int) -> list[list[str]]:
+    """Longest-processing-time packing: heaviest first, each into the lightest bin; order kept."""
+    order = {name: k for k, (name, _) in enumerate(weighted)}
+    loads: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(bins, len(weighted))))]
+    for name, weight in sorted(weighted, key=lambda item: -item[1]):
+        lightest = min(range(len(loads)), key=lambda k: loads[k][0])
+        load, names = loads[lightest]
+        loads[lightest] = (load + weight, [*names, name])
+    return [sorted(names, key=order.__getitem__) for _, names in loads if names]
+
+
+def _samtools_region(name: str) -> str:
+    # Braces keep names with ':' from being read as ranges (samtools' {name} syntax).
+    return name if name == "*" or "}" in name else "{" + name + "}"
+
+
+def count_shards(*, mappings_bam: Json, index_file: Json, regions: list[str], filters: Json, jobs: int) -> Json:
+    home = _setup()
+    work = home / "shard"
+    work.mkdir(parents=True, exist_ok=True)
+    bam = work / "input.bam"
+    index = work / "input.bam.bai"
+    dxpy.download_dxfile(dxpy.get_handler(mappings_bam), str(bam))
+    dxpy.download_dxfile(dxpy.get_handler(index_file), str(index))
+    csi = _index_kind(index)
+    if csi:
+        index = index.rename(work / "input.bam.csi")
+    _fresh_index(bam, index)
+    request = CountRequest(
+        bam=bam, regions=tuple(regions), index=index, filters=Filters(**filters), jobs=jobs, build_index=False
+    )
+    with _app_errors():
+        result = count_bam_sync(request)
+    log.info("shard_counted", regions=len(regions), total=result.total)
+    return {"counts": [r.count for r in result.regions], "samtools": result.samtools_version}
+
+
+def _index_kind(index: Path) -> bool:
+    """True for a CSI index (gzip-compressed, ``CSI\\1``), False for a BAI (``BAI\\1``)."""
+    with index.open("rb") as handle:
+        return handle.read(4) != b"BAI\x01"
+
+
+def gather(
+    *,
+    labels: list[list[str]],
+    order: list[str],
+    parts: list[list[int]],
+    samtools: list[str],
+    prefix: str,
+    bam_name: str,
+    index_name: str,
+    filters: Json,
+    jobs: int,
+    started: float,
+) -> Json:
+    home = _setup()
+    counts: dict[str, int] = {}
+    for names, numbers in zip(labels, parts, strict=True):
+        if len(names) != len(numbers):
+            raise dxpy.AppInternalError(f"a subjob returned {len(numbers)} counts for {len(names)} regions")
+        counts.update(zip(names, numbers, strict=True))
+    if sorted(counts) != sorted(order):
+        raise dxpy.AppInternalError("the subjobs' regions do not cover the BAM's references exactly once")
+    result = CountResult(
+        bam=Path(bam_name),
+        total=sum(counts.values()),
+        regions=tuple(RegionCount(name, counts[name]) for name in order),
+        filters=Filters(**filters),
+        samtools_version=samtools[0] if samtools else "",
+        jobs=jobs,
+        threads=0,
+        method="view",
+        shards=len(parts),
+        index=Path(index_name),
+        seconds=max(time.time() - started, 0.0),
+    )
+    log.info("gathered", subjobs=len(parts), total=result.total)
+    return _upload_results(result, prefix, home / "out")
+
+
+ENTRY_POINTS: dict[str, Callable[..., Json]] = {"main": main, "count_shards": count_shards, "gather": gather}
+# dxpy.run() looks entry points up in its own table; the decorator form would hide the types.
+for _name, _function in ENTRY_POINTS.items():
+    dxpy.entry_point(_name)(_function)

@@ -1,0 +1,130 @@
+"""Job mode: the applet run the way the platform runs it, against the emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import dxpy  # type: ignore[import-untyped]
+
+from tests.bams import SAMTOOLS, header_names, oracle, samtools_count, tricky_bam
+from tests.dnanexus_emulator import Emulator, Job
+
+
+def _seed_text(bam: Path, filters: tuple[str, ...] = ()) -> str:
+    names = [*header_names(bam), "*"]
+    counts = oracle(bam, names, filters)
+    return (
+        "".join(f"Region {name}: {counts[name]}\n" for name in names) + f"Total reads: {samtools_count(bam, *filters)}"
+    )
+
+
+def _run(emulator: Emulator, applet: str, job_input: dict[str, object]) -> Job:
+    job = dxpy.DXApplet(applet).run(job_input, folder="/results", name="bamcount test")
+    emulator.wait_for_jobs()
+    return emulator.jobs[job.get_id()]
+
+
+def _output_bytes(emulator: Emulator, job: Job, field: str) -> bytes:
+    assert job.output is not None
+    return emulator.files[job.output[field]["$dnanexus_link"]].data
+
+
+def test_main_counts_like_samtools_in_the_seed_format(emulator: Emulator, applet: str, shared_bam: Path) -> None:
+    bam_id = emulator.add_file("sample.bam", shared_bam.read_bytes(), folder="/incoming")
+    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    assert job.state == "done", job.failure_message
+    assert job.output is not None
+    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(shared_bam)
+    assert job.output["total_reads"] == samtools_count(shared_bam)
+    counts = json.loads(_output_bytes(emulator, job, "counts_json"))
+    assert counts["total"] == samtools_count(shared_bam)
+    assert counts["bam"] == "sample.bam"
+    assert {r["region"]: r["count"] for r in counts["regions"]} == oracle(shared_bam, [*header_names(shared_bam), "*"])
+    names = sorted(f.name for f in emulator.files_in("/results"))
+    assert names == ["sample.counts.json", "sample_count.txt"]
+
+
+def test_main_uses_the_given_index_and_filters(
+    emulator: Emulator, applet: str, shared_bam: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "given.bam"
+    shutil.copyfile(shared_bam, copy)
+    index = tmp_path / "given.bam.bai"
+    subprocess.run([SAMTOOLS, "index", str(copy), str(index)], check=True)
+    bam_id = emulator.add_file("given.bam", copy.read_bytes())
+    bai_id = emulator.add_file("given.bam.bai", index.read_bytes())
+    job_input = {
+        "mappings_bam": dxpy.dxlink(bam_id),
+        "index_file": dxpy.dxlink(bai_id),
+        "exclude_flags": "0x904",
+        "min_mapq": 20,
+    }
+    job = _run(emulator, applet, job_input)
+    assert job.state == "done", job.failure_message
+    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(copy, ("-F", "0x904", "-q", "20"))
+    log = (emulator.work / "jobs" / job.id / "job.log").read_text()
+    assert "building_index" not in log
+
+
+def test_not_a_bam_is_an_app_error(emulator: Emulator, applet: str) -> None:
+    bam_id = emulator.add_file("bad.bam", b"this is not a BAM file\n" * 10)
+    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    assert job.state == "failed"
+    assert job.failure_reason == "AppError"
+    assert job.failure_message is not None and "bad.bam" in job.failure_message
+
+
+def test_truncated_bam_is_an_app_error_with_samtools_words(emulator: Emulator, applet: str, shared_bam: Path) -> None:
+    data = shared_bam.read_bytes()
+    bam_id = emulator.add_file("cut.bam", data[: len(data) // 2])
+    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    assert job.state == "failed"
+    assert job.failure_reason == "AppError"
+    assert job.failure_message is not None and "cut.bam" in job.failure_message
+    assert "missing EOF block" in job.failure_message  # samtools quickcheck's own words
+
+
+def test_scatter_counts_through_subjobs(emulator: Emulator, applet: str, tmp_path: Path) -> None:
+    bam = tricky_bam(tmp_path / "big", reads=4000, seed=7, name="big.bam")
+    bam_id = emulator.add_file("big.bam", bam.read_bytes())
+    job_input = {"mappings_bam": dxpy.dxlink(bam_id), "scatter": True, "scatter_jobs": 3, "exclude_flags": "0x904"}
+    job = _run(emulator, applet, job_input)
+    assert job.state == "done", job.failure_message
+    functions = sorted(j.function for j in emulator.jobs.values())
+    assert functions == ["count_shards", "count_shards", "count_shards", "gather", "main"]
+    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(bam, ("-F", "0x904"))
+    assert job.output is not None and job.output["total_reads"] == samtools_count(bam, "-F", "0x904")
+    counts = json.loads(_output_bytes(emulator, job, "counts_json"))
+    assert (counts["bam"], counts["index"], counts["filters"]["exclude_flags"]) == ("big.bam", "big.bam.bai", 0x904)
+    shard_regions = [j.input["regions"] for j in emulator.jobs.values() if j.function == "count_shards"]
+    assert sorted(r for regions in shard_regions for r in regions) == sorted(
+        ["*", *("{" + name + "}" for name in header_names(bam))]
+    )
+    # The index main built was shared with the workers, not rebuilt by each.
+    for shard in (j for j in emulator.jobs.values() if j.function == "count_shards"):
+        assert "building_index" not in (emulator.work / "jobs" / shard.id / "job.log").read_text()
+
+
+def test_samtools_crash_is_an_app_internal_error(
+    emulator: Emulator, applet: str, shared_bam: Path, tmp_path: Path
+) -> None:
+    # A fake samtools only to inject the fault: it answers --version and quickcheck like the
+    # real one, then dies on every counting command.
+    fake = tmp_path / "bin" / "samtools"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = view ]; then case " $* " in *" -H "*) ;; *) echo "samtools view: injected crash" >&2; kill -SEGV $$;; esac; fi\n'
+        f'exec {SAMTOOLS} "$@"\n'
+    )
+    fake.chmod(0o755)
+    emulator.job_env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
+    bam_id = emulator.add_file("ok.bam", shared_bam.read_bytes())
+    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    assert job.state == "failed"
+    assert job.failure_reason == "AppInternalError"
+    assert job.failure_message is not None and "injected crash" in job.failure_message
