@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bamcountd import __version__, logs
+from bamcountd.count import DEFAULT_MIN_SHARD_READS
 from bamcountd.errors import BadOption, BamcountdError, InputError
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--min-shard-reads",
         type=_positive_int,
-        default=200_000,
+        default=DEFAULT_MIN_SHARD_READS,
         metavar="N",
         help="do not cut shards smaller than N expected reads (default 200000)",
     )

@@ -43,6 +43,8 @@ METHODS = ("view", "index")
 _BAI_MAX_LENGTH = (1 << 29) - 1
 
 ProgressCallback = Callable[[int, int], None]
+#: Below this many expected reads, cutting a shard costs more in start-up than it saves.
+DEFAULT_MIN_SHARD_READS = 200_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +64,7 @@ class CountRequest:
     samtools: str | None = None
     method: str = "view"
     split: bool = True  # balanced start-position shards for large references
-    min_shard_reads: int = 200_000  # no shard smaller than this (tests lower it to force splits)
+    min_shard_reads: int = DEFAULT_MIN_SHARD_READS  # no smaller shards (tests lower it to force splits)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {n} cores, {version}, Python {sys.version.split()[0]}, {os.uname().machine}")
     few = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.unplaced)
     base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
+    print(f"\nscaling on this machine, bamcountd count -j K (unfiltered, median of {args.repeats}):")
+    for jobs in sorted({1, 2, 4, 8, 16, n} & set(range(1, n + 1))):
+        walls = [
+            timed([*BAMCOUNTD, "count", "-j", str(jobs), "--format", "tsv", str(few)])[0] for _ in range(args.repeats)
+        ]
+        print(f"  -j {jobs:<3} {statistics.median(walls):6.2f} s")
     if not args.skip_many_contigs:
         refs = many_contigs()
         many = ensure_bam(args.data / f"contigs{len(refs)}_{args.reads}.bam", refs, args.reads, args.unplaced)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bamcountd.count import DEFAULT_MIN_SHARD_READS
 from bamcountd.errors import ConfigError
 from bamcountd.samtools import parse_flags
 
@@ -170,6 +171,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", _positive_seconds, None),
     Option("method", _choice("view", "index"), "view"),
     Option("split", _boolean, True),
+    Option("min_shard_reads", _positive_int, DEFAULT_MIN_SHARD_READS),
     Option("build_index", _boolean, True),
     Option("index_cache", _path, None),
     Option("samtools", _text, None),
@@ -256,6 +258,7 @@ _COUNT_KEYS = (
     "timeout",
     "method",
     "split",
+    "min_shard_reads",
     "build_index",
     "samtools",
 )
