@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse reports usage errors itself, with status 2
         return int(exit_.code or 0)
-    logs.configure(level="debug" if args.verbose else args.log_level, json=_log_json(args.log_format))
+    logs.configure(level=_log_level(args), json=_log_json(args.log_format))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -52,6 +52,13 @@ def _print_error(error: BaseException) -> None:
     print(f"bamcountd: error: {error}", file=sys.stderr)
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    """-v, else --log-level, else the sub-command's own default (services log more)."""
+    if args.verbose:
+        return "debug"
+    return str(args.log_level or args.quiet_log_level)
+
+
 def _log_json(choice: str) -> bool | None:
     return None if choice == "auto" else choice == "json"
 
@@ -64,7 +71,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bamcountd {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log at debug level (one event per region)")
-    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    # No default here: a parent's actions are shared by every sub-parser, so each sub-command
+    # sets its own default level under another name (quiet_log_level).
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: warning for count, info for the services",
+    )
+    parser.set_defaults(quiet_log_level="warning")
     common.add_argument(
         "--log-format",
         default="auto",
@@ -136,10 +150,11 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) 
     )
     where.add_argument("--formats", metavar="LIST", help="extra result formats, comma-separated: tsv, seed")
     where.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics and /healthz there")
-    _add_count_options(serve)
-    from bamcountd.service.config import flag_dests  # light: no watchfiles, no prometheus
-
-    serve.set_defaults(handler=_run_serve, log_level="info", index=None, **dict.fromkeys(flag_dests()))
+    service_actions = list(where._group_actions)
+    # Every serve option defaults to None ("not given"), so that the environment and the config
+    # file can fill in what the command line leaves out (bamcountd.service.config.load).
+    given_only = [action.dest for action in [*service_actions, *_add_count_options(serve)]]
+    serve.set_defaults(handler=_run_serve, quiet_log_level="info", **dict.fromkeys(given_only))
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -153,9 +168,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     # journald reads stdout: JSON lines unless it is a terminal, one line at a time.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
-    logs.configure(
-        level="debug" if args.verbose else args.log_level, json=_log_json(args.log_format), stream=sys.stdout
-    )
+    logs.configure(level=_log_level(args), json=_log_json(args.log_format), stream=sys.stdout)
     import anyio
 
     anyio.run(partial(serve, config, reload=partial(load, flags)))
@@ -178,8 +191,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_count_options(parser: argparse.ArgumentParser) -> None:
-    """The counting options, shared by every sub-command that counts."""
+def _add_count_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The counting options, shared by every sub-command that counts; returns their actions."""
+    before = len(parser._actions)
     where = parser.add_argument_group("regions")
     where.add_argument(
         "-r",
@@ -257,6 +271,7 @@ def _add_count_options(parser: argparse.ArgumentParser) -> None:
         help="where built indexes go (default: $XDG_CACHE_HOME/bamcountd/index)",
     )
     run.add_argument("--samtools", metavar="PATH", help="samtools executable (default: samtools on PATH)")
+    return parser._actions[before:]  # argparse keeps no public list of a parser's actions
 
 
 def request_from_args(args: argparse.Namespace, bam: Path) -> CountRequest:
@@ -392,7 +407,7 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
     watch.add_argument("--once", action="store_true", help="poll once and exit (for cron and tests)")
     watch.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     _add_count_options(watch)
-    watch.set_defaults(handler=_run_dx_watch)
+    watch.set_defaults(handler=_run_dx_watch, quiet_log_level="info")
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:

@@ -19,8 +19,10 @@ def _private_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
+    # Each test starts with warnings only, on the stderr of its own time: cli.main() points
+    # structlog at the (captured, later closed) stderr of the test that called it.
     from bamcountd import logs
 
     logs.configure(level="warning", json=False)
