@@ -240,3 +240,47 @@ def assert_result_matches(result_file: Path, bam: Path, template: Path) -> dict[
     assert {r["region"]: r["count"] for r in document["regions"]} == expected
     assert document["total"] == samtools_count(template) == sum(expected.values())
     return document
+
+
+FAKE_SAMTOOLS = """#!{python}
+# Fault injection only: runs the real samtools, except that a read command (view without -H)
+# records its pid and then hangs (FAKE_HANG), waits while the file FAKE_HOLD exists, or aborts
+# (an argument contains FAKE_CRASH).
+import os, sys, time
+real = os.environ["FAKE_REAL_SAMTOOLS"]
+args = sys.argv[1:]
+reading = bool(args) and args[0] == "view" and "-H" not in args
+if reading and os.environ.get("FAKE_PIDS"):
+    with open(os.path.join(os.environ["FAKE_PIDS"], str(os.getpid())), "w") as out:
+        out.write(" ".join(args))
+if reading and os.environ.get("FAKE_HANG"):
+    time.sleep(3600)
+while reading and os.environ.get("FAKE_HOLD") and os.path.exists(os.environ["FAKE_HOLD"]):
+    time.sleep(0.05)  # held until the test removes the file
+crash = os.environ.get("FAKE_CRASH")
+if reading and crash and any(crash in arg for arg in args):
+    sys.stderr.write("samtools: simulated crash\\n")
+    sys.stderr.flush()
+    os.abort()
+os.execv(real, [real, *args])
+"""
+
+
+def fake_samtools(folder: Path) -> tuple[Path, dict[str, str]]:
+    """A samtools wrapper for fault injection (see FAKE_SAMTOOLS), and the environment it needs;
+    never used to prove a count."""
+    from tests.bams import SAMTOOLS
+
+    path = folder / "fake-samtools"
+    path.write_text(FAKE_SAMTOOLS.format(python=sys.executable))
+    path.chmod(0o755)
+    return path, {"FAKE_REAL_SAMTOOLS": shutil.which(SAMTOOLS) or SAMTOOLS}
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
