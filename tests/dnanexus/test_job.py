@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
@@ -145,3 +146,19 @@ def test_dxapp_json_matches_the_entry_point() -> None:
     assert run_spec["execDepends"] == [{"name": "samtools"}]
     assert set(run_spec["executionPolicy"]["restartOn"]) == {"UnresponsiveWorker", "ExecutionError"}
     assert run_spec["restartableEntryPoints"] == "all"
+
+
+def test_dx_build_accepts_the_applet(emulator: Emulator, tmp_path: Path) -> None:
+    # dx-toolkit's own `dx build` validates dxapp.json and the source folder (dry run: no upload).
+    dx = Path(sys.executable).with_name("dx")
+    completed = subprocess.run(
+        [str(dx), "build", "--dry-run", "--destination", f"{emulator.project}:/", str(APPLET_DIR)],
+        env={**os.environ, **emulator.env(), "DX_USER_CONF_DIR": str(tmp_path / "dx-config")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "DRY-RUN" in completed.stdout
+    assert "warning" not in completed.stderr.lower()
