@@ -513,6 +513,8 @@ class Emulator:
                 "class": dxid.split("-", 1)[0],
                 "name": self.projects[dxid],
                 "level": "ADMINISTER",
+                "region": "aws:us-east-1",
+                "billTo": "user-test",
                 "fileUploadParameters": UPLOAD_PARAMETERS,
                 "folders": sorted(folder for project, folder in self.folders if project == dxid),
             }

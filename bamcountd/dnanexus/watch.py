@@ -486,13 +486,14 @@ def redact_token(token: str) -> Callable[[Any, str, MutableMapping[str, Any]], M
 
 
 def install_redaction() -> None:
-    """Put the token redactor first in structlog's chain (after bamcountd.logs.configure)."""
+    """Add the token redactor to structlog's chain (call after bamcountd.logs.configure)."""
     context = dxpy.SECURITY_CONTEXT or {}
     token = context.get("auth_token")
     if not token:
         return
     processors = list(structlog.get_config()["processors"])
-    structlog.configure(processors=[redact_token(str(token)), *processors])
+    # Just before the renderer: after format_exc_info, so tracebacks are scrubbed too.
+    structlog.configure(processors=[*processors[:-1], redact_token(str(token)), processors[-1]])
 
 
 @contextmanager

@@ -297,6 +297,10 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _check_folders(values: dict[str, Any]) -> None:
+    regions_file = values["regions_file"]
+    if regions_file is not None and not os.access(regions_file, os.R_OK):
+        # Checked here: per BAM it would turn every BAM into an error file.
+        raise ConfigError(f"regions_file: {regions_file} is missing or not readable")
     for watch in values["watch"]:
         if not watch.is_dir():
             raise ConfigError(f"watch: {watch} is not a folder")

@@ -35,7 +35,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from bamcountd import __version__
+from bamcountd import __version__, samtools
 from bamcountd.count import count_bam
 from bamcountd.errors import (
     BadOption,
@@ -441,6 +441,8 @@ async def serve(
 
     ``reload`` loads the configuration again (on SIGHUP); ``started`` gets the daemon before it
     runs (tests stop it with :meth:`Daemon.stop`)."""
+    # Fail now, not at the first BAM, if there is no usable samtools (exit status 1).
+    await samtools.locate(config.count.samtools)
     notifier = Notifier()
     metrics = Metrics()
     async with AsyncExitStack() as stack:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
 
+from bamcountd.dnanexus import job as job_module
 from tests.bams import SAMTOOLS, header_names, oracle, samtools_count, tricky_bam
+from tests.dnanexus.conftest import APPLET_DIR
 from tests.dnanexus_emulator import Emulator, Job
 
 
@@ -128,3 +132,33 @@ def test_samtools_crash_is_an_app_internal_error(
     assert job.state == "failed"
     assert job.failure_reason == "AppInternalError"
     assert job.failure_message is not None and "injected crash" in job.failure_message
+
+
+def test_dxapp_json_matches_the_entry_point() -> None:
+    spec = json.loads((APPLET_DIR / "dxapp.json").read_text())
+    parameters = inspect.signature(job_module.main).parameters
+    assert [item["name"] for item in spec["inputSpec"]] == list(parameters)
+    required = [item["name"] for item in spec["inputSpec"] if not item.get("optional") and "default" not in item]
+    assert required == [name for name, p in parameters.items() if p.default is inspect.Parameter.empty]
+    assert {item["name"] for item in spec["outputSpec"]} == {"count_file", "counts_json", "total_reads"}
+    run_spec = spec["runSpec"]
+    assert run_spec["interpreter"] == "python3" and (APPLET_DIR / run_spec["file"]).is_file()
+    assert run_spec["execDepends"] == [{"name": "samtools"}]
+    assert set(run_spec["executionPolicy"]["restartOn"]) == {"UnresponsiveWorker", "ExecutionError"}
+    assert run_spec["restartableEntryPoints"] == "all"
+
+
+def test_dx_build_accepts_the_applet(emulator: Emulator, tmp_path: Path) -> None:
+    # dx-toolkit's own `dx build` validates dxapp.json and the source folder (dry run: no upload).
+    dx = Path(sys.executable).with_name("dx")
+    completed = subprocess.run(
+        [str(dx), "build", "--dry-run", "--destination", f"{emulator.project}:/", str(APPLET_DIR)],
+        env={**os.environ, **emulator.env(), "DX_USER_CONF_DIR": str(tmp_path / "dx-config")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "DRY-RUN" in completed.stdout
+    assert "warning" not in completed.stderr.lower()

@@ -31,6 +31,7 @@ def test_one_job_per_closed_bam_across_pages_restarts_and_runners(
     bai_id = emulator.add_file("s1.bam.bai", index.read_bytes(), folder="/incoming")
     emulator.add_file("notes.txt", b"not a BAM", folder="/incoming")
     emulator.add_file("elsewhere.bam", bams[0].read_bytes(), folder="/other")
+    emulator.add_file("nested.bam", bams[0].read_bytes(), folder="/incoming/sub")  # no --recurse
     growing = emulator.add_file("growing.bam", b"", folder="/incoming", state="open")
 
     runner = make_runner(emulator, tmp_path / "state", applet=applet)

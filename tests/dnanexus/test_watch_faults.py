@@ -218,9 +218,15 @@ def test_the_token_never_reaches_the_log(emulator: Emulator) -> None:
     logs.configure(level="info", json=True, stream=stream)
     try:
         install_redaction()
-        structlog.get_logger("t").warning("request", header=f"Bearer {emulator.token}", nested={"t": emulator.token})
+        logger = structlog.get_logger("t")
+        logger.warning("request", header=f"Bearer {emulator.token}", nested={"t": emulator.token})
+        try:
+            raise RuntimeError(f"the server echoed {emulator.token}")
+        except RuntimeError:
+            logger.exception("failed")
     finally:
         logs.configure(level="warning")
-    line = json.loads(stream.getvalue())
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert emulator.token not in stream.getvalue()
-    assert line["header"] == "Bearer [redacted]" and line["nested"] == {"t": "[redacted]"}
+    assert first["header"] == "Bearer [redacted]" and first["nested"] == {"t": "[redacted]"}
+    assert "the server echoed [redacted]" in second["exception"]

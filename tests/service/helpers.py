@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,10 +240,6 @@ def assert_result_matches(result_file: Path, bam: Path, template: Path) -> dict[
     assert {r["region"]: r["count"] for r in document["regions"]} == expected
     assert document["total"] == samtools_count(template) == sum(expected.values())
     return document
-
-
-def iter_files(folder: Path) -> Iterator[Path]:
-    yield from sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 FAKE_SAMTOOLS = """#!{python}

@@ -90,3 +90,15 @@ def test_count_command_imports_no_service_dependencies(shared_bam: Path, tmp_pat
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_missing_regions_file_and_samtools_fail_at_start(
+    folders: Folders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bamcountd.cli import main
+
+    base = ["serve", "--watch", str(folders.watch), "--results", str(folders.results), "--state", str(folders.state)]
+    assert main([*base, "--regions-file", str(tmp_path / "none.bed")]) == 2
+    assert "regions_file: " in capsys.readouterr().err
+    assert main([*base, "--samtools", str(tmp_path / "no-samtools")]) == 1
+    assert "samtools not found at" in capsys.readouterr().err
