@@ -182,7 +182,9 @@ def test_sighup_reloads_what_can_change_and_survives_a_bad_file(
     (restart,) = _events(daemon, "reload_needs_restart")
     assert restart["keys"] == ["metrics_addr"]
     after = drop_by_rename(templates[1], folders.watch / "after.bam")
-    wait_for((folders.results / "after.counts.tsv").exists, timeout=30, what="tsv after reload", context=daemon.log)
+    # The extra formats are written before the JSON, so the JSON is the one to wait for.
+    wait_for(result_path(folders, "after.bam").exists, timeout=30, what="result after reload", context=daemon.log)
+    assert (folders.results / "after.counts.tsv").exists()
     assert_result_matches(result_path(folders, "after.bam"), after, templates[1])
 
     config.write_text("max_files = 0\n")
@@ -190,7 +192,8 @@ def test_sighup_reloads_what_can_change_and_survives_a_bad_file(
     wait_for(lambda: bool(_events(daemon, "reload_failed")), timeout=10, what="failed reload", context=daemon.log)
     assert "max_files: must be at least 1" in _events(daemon, "reload_failed")[0]["error"]
     late = drop_by_rename(templates[2], folders.watch / "late.bam")
-    wait_for((folders.results / "late.counts.tsv").exists, timeout=30, what="still serving", context=daemon.log)
+    wait_for(result_path(folders, "late.bam").exists, timeout=30, what="still serving", context=daemon.log)
+    assert (folders.results / "late.counts.tsv").exists()
     assert_result_matches(result_path(folders, "late.bam"), late, templates[2])
     assert daemon.stop() == 0
     assert not (tmp_path / "elsewhere").exists()
