@@ -357,6 +357,7 @@ class Daemon:
                     return
                 # Only now, with the result durably in place, is the file done (see ledger.py).
                 self.ledger.finish(path, identity)
+                self._drop_built_index(result.index)
                 self.metrics.counted.inc()
                 self.metrics.regions.inc(len(result.regions))
                 self.metrics.duration.observe(time.monotonic() - started)
@@ -367,6 +368,12 @@ class Daemon:
                 raise
             finally:
                 self._running.pop(path, None)
+
+    def _drop_built_index(self, index: Path) -> None:
+        """An index the daemon built into its own folder is no use once the BAM is done."""
+        own = self.config.state / "index"
+        if Path(self.config.count.index_cache) == own and index.parent == own:
+            index.unlink(missing_ok=True)
 
     def _changed(self, entry: Entry) -> bool:
         """After a count: if the file changed or went meanwhile, record that; its result is void."""
