@@ -208,7 +208,7 @@ def load(flags: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) 
         flag = flags.get(_flag_dest(option.key))
         env_name = ENV_PREFIX + option.key.upper()
         if flag is not None and flag not in ([], ()):
-            values[option.key] = _convert(option, flag, f"--{option.key.replace('_', '-')}")
+            values[option.key] = _convert(option, flag, f"--{_flag_dest(option.key).replace('_', '-')}")
         elif environ.get(env_name):
             values[option.key] = _convert(option, environ[env_name], env_name)
         elif option.key in file_values:

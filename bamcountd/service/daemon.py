@@ -46,6 +46,7 @@ from bamcountd.errors import (
     InputError,
     SamtoolsNotFound,
 )
+from bamcountd.inputs import cached_index_path
 from bamcountd.service import results as results_files
 from bamcountd.service.config import ServiceConfig
 from bamcountd.service.ledger import Entry, Identity, Ledger
@@ -356,6 +357,7 @@ class Daemon:
                     return
                 # Only now, with the result durably in place, is the file done (see ledger.py).
                 self.ledger.finish(path, identity)
+                self._drop_built_index(result.index)
                 self.metrics.counted.inc()
                 self.metrics.regions.inc(len(result.regions))
                 self.metrics.duration.observe(time.monotonic() - started)
@@ -366,6 +368,12 @@ class Daemon:
                 raise
             finally:
                 self._running.pop(path, None)
+
+    def _drop_built_index(self, index: Path) -> None:
+        """An index the daemon built into its own folder is no use once the BAM is done."""
+        own = self.config.state / "index"
+        if Path(self.config.count.index_cache) == own and index.parent == own:
+            index.unlink(missing_ok=True)
 
     def _changed(self, entry: Entry) -> bool:
         """After a count: if the file changed or went meanwhile, record that; its result is void."""
@@ -414,6 +422,25 @@ class Daemon:
         )
 
 
+def prune_indexes(config: ServiceConfig, ledger: Ledger) -> int:
+    """Remove indexes the daemon built (in ``STATE/index``, its own folder) that no BAM still to
+    be counted can use: those of counted, replaced or deleted BAMs, and crash leftovers.  An
+    ``index_cache`` set elsewhere may be shared, so it is left alone."""
+    cache = config.state / "index"
+    if Path(config.count.index_cache) != cache or not cache.is_dir():
+        return 0
+    keep: set[Path] = set()
+    for entry in ledger.entries():
+        if entry.state != "done" and _identity(entry.path) == entry.identity:
+            keep.update(cached_index_path(entry.path, cache, csi=csi) for csi in (False, True))
+    removed = 0
+    for path in cache.iterdir():
+        if path not in keep and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _identity(path: Path) -> Identity | None:
     """The file's identity, or None if it is gone or no longer a regular file."""
     try:
@@ -452,6 +479,9 @@ async def serve(
         swept = results_files.sweep_temporaries(config.results)
         if swept:
             log.info("swept_temporaries", files=swept)
+        pruned = prune_indexes(config, ledger)
+        if pruned:
+            log.info("pruned_indexes", files=pruned)
         if config.metrics_addr is not None:
             host, port = config.metrics_addr
             try:

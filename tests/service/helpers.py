@@ -159,11 +159,9 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def events(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.log().splitlines():
-            if line.startswith("{"):
-                lines.append(json.loads(line))
-        return lines
+        """The daemon's JSON log lines so far; a line still being written is left for later."""
+        complete = self.log().split("\n")[:-1]
+        return [json.loads(line) for line in complete if line.startswith("{")]
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

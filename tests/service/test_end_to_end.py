@@ -125,6 +125,10 @@ def test_replaced_file_is_counted_again_and_restart_does_not_recount(
     assert expected_counts(templates[1]) != expected_counts(templates[0])
     assert daemon.stop() == 0
 
+    # The indexes the daemon built for both versions (in its state folder) went once each was
+    # counted; a leftover (a crash during a build) goes at the next start.
+    assert list((folders.state / "index").iterdir()) == []
+    (folders.state / "index" / ".0123abcd.bai.77.1.part").write_bytes(b"partial")
     # A restart finds everything done: nothing is counted again.
     daemon.start()
     daemon.signal(signal.SIGHUP)  # and a rescan on demand changes nothing
@@ -136,6 +140,8 @@ def test_replaced_file_is_counted_again_and_restart_does_not_recount(
     )
     assert daemon.stop() == 0
     assert not [e for e in daemon.events() if e.get("event") == "counting"]
+    assert [e["files"] for e in daemon.events() if e.get("event") == "pruned_indexes"] == [1]
+    assert list((folders.state / "index").iterdir()) == []
     assert [p.name for p in results(folders)] == ["sample.counts.json"]
 
 

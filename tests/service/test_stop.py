@@ -79,3 +79,59 @@ def test_sigint_when_idle_exits_zero_and_releases_the_ledger(folders: Folders, d
     second.start()  # the lock went with the first daemon
     assert second.stop() == 0
     assert os.path.exists(folders.state / "ledger.sqlite3")
+
+
+@pytest.mark.timeout(90)
+def test_a_count_that_finishes_within_the_drain_is_kept(
+    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    samtools, env = fake_samtools(tmp_path)
+    hold, pids = tmp_path / "hold", tmp_path / "pids"
+    hold.touch()
+    pids.mkdir()
+    daemon = Daemon(
+        folders,
+        extra=["--samtools", str(samtools), "--drain-seconds", "20"],
+        env={**env, "FAKE_HOLD": str(hold), "FAKE_PIDS": str(pids)},
+    )
+    daemons.append(daemon)
+    daemon.start()
+    bam = drop_by_rename(templates[0], folders.watch / "drained.bam")
+    wait_for(lambda: any(pids.iterdir()), timeout=30, what="a held count", context=daemon.log)
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in daemon.events()), timeout=10, what="draining")
+    assert not daemon.exited()
+    hold.unlink()  # the count can finish now, well within the drain time
+    assert daemon.process is not None
+    assert daemon.process.wait(timeout=30) == 0
+    assert_result_matches(result_path(folders, "drained.bam"), bam, templates[0])
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        assert db.execute("SELECT state FROM files").fetchall() == [("done",)]
+
+
+@pytest.mark.timeout(90)
+def test_a_second_sigterm_skips_the_drain(
+    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    samtools, env = fake_samtools(tmp_path)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    daemon = Daemon(
+        folders,
+        extra=["--samtools", str(samtools), "--drain-seconds", "60"],
+        env={**env, "FAKE_HANG": "1", "FAKE_PIDS": str(pids)},
+    )
+    daemons.append(daemon)
+    daemon.start()
+    drop_by_rename(templates[0], folders.watch / "hang.bam")
+    wait_for(lambda: any(pids.iterdir()), timeout=30, what="a hung count", context=daemon.log)
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in daemon.events()), timeout=10, what="draining")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process is not None
+    assert daemon.process.wait(timeout=15) == 0
+    assert time.monotonic() - started < 10
+    assert not [pid for pid in (int(p.name) for p in pids.iterdir()) if pid_alive(pid)]
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
