@@ -321,7 +321,7 @@ def _run_count(args: argparse.Namespace) -> int:
     text = render(result, fmt)
     if args.output is not None:
         try:
-            write_atomic(args.output, text.encode())
+            write_atomic(args.output, text.encode("utf-8", "surrogateescape"))  # names are header bytes
         except OSError as error:
             raise BamcountdError(f"{args.output}: cannot write the result ({error.strerror})") from None
     else:
@@ -332,8 +332,13 @@ def _run_count(args: argparse.Namespace) -> int:
 def _write_stdout(text: str) -> None:
     if not text.endswith("\n") and sys.stdout.isatty():
         text += "\n"  # the seed format ends without one; keep the prompt on its own line
-    sys.stdout.write(text)
     sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(text)
+    else:  # reference names are the header's bytes, which need not be UTF-8
+        buffer.write(text.encode("utf-8", "surrogateescape"))
+        buffer.flush()
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ cancels the other shards; cancellation kills their samtools processes (see
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -32,6 +33,7 @@ from bamcountd.errors import (
     NotCoordinateSorted,
     SamtoolsBadOutput,
     SamtoolsFailed,
+    SamtoolsTimeout,
 )
 from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
@@ -136,14 +138,14 @@ def _validate(request: CountRequest) -> None:
         raise BadOption(f"--jobs must be at least 1, not {request.jobs}")
     if request.threads is not None and request.threads < 1:
         raise BadOption(f"--threads must be at least 1, not {request.threads}")
-    if request.timeout is not None and request.timeout <= 0:
+    if request.timeout is not None and not (math.isfinite(request.timeout) and request.timeout > 0):
         raise BadOption(f"--timeout must be positive, not {request.timeout}")
     if request.method not in METHODS:
         raise BadOption(f"--method must be one of {', '.join(METHODS)}, not {request.method!r}")
     if request.method == "index" and request.filters.active:
         raise BadOption("--method index reads only the index, so it cannot apply -f/-F/-G/-q filters")
-    if request.filters.min_mapq < 0:
-        raise BadOption(f"--min-mapq must be 0 or more, not {request.filters.min_mapq}")
+    if not 0 <= request.filters.min_mapq <= 255:
+        raise BadOption(f"--min-mapq must be between 0 and 255, not {request.filters.min_mapq}")
 
 
 async def count_bam(
@@ -193,7 +195,8 @@ async def count_bam(
             small_reads=min(request.min_shard_reads // 10, 20_000),
         )
         weights = plan.region_weights(regions, stats, lengths)
-        shards = plan.plan_shards(regions, weights, lengths, policy)
+        index_empty = not any(stat.reads for stat in stats.values())
+        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty)
         bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
         counts = await _run_shards(
             samtools,
@@ -350,7 +353,7 @@ async def _run_shards(
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
 ) -> list[int]:
-    reducer = _Reducer(bam, regions, index_totals)
+    reducer = _Reducer(bam, regions, index_totals, request.filters)
     if not shards:
         return reducer.counts
     local = anyio.CapacityLimiter(processes)
@@ -364,86 +367,111 @@ async def _run_shards(
                 else:
                     async with limiter:
                         completed = await st.run(argv, timeout=request.timeout)
+            except SamtoolsTimeout:
+                raise SamtoolsTimeout(
+                    f"{bam}: region {shard.label}: samtools killed after the {request.timeout:g} s time limit"
+                ) from None
             except OSError as error:
                 raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
             await results.send(_Outcome(shard, completed))
 
     with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch:
-        commands = []
-        for number, shard in enumerate(shards):
-            bed = _write_bed(Path(scratch) / f"shard{number}.bed", shard.args, lengths) if shard.bed else None
-            argv = st.count_argv(
-                samtools,
-                bam,
-                index,
-                () if shard.bed else shard.args,
-                filters=request.filters,
-                threads=threads,
-                expression=shard.expression,
-                count=shard.kind != plan.TALLY,
-                bed=bed,
+
+        def command(number: int, shard: plan.Shard) -> list[str]:
+            if not shard.bed:
+                return st.count_argv(
+                    samtools,
+                    bam,
+                    index,
+                    shard.args,
+                    filters=request.filters,
+                    threads=threads,
+                    expression=shard.expression,
+                )
+            # Groups read every record, unfiltered: their totals are checked against the index,
+            # and a tally applies the filters itself (see samtools.tally_references).
+            bed = _write_bed(Path(scratch) / f"group{number}.bed", shard.args, lengths)
+            return st.count_argv(
+                samtools, bam, index, (), filters=st.Filters(), threads=threads, count=shard.kind == plan.SUM, bed=bed
             )
-            commands.append((shard, argv))
+
+        started = len(shards)
         try:
-            async with anyio.create_task_group() as group:
-                async with send:
-                    for shard, argv in commands:
-                        group.start_soon(run_one, shard, argv, send.clone())
-                async with receive:
-                    async for outcome in receive:
-                        reducer.add(outcome)
+            with send, receive:  # ours stays open until every shard, extra ones too, reported
+                async with anyio.create_task_group() as group:
+                    for number, shard in enumerate(shards):
+                        group.start_soon(run_one, shard, command(number, shard), send.clone())
+                    while reducer.done < started:
+                        for extra in reducer.add(await receive.receive()):
+                            group.start_soon(run_one, extra, command(started, extra), send.clone())
+                            started += 1
                         if progress is not None:
-                            progress(reducer.done, len(shards))
+                            progress(reducer.done, started)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
     return reducer.counts
 
 
 def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Path:
-    path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{lengths[name]}\n") for name in names))
+    # -L keeps reads that start before END; samtools also places reads past a reference's
+    # length in it, so END runs to the end of LN's 16 kbp index window (reads further out make
+    # the group's total differ from the index, and the group is then counted one by one).
+    ends = (((lengths[name] >> 14) + 1) << 14 for name in names)
+    path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
 
 
 class _Reducer:
     """Verifies each finished samtools command and adds it to its regions, as it arrives."""
 
-    def __init__(self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int]) -> None:
+    def __init__(
+        self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int], filters: st.Filters
+    ) -> None:
         self.bam = bam
+        self.regions = regions
         self.counts = [0] * len(regions)
         self.done = 0
+        self._filters = filters
         self._index_totals = index_totals
         self._by_name = {
             os.fsencode(r.reference): i for i, r in enumerate(regions) if r.whole and r.reference is not None
         }
 
-    def add(self, outcome: _Outcome) -> None:
+    def add(self, outcome: _Outcome) -> list[plan.Shard]:
+        """Take one result; return shards that must run instead of it (a group to recount)."""
         shard, completed = outcome.shard, outcome.completed
         what = f"{self.bam}: region {shard.label}"
-        if shard.kind == plan.TALLY:
-            count = 0
-            for name, tally in st.tally_references(completed, what).items():
-                index = self._by_name.get(name)
-                if index is None or index not in shard.regions:
-                    raise SamtoolsBadOutput(f"{what}: samtools returned a record on {os.fsdecode(name)!r}")
-                self.counts[index] += tally
-                count += tally
+        self.done += 1
+        if shard.kind == plan.COUNT:
+            count = st.parse_count(completed, what)
+            self.counts[shard.regions[0]] += shard.sign * count
         elif shard.kind == plan.SUM:
             count = st.parse_count(completed, what)
-            expected = sum(self._index_totals[i] for i in shard.regions)
-            if count != expected:
-                raise IndexMismatch(
-                    f"{what}: {count} reads on these {len(shard.regions)} references but the index says "
-                    f"{expected}; the index does not belong to this BAM: re-index it with `samtools index`"
-                )
+            if count != sum(self._index_totals[i] for i in shard.regions):
+                return self._one_by_one(shard, count)
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
                 self.counts[i] += self._index_totals[i]
         else:
-            count = st.parse_count(completed, what)
-            self.counts[shard.regions[0]] += shard.sign * count
-        self.done += 1
+            tallies = st.tally_references(completed, what, self._filters)
+            unknown = set(tallies) - {os.fsencode(self.regions[i].reference or "") for i in shard.regions}
+            if unknown:
+                raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
+            found = [tallies.get(os.fsencode(self.regions[i].reference or ""), (0, 0)) for i in shard.regions]
+            count = sum(every for every, _ in found)
+            if any(every != self._index_totals[i] for i, (every, _) in zip(shard.regions, found, strict=True)):
+                return self._one_by_one(shard, count)
+            for i, (_, passed) in zip(shard.regions, found, strict=True):
+                self.counts[i] += passed
         log.debug(
             "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
         )
+        return []
+
+    def _one_by_one(self, shard: plan.Shard, count: int) -> list[plan.Shard]:
+        # Reads past a reference's end, or an index that is not this BAM's: count each reference
+        # whole; the final cross-check against the index then tells which it was.
+        log.warning("group_recounted", bam=str(self.bam), references=len(shard.regions), read=count)
+        return [plan.Shard((i,), (self.regions[i].samtools_arg(),)) for i in shard.regions]
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

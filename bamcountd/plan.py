@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from bamcountd.samtools import Header, IndexStat
 
 UNPLACED = "*"
 
+_DIGITS = re.compile(r"\A[0-9]+\Z")
 _RANGE = re.compile(r"\A([0-9][0-9,]*)?(?:(-)([0-9][0-9,]*)?)?\Z")
 
 
@@ -48,19 +50,29 @@ class Region:
         """The region as samtools must see it: names in braces so ':' is never misread."""
         if self.reference is None:
             return UNPLACED
-        name = _quoted(self.reference)
         start = self.start if start is None else start
         end = self.end if end is None else end
         if start is None and end is None:
-            return name
-        return f"{name}:{start or 1}-{'' if end is None else end}"
+            return _quoted(self.reference)
+        return f"{_quoted(self.reference, ranged=True)}:{start or 1}-{'' if end is None else end}"
 
 
-def _quoted(name: str) -> str:
+def _quoted(name: str, *, ranged: bool = False) -> str:
+    """htslib's spelling of a reference: ``{name}``, which it never misreads, where it can.
+
+    A name with ``}`` still works in braces on its own (``{{w}}`` is ``{w}``) but not with a
+    range, and bare only if it also has a ``:`` (``x}:y``) and does not end like a range.
+    """
     if "}" not in name:
         return "{" + name + "}"
-    if ":" in name:
-        raise UnknownRegion(f"reference {name!r} contains both ':' and '}}', which samtools cannot address")
+    if ranged:
+        raise UnknownRegion(
+            f"reference {name!r} contains '}}', so samtools cannot address a range of it; count it whole"
+        )
+    if ":" not in name:
+        return "{" + name + "}"
+    if _RANGE.match(name.rpartition(":")[2]):
+        raise UnknownRegion(f"reference {name!r} contains '}}' and ends like a range, which samtools cannot address")
     return name
 
 
@@ -140,10 +152,10 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
     regions: list[Region] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = os.fsdecode(raw.rstrip(b"\r"))
-        if not line.strip() or line.startswith(("#", "track", "browser")):
+        fields = [field.strip() for field in line.split("\t")] if "\t" in line else line.split()
+        if not line.strip() or line.startswith("#") or fields[0] in ("track", "browser"):
             continue
-        fields = line.split("\t") if "\t" in line else line.split()
-        if len(fields) < 3 or not fields[1].isdigit() or not fields[2].isdigit():
+        if len(fields) < 3 or not _DIGITS.match(fields[1]) or not _DIGITS.match(fields[2]):
             raise BadRegionsFile(f"{path}:{number}: expected 'chrom<TAB>start<TAB>end', got {line[:80]!r}")
         name, start0, end = fields[0], int(fields[1]), int(fields[2])
         if name not in lengths:
@@ -240,22 +252,25 @@ def plan_shards(
     weights: Sequence[float],
     lengths: Mapping[str, int],
     policy: ShardPolicy,
+    *,
+    index_empty: bool = False,
 ) -> list[Shard]:
-    """Cut regions into shards of similar size, biggest first."""
+    """Cut regions into shards of similar size, biggest first.
+
+    ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
+    """
     total = sum(weights)
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
     shards: list[Shard] = []
     small: list[int] = []
-    references = [r.reference for r in regions]
+    uses = Counter(r.reference for r in regions)
     for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
-        if region.reference is None and total == 0:
+        if region.reference is None and index_empty:
             # htslib cannot seek to the unplaced reads of a file whose index holds no reads at
             # all ("invalid region"); count the whole file instead, which is then the same set.
             shards.append(Shard((index,), (), weight=weight))
             continue
-        groupable = (
-            region.reference is not None and _bed_safe(region.reference) and references.count(region.reference) == 1
-        )
+        groupable = region.reference is not None and _bed_safe(region.reference) and uses[region.reference] == 1
         if policy.group and region.whole and groupable and weight < policy.small_reads:
             small.append(index)
         elif policy.split and region.reference is not None and weight > 1.5 * target:

@@ -55,9 +55,10 @@ FLAG_NAMES = {
     "SUPPLEMENTARY": 0x800,
 }
 
+_FLAG_NUMBER = re.compile(r"\A(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 _INT = struct.Struct("<i")
-_RECORD_START = struct.Struct("<ii")  # block_size, refID
+_RECORD_START = struct.Struct("<ii4xxB4xH")  # block_size, refID, (pos, l_read_name) MAPQ, (bin, n_cigar) FLAG
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")
 
@@ -67,9 +68,13 @@ def parse_flags(text: str) -> int:
     value = text.strip()
     if not value:
         raise ValueError("empty flag value")
-    if value[0].isdigit():
-        octal = len(value) > 1 and value[0] == "0" and value[1].isdigit()  # strtol's base 0
-        number = int(value, 8 if octal else 0)
+    if _FLAG_NUMBER.match(value):  # strtol's base 0: 0x hex, 0 octal, else decimal
+        if value[:2].lower() == "0x":
+            number = int(value[2:], 16)
+        else:
+            number = int(value, 8) if value.startswith("0") else int(value)
+    elif value[0].isdigit():
+        raise ValueError(f"cannot read flag value {text!r} (use decimal, 0x hex or names)")
     else:
         number = 0
         for name in value.split(","):
@@ -270,7 +275,8 @@ def with_index(bam: Path, index: Path) -> str:
 
 
 async def quickcheck(executable: str, bam: Path) -> None:
-    completed = await run([executable, "quickcheck", "-v", str(bam)], timeout=120)
+    # -u: a BAM of unaligned reads has no @SQ lines and is still a BAM to count.
+    completed = await run([executable, "quickcheck", "-u", "-v", str(bam)], timeout=120)
     if completed.returncode != 0:
         words = _summarise(completed.stderr_lines) or "not a valid BAM"
         raise CorruptBam(f"{bam}: failed samtools quickcheck, the file is truncated or not a BAM ({words})")
@@ -378,14 +384,24 @@ def parse_count(completed: Completed, what: str) -> int:
     return int(match.group(1))
 
 
-def tally_references(completed: Completed, what: str) -> dict[bytes, int]:
-    """Per-reference record counts from ``view -u`` output (uncompressed BAM), after the same
-    checks.  BAM rather than SAM text: samtools skips formatting every record, and the only
-    field read here, the reference id, sits at a fixed offset."""
+def tally_references(completed: Completed, what: str, filters: Filters) -> dict[bytes, tuple[int, int]]:
+    """Per reference: (records, records passing ``filters``), from ``view -u`` output
+    (uncompressed BAM), after the same checks as a count.
+
+    BAM rather than SAM text: samtools skips formatting every record, and the fields read here
+    (reference id, MAPQ, flag) sit at fixed offsets.  The filters are samtools view's own test:
+    skip if MAPQ < -q, or any -F flag is set, or not every -f flag, or every -G flag.
+    """
     _checked(completed, what)
     data = _inflate_bgzf(completed.stdout, what)
     if data[:4] != b"BAM\x01":
         raise SamtoolsBadOutput(f"{what}: samtools did not write a BAM stream")
+    need, forbid, forbid_all, min_mapq = (
+        filters.require_flags,
+        filters.exclude_flags,
+        filters.exclude_all_flags,
+        filters.min_mapq,
+    )
     try:
         (text_length,) = _INT.unpack_from(data, 4)
         offset = 8 + text_length
@@ -396,20 +412,28 @@ def tally_references(completed: Completed, what: str) -> dict[bytes, int]:
             (name_length,) = _INT.unpack_from(data, offset)
             names.append(data[offset + 4 : offset + 3 + name_length])  # NUL-terminated
             offset += 8 + name_length
-        per_id = [0] * (n_ref + 1)  # slot 0 for reference id -1 (unplaced)
+        every = [0] * (n_ref + 1)  # slot 0 for reference id -1 (unplaced)
+        passed = [0] * (n_ref + 1)
         end = len(data)
         record = _RECORD_START.unpack_from
         while offset < end:
-            size, ref_id = record(data, offset)
-            per_id[ref_id + 1] += 1
+            size, ref_id, mapq, flag = record(data, offset)
+            every[ref_id + 1] += 1
+            if not (
+                mapq < min_mapq
+                or flag & forbid
+                or flag & need != need
+                or (forbid_all and flag & forbid_all == forbid_all)
+            ):
+                passed[ref_id + 1] += 1
             offset += 4 + size
     except (struct.error, IndexError):
         raise SamtoolsBadOutput(f"{what}: samtools wrote a malformed BAM stream") from None
     if offset != end:
         raise SamtoolsBadOutput(f"{what}: samtools wrote a truncated BAM stream")
-    tallies = {name: count for name, count in zip(names, per_id[1:], strict=True) if count}
-    if per_id[0]:
-        tallies[b"*"] = per_id[0]
+    tallies = {name: (every[k + 1], passed[k + 1]) for k, name in enumerate(names) if every[k + 1]}
+    if every[0]:
+        tallies[b"*"] = (every[0], passed[0])
     return tallies
 
 
