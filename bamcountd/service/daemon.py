@@ -63,6 +63,8 @@ TICK = 0.2
 PERMANENT = (InputError, CorruptBam, IndexMismatch)
 #: Errors that no BAM can fix: the daemon stops (exit 2 for a bad option, 1 without samtools).
 FATAL = (BadOption, SamtoolsNotFound)
+#: The error file's ``kind`` for an unexpected exception in one BAM's count (a bug, not the data).
+INTERNAL = "InternalError"
 
 
 @dataclass
@@ -346,6 +348,12 @@ class Daemon:
                         await self._failed(
                             entry, base, str(error), type(error).__name__, permanent=isinstance(error, PERMANENT)
                         )
+                    return
+                except Exception as error:  # a bug somewhere in the count: this BAM fails, the daemon goes on
+                    reason = f"internal error: {type(error).__name__}: {error}"
+                    log.error("count_crashed", error=reason, kind=type(error).__name__, exc_info=True)
+                    if not self._changed(entry):
+                        await self._failed(entry, base, reason, INTERNAL, permanent=False)
                     return
                 if running.scope.cancelled_caught:
                     if not self._changed(entry):  # a second stop signal
