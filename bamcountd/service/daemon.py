@@ -18,7 +18,9 @@ Stopping: no new work; running counts get ``drain_seconds`` to finish, then are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -35,7 +37,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from bamcountd import __version__, samtools
+from bamcountd import __version__, plan, samtools
 from bamcountd.count import count_bam
 from bamcountd.errors import (
     BadOption,
@@ -48,7 +50,7 @@ from bamcountd.errors import (
 )
 from bamcountd.inputs import cached_index_path
 from bamcountd.service import results as results_files
-from bamcountd.service.config import ServiceConfig
+from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
 from bamcountd.service.ledger import Entry, Identity, Ledger
 from bamcountd.service.metrics import Metrics, MetricsServer
 from bamcountd.service.notify import Notifier
@@ -61,6 +63,8 @@ TICK = 0.2
 PERMANENT = (InputError, CorruptBam, IndexMismatch)
 #: Errors that no BAM can fix: the daemon stops (exit 2 for a bad option, 1 without samtools).
 FATAL = (BadOption, SamtoolsNotFound)
+#: The error file's ``kind`` for an unexpected exception in one BAM's count (a bug, not the data).
+INTERNAL = "InternalError"
 
 
 @dataclass
@@ -329,6 +333,8 @@ class Daemon:
         base = results_files.result_base(self.results, root, path)
         with structlog.contextvars.bound_contextvars(file=os.fsdecode(path)):
             try:
+                if await self._adopt(entry, base):
+                    return
                 log.info("counting", attempt=entry.attempts + 1, size=identity.size)
                 started = time.monotonic()
                 try:
@@ -339,7 +345,15 @@ class Daemon:
                     raise
                 except BamcountdError as error:
                     if not self._changed(entry):
-                        await self._failed(entry, base, error)
+                        await self._failed(
+                            entry, base, str(error), type(error).__name__, permanent=isinstance(error, PERMANENT)
+                        )
+                    return
+                except Exception as error:  # a bug somewhere in the count: this BAM fails, the daemon goes on
+                    reason = f"internal error: {type(error).__name__}: {error}"
+                    log.error("count_crashed", error=reason, kind=type(error).__name__, exc_info=True)
+                    if not self._changed(entry):
+                        await self._failed(entry, base, reason, INTERNAL, permanent=False)
                     return
                 if running.scope.cancelled_caught:
                     if not self._changed(entry):  # a second stop signal
@@ -369,6 +383,72 @@ class Daemon:
             finally:
                 self._running.pop(path, None)
 
+    async def _adopt(self, entry: Entry, base: Path) -> bool:
+        """Mark the file done without counting it if its result is already in place: what a
+        crash between the result's rename and the ``done`` commit leaves (see ledger.py).
+        True if nothing is left to do (adopted, or the file changed meanwhile)."""
+        target = base.with_name(base.name + results_files.COUNTS_SUFFIX)
+        reason = await self._not_adoptable(entry, target)
+        if reason is not None:
+            if reason != "no result":
+                log.info("result_not_adopted", result=os.fsdecode(target), reason=reason, action="counting it again")
+            return False
+        if self._changed(entry):
+            return True
+        self.ledger.finish(entry.path, entry.identity)
+        log.info("result_adopted", result=os.fsdecode(target), reason="this file's result is already in place")
+        own = self.config.state / "index"
+        for csi in (False, True):
+            with contextlib.suppress(OSError):
+                self._drop_built_index(cached_index_path(entry.path, own, csi=csi))
+        return True
+
+    async def _not_adoptable(self, entry: Entry, target: Path) -> str | None:
+        """Why the result file at ``target`` is not this file's result under the current
+        settings, or None if it is: same BAM (path, device, inode, size, mtime), same read
+        filters, same regions, a well-formed count, and the extra formats in place."""
+        from bamcountd.cli import request_from_args
+
+        try:
+            document = json.loads(await anyio.Path(target).read_bytes())
+        except FileNotFoundError:
+            return "no result"
+        except (OSError, ValueError) as error:
+            return f"unreadable result ({error})"
+        try:
+            source = document["source"]
+            wanted = results_files.source_document(entry.path, entry.identity)
+            for key in ("path", "device", "inode", "size", "mtime_ns"):
+                if source[key] != wanted[key]:
+                    return f"the result is of another file (source {key} differs)"
+            request = request_from_args(self.config.count, entry.path)
+            if document["filters"] != request.filters.as_dict():
+                return "the result was counted with other filters"
+            counts = [region["count"] for region in document["regions"]]
+            labels = [region["region"] for region in document["regions"]]
+            if not all(type(n) is int and n >= 0 for n in counts) or document["total"] != sum(counts):
+                return "the result's counts are malformed"
+        except (KeyError, TypeError) as error:
+            return f"the result is malformed ({type(error).__name__}: {error})"
+        for suffix in (EXTRA_FORMATS[fmt] for fmt in self.config.formats):
+            extra = target.with_name(target.name[: -len(results_files.COUNTS_SUFFIX)] + suffix)
+            try:
+                if os.lstat(extra).st_mtime_ns < entry.identity.mtime_ns:
+                    return f"{extra.name} is older than the file"
+            except OSError:
+                return f"{extra.name} is missing"
+        # The regions the current settings give for this BAM (every reference and '*' by default).
+        try:
+            executable = samtools.find(request.samtools)
+            async with self.limiter:
+                header = await samtools.read_header(executable, entry.path)
+            regions = plan.resolve_regions(header, request.regions, request.regions_file)
+        except (BamcountdError, OSError) as error:
+            return f"cannot resolve the regions ({error})"
+        if [region.label for region in regions] != labels:
+            return "the result was counted over other regions"
+        return None
+
     def _drop_built_index(self, index: Path) -> None:
         """An index the daemon built into its own folder is no use once the BAM is done."""
         own = self.config.state / "index"
@@ -387,28 +467,22 @@ class Daemon:
             self.ledger.observe(entry.path, entry.root, identity)
         return True
 
-    async def _failed(self, entry: Entry, base: Path, error: BamcountdError) -> None:
-        kind = type(error).__name__
+    async def _failed(self, entry: Entry, base: Path, reason: str, kind: str, *, permanent: bool) -> None:
         self.metrics.failures.labels(kind).inc()
         attempts = entry.attempts + 1
-        permanent = isinstance(error, PERMANENT)
         if not permanent and attempts < self.config.retries:
             delay = self.config.retry_delay * 2 ** (attempts - 1)
-            self.ledger.fail(entry.path, entry.identity, str(error), retry_at=time.time() + delay)
-            log.warning("count_failed", error=str(error), kind=kind, attempts=attempts, retry_in=delay)
+            self.ledger.fail(entry.path, entry.identity, reason, retry_at=time.time() + delay)
+            log.warning("count_failed", error=reason, kind=kind, attempts=attempts, retry_in=delay)
             return
-        document = results_files.error_document(
-            entry.path, entry.identity, reason=str(error), attempts=attempts, kind=kind
-        )
+        document = results_files.error_document(entry.path, entry.identity, reason=reason, attempts=attempts, kind=kind)
         try:
             written = await anyio.to_thread.run_sync(results_files.write_error, base, self.results, document)
         except OSError as write_error:
             self._write_failed(entry, base, write_error)
             return
-        self.ledger.quarantine(entry.path, entry.identity, str(error))
-        log.error(
-            "quarantined", error=str(error), kind=kind, attempts=attempts, permanent=permanent, result=str(written)
-        )
+        self.ledger.quarantine(entry.path, entry.identity, reason)
+        log.error("quarantined", error=reason, kind=kind, attempts=attempts, permanent=permanent, result=str(written))
 
     def _write_failed(self, entry: Entry, base: Path, error: OSError) -> None:
         delay = max(self.config.retry_delay, 1.0)

@@ -9,8 +9,9 @@ committed (WAL, ``synchronous=FULL``).  A crash at any instant therefore leaves 
 
 * no result and a row that is not ``done``: on start, ``running`` rows go back to ``queued``
   and the file is counted again; or
-* the result and a row that is not yet ``done``: the file is counted again and its result
-  file is replaced atomically by an equal one (same counts; only ``seconds`` may differ); or
+* the result and a row that is not yet ``done``: before counting, the daemon finds the
+  result in place (same file identity, filters and regions as now) and marks the row ``done``
+  without counting again (``result_adopted``); or
 * the result and a ``done`` row: nothing more happens.
 
 A BAM's result lives at one path derived from the BAM's path, so there are never two results

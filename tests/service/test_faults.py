@@ -211,3 +211,45 @@ def test_an_option_no_bam_can_satisfy_stops_the_daemon_with_status_2(
     assert not results(folders)
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
         assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
+
+
+@pytest.mark.timeout(90)
+def test_an_unexpected_exception_in_one_count_fails_that_bam_and_the_daemon_serves_on(
+    templates: list[Path], folders: Folders, daemons: list[Daemon]
+) -> None:
+    """A fault no code path expects: a folder squats on the name of the index the daemon builds
+    for one BAM, so the rename that puts the built index in place raises IsADirectoryError (an
+    OSError that is no bamcountd error).  Real files, no injection.  That BAM is retried, then
+    gets an error file of kind InternalError; the daemon keeps counting the others."""
+    from bamcountd.inputs import cached_index_path
+
+    bad = drop_by_rename(templates[0], folders.watch / "bad.bam")
+    good = drop_by_rename(templates[1], folders.watch / "good.bam")
+    squatter = cached_index_path(Path(os.path.realpath(bad)), folders.state / "index", csi=False)
+    squatter.mkdir(parents=True)
+    daemon = Daemon(folders, extra=["--retries", "2", "--retry-delay", "0.2"])
+    daemons.append(daemon)
+    daemon.start()
+
+    wait_for(error_path(folders, "bad.bam").exists, timeout=40, what="bad.error.json", context=daemon.log)
+    wait_for(result_path(folders, "good.bam").exists, timeout=30, what="good result", context=daemon.log)
+    assert_result_matches(result_path(folders, "good.bam"), good, templates[1])
+    error = json.loads(error_path(folders, "bad.bam").read_text())
+    assert error["kind"] == "InternalError" and error["attempts"] == 2
+    assert error["error"].startswith("internal error: IsADirectoryError:") and str(squatter) in error["error"]
+    assert not result_path(folders, "bad.bam").exists()
+    crashes = [e for e in daemon.events() if e.get("event") == "count_crashed"]
+    assert len(crashes) == 2 and all(e["file"] == str(os.path.realpath(bad)) for e in crashes)
+    assert all(e["level"] == "error" and "Traceback" in e["exception"] for e in crashes)
+    assert all("os.replace(partial, out)" in e["exception"] for e in crashes)
+    assert [e["attempts"] for e in daemon.events() if e.get("event") == "count_failed"] == [1]
+
+    # Still serving: a BAM dropped after the crashes is counted.
+    later = drop_by_rename(templates[2], folders.watch / "later.bam")
+    wait_for(result_path(folders, "later.bam").exists, timeout=30, what="later result", context=daemon.log)
+    assert_result_matches(result_path(folders, "later.bam"), later, templates[2])
+    assert not daemon.exited()
+    assert daemon.stop() == 0
+    with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
+        states = dict(db.execute("SELECT CAST(path AS TEXT), state FROM files"))
+    assert states == {str(os.path.realpath(p)): s for p, s in ((bad, "quarantined"), (good, "done"), (later, "done"))}
