@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BamcountdError as error:
         _print_error(error)
         return EXIT_FAILURE
+    except OSError as error:  # the machine, not the input: a full disk, a folder in the way
+        _print_error(error)
+        return EXIT_FAILURE
 
 
 def _print_error(error: BaseException) -> None:

@@ -34,6 +34,7 @@ from bamcountd.errors import (
     SamtoolsBadOutput,
     SamtoolsFailed,
     SamtoolsTimeout,
+    leaf_exceptions,
 )
 from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
@@ -476,16 +477,7 @@ class _Reducer:
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report from a task group: ours first, then anything that is not a cancel."""
-    leaves: list[BaseException] = []
-
-    def walk(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                walk(inner)
-        else:
-            leaves.append(error)
-
-    walk(group)
+    leaves = leaf_exceptions(group)
     for leaf in leaves:
         if isinstance(leaf, BamcountdError):
             return leaf

@@ -12,6 +12,14 @@ class BamcountdError(Exception):
     """Base class of every error bamcountd raises on purpose."""
 
 
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; anyio's task groups wrap what
+    their tasks raise, and callers want to report the one that matters."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
+    return [error]
+
+
 # --- input errors: the user must change what they asked for -------------------------------
 
 

@@ -314,3 +314,15 @@ def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, fake: tuple[Path, st
     assert b"interrupted" in err
     assert processes_with(fake[1]) == []
     assert not (tmp_path / "o.tsv").exists()
+
+
+def test_index_cache_blocked_is_one_line_not_a_traceback(
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bamcountd.inputs import cached_index_path
+
+    Path(str(bam) + ".bai").unlink()
+    cache = tmp_path / "cache"
+    cached_index_path(bam, cache, csi=False).mkdir(parents=True)  # a folder where the index goes
+    code, out, err = run_cli(capsys, bam, "--index-cache", cache)
+    assert_failed(code, 1, out, err, "Is a directory")

@@ -47,6 +47,7 @@ from bamcountd.errors import (
     IndexMismatch,
     InputError,
     SamtoolsNotFound,
+    leaf_exceptions,
 )
 from bamcountd.inputs import cached_index_path
 from bamcountd.service import results as results_files
@@ -576,16 +577,7 @@ async def serve(
 
 def _reportable(group: BaseExceptionGroup[BaseException], ledger: Path) -> BaseException:
     """The error the CLI should report for a failed daemon: ours first, then a ledger failure."""
-    leaves: list[BaseException] = []
-
-    def walk(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                walk(inner)
-        else:
-            leaves.append(error)
-
-    walk(group)
+    leaves = leaf_exceptions(group)
     for leaf in leaves:
         if isinstance(leaf, BamcountdError):
             return leaf
