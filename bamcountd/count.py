@@ -111,6 +111,7 @@ class CountResult:
 class _Outcome:
     shard: plan.Shard
     completed: st.Completed
+    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards, parsed in a thread
 
 
 def available_cores() -> int:
@@ -120,17 +121,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
-    """(processes at once, threads per process) that fill the cores without oversubscribing.
+#: samtools processes per core: one ``view -c`` waits on reads and pipes now and then, and a
+#: second per core fills those gaps (benchmarks/bench_count.py, 2 cores: 3.50 s against 3.60 s).
+PROCESSES_PER_CORE = 2
 
-    Balanced shards make single-threaded processes, one per core, the fastest choice
-    (benchmarks/bench_count.py: on 2 cores two of them beat ``samtools view -c -@2``, whose
-    extra threads only decompress).  ``--threads`` gives each process more, for a BAM whose
-    work cannot be cut (most reads unplaced); ``--jobs`` always caps the process count.
+
+def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
+    """(processes at once, threads per process) that keep the cores busy.
+
+    Balanced shards make single-threaded processes the fastest choice (on 2 cores they beat
+    ``samtools view -c -@2``, whose extra threads only decompress).  ``--threads`` gives each
+    process more, for a BAM whose work cannot be cut (most reads unplaced); ``--jobs`` always
+    caps the process count.
     """
     if threads is None:
         threads = 1
-    processes = max(1, min(jobs, max(cores // threads, 1)))
+    processes = max(1, min(jobs, PROCESSES_PER_CORE * cores // threads))
     return processes, threads
 
 
@@ -354,7 +360,7 @@ async def _run_shards(
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
 ) -> list[int]:
-    reducer = _Reducer(bam, regions, index_totals, request.filters)
+    reducer = _Reducer(bam, regions, index_totals)
     if not shards:
         return reducer.counts
     local = anyio.CapacityLimiter(processes)
@@ -368,6 +374,11 @@ async def _run_shards(
                 else:
                     async with limiter:
                         completed = await st.run(argv, timeout=request.timeout)
+                if shard.kind == plan.TALLY:  # parse off the event loop, which starts the next samtools
+                    what = f"{bam}: region {shard.label}"
+                    tallies = await anyio.to_thread.run_sync(st.tally_references, completed, what, request.filters)
+                    await results.send(_Outcome(shard, completed, tallies))
+                    return
             except SamtoolsTimeout:
                 raise SamtoolsTimeout(
                     f"{bam}: region {shard.label}: samtools killed after the {request.timeout:g} s time limit"
@@ -425,14 +436,11 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
 class _Reducer:
     """Verifies each finished samtools command and adds it to its regions, as it arrives."""
 
-    def __init__(
-        self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int], filters: st.Filters
-    ) -> None:
+    def __init__(self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int]) -> None:
         self.bam = bam
         self.regions = regions
         self.counts = [0] * len(regions)
         self.done = 0
-        self._filters = filters
         self._index_totals = index_totals
         self._by_name = {
             os.fsencode(r.reference): i for i, r in enumerate(regions) if r.whole and r.reference is not None
@@ -453,7 +461,8 @@ class _Reducer:
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
                 self.counts[i] += self._index_totals[i]
         else:
-            tallies = st.tally_references(completed, what, self._filters)
+            tallies = outcome.tallies
+            assert tallies is not None
             unknown = set(tallies) - {os.fsencode(self.regions[i].reference or "") for i in shard.regions}
             if unknown:
                 raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")

@@ -6,8 +6,9 @@ number of reads spread over 3,000+ references (25 chromosomes and thousands of s
 GRCh38-like alt/decoy/HLA contigs).  Then runs, alternately and several times each:
 
 - ``samtools view -c`` (1 thread) and ``samtools view -c -@N`` (N = cores),
-- the seed design: one ``samtools view -c BAM REF`` per header reference, 10 at a time in a
-  thread pool (the DNAnexus tutorial applet, without its forgotten ``*``),
+- the seed design, benchmarks/seed_applet.py: one ``samtools view -c BAM REF`` per header
+  reference, 10 at a time in a thread pool, in its own Python process like the DNAnexus
+  tutorial applet (and, like it, without ``*``, so its total is short by the unplaced reads),
 - ``bamcountd count`` (the CLI, Python start-up included),
 
 with no filters and with ``-F 0x904 -q 20``, and prints medians and ratios.
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bamcountd.synth import HUMAN, Reference, random_records, write_bam
@@ -79,36 +79,6 @@ def timed(argv: Sequence[str]) -> tuple[float, float, bytes]:
     return wall, rss, out
 
 
-def seed_design(bam: Path, filters: Sequence[str]) -> Callable[[], tuple[float, float, int]]:
-    """The tutorial applet's way: one samtools per @SQ name, a pool of 10 threads."""
-
-    def run() -> tuple[float, float, int]:
-        header = subprocess.run([SAMTOOLS, "view", "-H", str(bam)], capture_output=True, text=True, check=True).stdout
-        names = [
-            f[3:]
-            for line in header.splitlines()
-            if line.startswith("@SQ")
-            for f in line.split("\t")
-            if f.startswith("SN:")
-        ]
-        started = time.monotonic()
-        with ThreadPoolExecutor(10) as pool:
-            outs = list(
-                pool.map(
-                    lambda n: (
-                        subprocess.run(
-                            [SAMTOOLS, "view", "-c", *filters, str(bam), "{" + n + "}"], capture_output=True, check=True
-                        ).stdout
-                    ),
-                    names,
-                )
-            )
-        wall = time.monotonic() - started
-        return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, sum(int(o) for o in outs)
-
-    return run
-
-
 def command(argv: Sequence[str], parse: Callable[[bytes], int]) -> Callable[[], tuple[float, float, int]]:
     def run() -> tuple[float, float, int]:
         wall, rss, out = timed(argv)
@@ -121,15 +91,19 @@ def tsv_total(out: bytes) -> int:
     return int(out.decode().splitlines()[-1].split("\t")[1])
 
 
-def bench(bam: Path, label: str, repeats: int, n: int, extra: Sequence[str] = ()) -> dict[str, float]:
+def bench(bam: Path, label: str, repeats: int, n: int, *, seed: bool = True) -> dict[str, float]:
     medians: dict[str, float] = {}
     for filter_name, filters in FILTERS.items():
         contenders: dict[str, Callable[[], tuple[float, float, int]]] = {
             "samtools view -c": command([SAMTOOLS, "view", "-c", *filters, str(bam)], int),
             f"samtools view -c -@{n}": command([SAMTOOLS, "view", "-c", "-@", str(n), *filters, str(bam)], int),
-            "seed: per-chromosome, 10 at a time (no *)": seed_design(bam, filters),
-            "bamcountd count": command([*BAMCOUNTD, "count", *filters, *extra, "--format", "tsv", str(bam)], tsv_total),
+            "seed applet: per-chromosome, 10 at a time": command(
+                [sys.executable, str(HERE / "seed_applet.py"), str(bam), *filters], int
+            ),
+            "bamcountd count": command([*BAMCOUNTD, "count", *filters, "--format", "tsv", str(bam)], tsv_total),
         }
+        if not seed:  # one process per contig: minutes per run on thousands of contigs
+            del contenders["seed applet: per-chromosome, 10 at a time"]
         times: dict[str, list[float]] = {name: [] for name in contenders}
         rss: dict[str, float] = {}
         totals: dict[str, int] = {}
@@ -162,7 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-many-contigs", action="store_true")
     args = parser.parse_args(argv)
     n = cores()
-    version = subprocess.run([SAMTOOLS, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    version = (
+        subprocess.run([SAMTOOLS, "--version"], capture_output=True, check=True)
+        .stdout.decode(errors="replace")
+        .splitlines()[0]
+    )
     print(f"# {n} cores, {version}, Python {sys.version.split()[0]}, {os.uname().machine}")
     few = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.unplaced)
     base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
@@ -175,7 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_many_contigs:
         refs = many_contigs()
         many = ensure_bam(args.data / f"contigs{len(refs)}_{args.reads}.bam", refs, args.reads, args.unplaced)
-        spread = bench(many, f"{len(refs):,} references + * ({many.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
+        spread = bench(
+            many, f"{len(refs):,} references + * ({many.stat().st_size / 1e6:.0f} MB)", args.repeats, n, seed=False
+        )
+        wall, _, _ = timed([sys.executable, str(HERE / "seed_applet.py"), str(many)])
+        print(f"(the seed applet on this BAM, once: {wall:.1f} s)")
         print("\nmany contigs vs 25 references, bamcountd count:")
         for filter_name in FILTERS:
             key = f"{filter_name}|bamcountd count"
