@@ -121,22 +121,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-#: samtools processes per core: one ``view -c`` waits on reads and pipes now and then, and a
-#: second per core fills those gaps (benchmarks/bench_count.py, 2 cores: 3.50 s against 3.60 s).
-PROCESSES_PER_CORE = 2
-
-
 def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
-    """(processes at once, threads per process) that keep the cores busy.
+    """(processes at once, threads per process) that fill the cores without oversubscribing.
 
-    Balanced shards make single-threaded processes the fastest choice (on 2 cores they beat
+    Balanced shards make single-threaded processes the best choice (on 2 cores two of them match
     ``samtools view -c -@2``, whose extra threads only decompress).  ``--threads`` gives each
     process more, for a BAM whose work cannot be cut (most reads unplaced); ``--jobs`` always
     caps the process count.
     """
     if threads is None:
         threads = 1
-    processes = max(1, min(jobs, PROCESSES_PER_CORE * cores // threads))
+    processes = max(1, min(jobs, cores // threads))  # two per core measured no faster
     return processes, threads
 
 
