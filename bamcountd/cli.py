@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from bamcountd import __version__, logs
 from bamcountd.count import DEFAULT_MIN_SHARD_READS
 from bamcountd.errors import BadOption, BamcountdError, InputError
+from bamcountd.report import FORMATS
 
 if TYPE_CHECKING:
     from bamcountd.count import CountRequest
@@ -100,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_count_options(count)
     count.add_argument(
         "--format",
-        choices=["table", "tsv", "json", "seed"],
+        choices=FORMATS,
         help="output format (default: table on a terminal, json for -o *.json, else tsv)",
     )
     count.add_argument("-o", "--output", type=Path, help="write the result to FILE atomically instead of stdout")
@@ -113,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Generate a small BAM with tricky contig names and count it.",
     )
     demo.add_argument("--dir", type=Path, help="where to write demo.bam (default: a temporary folder)")
-    demo.add_argument("--format", choices=["table", "tsv", "json", "seed"], default="table")
+    demo.add_argument("--format", choices=FORMATS, default="table")
     demo.add_argument("--samtools", help="samtools executable (default: samtools on PATH)")
     demo.set_defaults(handler=_run_demo)
     _add_service_commands(commands, common)

@@ -437,9 +437,6 @@ class _Reducer:
         self.counts = [0] * len(regions)
         self.done = 0
         self._index_totals = index_totals
-        self._by_name = {
-            os.fsencode(r.reference): i for i, r in enumerate(regions) if r.whole and r.reference is not None
-        }
 
     def add(self, outcome: _Outcome) -> list[plan.Shard]:
         """Take one result; return shards that must run instead of it (a group to recount)."""

@@ -264,11 +264,6 @@ _COUNT_KEYS = (
 )
 
 
-def flag_dests() -> list[str]:
-    """argparse dests of every option (the serve parser sets their defaults to None)."""
-    return [_flag_dest(option.key) for option in OPTIONS]
-
-
 def _flag_dest(key: str) -> str:
     return next((dest for dest, mapped in FLAG_KEYS.items() if mapped == key), key)
 
