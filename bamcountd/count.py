@@ -183,9 +183,11 @@ async def count_bam(
     lengths = {ref.name: ref.length for ref in header.references}
     bound = log.bind(bam=str(bam))
 
+    index_totals = [_index_total(region, stats) for region in regions]
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     if request.method == "index":
-        counts = _counts_from_index(bam, regions, stats)
+        _check_whole(bam, regions)
+        counts = index_totals
         shard_count = 0
     else:
         policy = plan.ShardPolicy(
@@ -206,7 +208,7 @@ async def count_bam(
             index,
             regions,
             shards,
-            index_totals=[_index_total(region, stats) for region in regions],
+            index_totals=index_totals,
             lengths=lengths,
             request=request,
             processes=processes,
@@ -215,7 +217,7 @@ async def count_bam(
             progress=progress,
         )
         shard_count = len(shards)
-        _cross_check(bam, regions, counts, stats, filtered=request.filters.active)
+        _cross_check(bam, regions, counts, index_totals, filtered=request.filters.active)
     result = CountResult(
         bam=bam,
         total=sum(counts),
@@ -300,13 +302,10 @@ def _check_index_names(bam: Path, header: st.Header, stats: dict[str, st.IndexSt
         raise IndexMismatch(f"{bam}: the index describes {len(named)} references, the header {len(header.references)}")
 
 
-def _counts_from_index(bam: Path, regions: Sequence[plan.Region], stats: dict[str, st.IndexStat]) -> list[int]:
-    counts: list[int] = []
+def _check_whole(bam: Path, regions: Sequence[plan.Region]) -> None:
     for region in regions:
         if not region.whole:
             raise BadOption(f"{bam}: --method index counts whole references only, not {region.label!r}")
-        counts.append(_index_total(region, stats))
-    return counts
 
 
 def _index_total(region: plan.Region, stats: dict[str, st.IndexStat]) -> int:
@@ -319,7 +318,7 @@ def _cross_check(
     bam: Path,
     regions: Sequence[plan.Region],
     counts: Sequence[int],
-    stats: dict[str, st.IndexStat],
+    index_totals: Sequence[int],
     *,
     filtered: bool,
 ) -> None:
@@ -328,10 +327,9 @@ def _cross_check(
     Unfiltered, they must be equal; filtered, a count can only be smaller.  A difference
     means the index was made from another file (or the file changed under us).
     """
-    for region, count in zip(regions, counts, strict=True):
+    for region, count, expected in zip(regions, counts, index_totals, strict=True):
         if not region.whole:
             continue
-        expected = _index_total(region, stats)
         if count != expected and (not filtered or count > expected):
             raise IndexMismatch(
                 f"{bam}: region {region.label} has {count} reads but its index says {expected}; "

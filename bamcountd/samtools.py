@@ -32,7 +32,7 @@ from bamcountd.errors import (
     SamtoolsTimeout,
 )
 
-#: The oldest samtools whose region syntax (``{name}``), ``-X`` and ``##idx##`` we rely on.
+#: The oldest samtools whose region syntax (``{name}``) and ``FILE##idx##INDEX`` we rely on.
 MINIMUM_VERSION = (1, 10)
 #: ``view -e`` filter expressions, used for exact start-position shards.
 EXPRESSIONS_VERSION = (1, 12)
@@ -270,7 +270,8 @@ def _checked(completed: Completed, what: str) -> Completed:
 
 
 def with_index(bam: Path, index: Path) -> str:
-    """htslib's ``FILE##idx##INDEX`` form, for commands that have no ``-X``."""
+    """htslib's ``FILE##idx##INDEX`` form: works for every command (idxstats has no ``-X``,
+    and ``view -X`` refuses ``-L`` without a region argument)."""
     return f"{bam}##idx##{index}"
 
 
