@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from bamcountd.errors import (
     SamtoolsTimeout,
     leaf_exceptions,
 )
-from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
+from bamcountd.inputs import IndexLookup, bai_reach, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
 
 log = structlog.get_logger("bamcountd")
@@ -111,7 +112,7 @@ class CountResult:
 class _Outcome:
     shard: plan.Shard
     completed: st.Completed
-    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards, parsed in a thread
+    tally: st.Completed | None = None  # TALLY shards: the idxstats that read ``completed``'s records
 
 
 def available_cores() -> int:
@@ -200,7 +201,8 @@ async def count_bam(
         )
         weights = plan.region_weights(regions, stats, lengths)
         index_empty = not any(stat.reads for stat in stats.values())
-        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty)
+        reach = await _reach(index, header) if policy.filtered and policy.group else None
+        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty, reach=reach)
         bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
         counts = await _run_shards(
             samtools,
@@ -294,6 +296,13 @@ async def _built_index(
     return out
 
 
+async def _reach(index: Path, header: st.Header) -> dict[str, int] | None:
+    reach = await anyio.to_thread.run_sync(bai_reach, index)
+    if reach is None or len(reach) != len(header.references):
+        return None  # not a BAI, or not this header's: filtered groups are not formed
+    return {ref.name: end for ref, end in zip(header.references, reach, strict=True)}
+
+
 def _check_index_names(bam: Path, header: st.Header, stats: dict[str, st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
@@ -359,32 +368,29 @@ async def _run_shards(
     local = anyio.CapacityLimiter(processes)
     send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=processes)
 
-    async def run_one(shard: plan.Shard, argv: list[str], results: ObjectSendStream[_Outcome]) -> None:
+    async def run_one(shard: plan.Shard, argvs: list[list[str]], results: ObjectSendStream[_Outcome]) -> None:
         async with results, local:
             try:
-                if limiter is None:
-                    completed = await st.run(argv, timeout=request.timeout)
-                else:
-                    async with limiter:
-                        completed = await st.run(argv, timeout=request.timeout)
-                if shard.kind == plan.TALLY:  # parse off the event loop, which starts the next samtools
-                    what = f"{bam}: region {shard.label}"
-                    tallies = await anyio.to_thread.run_sync(st.tally_references, completed, what, request.filters)
-                    await results.send(_Outcome(shard, completed, tallies))
-                    return
+                async with limiter if limiter is not None else nullcontext():
+                    if len(argvs) == 1:
+                        outcome = _Outcome(shard, await st.run(argvs[0], timeout=request.timeout))
+                    else:
+                        view, tally = await st.run_piped(*argvs, timeout=request.timeout)
+                        outcome = _Outcome(shard, view, tally)
             except SamtoolsTimeout:
                 raise SamtoolsTimeout(
                     f"{bam}: region {shard.label}: samtools killed after the {request.timeout:g} s time limit"
                 ) from None
             except OSError as error:
                 raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
-            await results.send(_Outcome(shard, completed))
+            await results.send(outcome)
 
     with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch:
 
-        def command(number: int, shard: plan.Shard) -> list[str]:
+        def command(number: int, shard: plan.Shard) -> list[list[str]]:
+            """One argument list, or two for a pipeline (a tally)."""
             if not shard.bed:
-                return st.count_argv(
+                argv = st.count_argv(
                     samtools,
                     bam,
                     index,
@@ -393,12 +399,12 @@ async def _run_shards(
                     threads=threads,
                     expression=shard.expression,
                 )
-            # Groups read every record, unfiltered: their totals are checked against the index,
-            # and a tally applies the filters itself (see samtools.tally_references).
+                return [argv]
             bed = _write_bed(Path(scratch) / f"group{number}.bed", shard.args, lengths)
-            return st.count_argv(
-                samtools, bam, index, (), filters=st.Filters(), threads=threads, count=shard.kind == plan.SUM, bed=bed
-            )
+            if shard.kind == plan.TALLY:
+                return list(st.tally_argv(samtools, bam, index, bed, filters=request.filters, threads=threads))
+            # An unfiltered group's total is checked against the index (see _Reducer.add).
+            return [st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)]
 
         started = len(shards)
         try:
@@ -418,10 +424,9 @@ async def _run_shards(
 
 
 def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Path:
-    # -L keeps reads that start before END; samtools also places reads past a reference's
-    # length in it, so END runs to the end of LN's 16 kbp index window (reads further out make
-    # the group's total differ from the index, and the group is then counted one by one).
-    ends = (((lengths[name] >> 14) + 1) << 14 for name in names)
+    # -L keeps reads that start before END.  Reads further out make an unfiltered group's total
+    # differ from the index (it is then counted one by one); filtered groups exclude them.
+    ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
 
@@ -451,17 +456,17 @@ class _Reducer:
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
                 self.counts[i] += self._index_totals[i]
         else:
-            tallies = outcome.tallies
-            assert tallies is not None
-            unknown = set(tallies) - {os.fsencode(self.regions[i].reference or "") for i in shard.regions}
-            if unknown:
-                raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
-            found = [tallies.get(os.fsencode(self.regions[i].reference or ""), (0, 0)) for i in shard.regions]
-            count = sum(every for every, _ in found)
-            if any(every != self._index_totals[i] for i, (every, _) in zip(shard.regions, found, strict=True)):
-                return self._one_by_one(shard, count)
-            for i, (_, passed) in zip(shard.regions, found, strict=True):
-                self.counts[i] += passed
+            assert outcome.tally is not None
+            tallies = st.parse_tally(completed, outcome.tally, what)
+            members = {os.fsencode(self.regions[i].reference or ""): i for i in shard.regions}
+            stray = sorted(name for name, found in tallies.items() if found and name not in members)
+            missing = sorted(name for name in members if name not in tallies)
+            if stray or missing:
+                raise SamtoolsBadOutput(f"{what}: samtools tallied {stray!r} and left out {missing!r}")
+            count = 0
+            for name, i in members.items():
+                self.counts[i] += tallies[name]
+                count += tallies[name]
         log.debug(
             "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
         )

@@ -91,3 +91,40 @@ def cached_index_path(bam: Path, cache_dir: Path, *, csi: bool) -> Path:
     identity = f"{bam}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:32]
     return cache_dir / f"{digest}.{'csi' if csi else 'bai'}"
+
+
+#: The BAI's linear index has one entry per 16 kbp window (2^14) that a record overlaps.
+BAI_WINDOW_SHIFT = 14
+
+
+def bai_reach(index: Path) -> list[int] | None:
+    """Per reference (header order): a position that no record of it reaches, read from a BAI's
+    linear index (windows up to the last one any record overlaps); None for another index.
+
+    A group of whole references read through a BED (``view -L``) covers a record only if it
+    starts before the BED's end, and a BED end far past a reference costs samtools seconds,
+    so a filtered group, which cannot check its total against the index, takes only the
+    references whose records all lie within their BED window.
+    """
+    try:
+        data = index.read_bytes()
+    except OSError:
+        return None
+    if data[:4] != b"BAI\x01":
+        return None
+    try:
+        (n_ref,) = struct.unpack_from("<i", data, 4)
+        offset = 8
+        reach: list[int] = []
+        for _ in range(n_ref):
+            (n_bin,) = struct.unpack_from("<i", data, offset)
+            offset += 4
+            for _ in range(n_bin):
+                (n_chunk,) = struct.unpack_from("<i", data, offset + 4)
+                offset += 8 + 16 * n_chunk
+            (n_intv,) = struct.unpack_from("<i", data, offset)
+            offset += 4 + 8 * n_intv
+            reach.append(n_intv << BAI_WINDOW_SHIFT)
+    except struct.error:
+        return None  # a damaged index: samtools says so when it loads it
+    return reach

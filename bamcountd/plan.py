@@ -254,10 +254,14 @@ def plan_shards(
     policy: ShardPolicy,
     *,
     index_empty: bool = False,
+    reach: Mapping[str, int] | None = None,
 ) -> list[Shard]:
     """Cut regions into shards of similar size, biggest first.
 
     ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
+    ``reach``: per reference, a position no record reaches (:func:`inputs.bai_reach`).  A
+    filtered group has no total to check against the index, so it takes only references whose
+    records all lie inside their BED window; without ``reach`` filtered groups are not formed.
     """
     total = sum(weights)
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
@@ -271,6 +275,9 @@ def plan_shards(
             shards.append(Shard((index,), (), weight=weight))
             continue
         groupable = region.reference is not None and _bed_safe(region.reference) and uses[region.reference] == 1
+        if groupable and policy.filtered:
+            known = reach.get(region.reference or "") if reach is not None else None
+            groupable = known is not None and known <= bed_end(lengths[region.reference or ""])
         if policy.group and region.whole and groupable and weight < policy.small_reads:
             small.append(index)
         elif policy.split and region.reference is not None and weight > 1.5 * target:
@@ -296,6 +303,13 @@ def _split(index: int, region: Region, weight: float, length: int, pieces: int) 
             boundary = region.samtools_arg(low, low)
             shards.append(Shard((index,), (boundary,), expression=f"pos < {low}", sign=-1, weight=0.0))
     return shards
+
+
+def bed_end(length: int) -> int:
+    """The BED end for a whole reference in a group.  samtools places reads past a reference's
+    length too, so the end runs one 16 kbp index window beyond the window that holds LN; it
+    stays near LN because a far end costs samtools a walk over every bin up to it."""
+    return ((length >> 14) + 2) << 14
 
 
 # SAM's rule for reference names, less what a BED reader would skip or split on.

@@ -13,15 +13,15 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import time
-import zlib
 from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from bamcountd.errors import (
     CorruptBam,
@@ -56,9 +56,11 @@ FLAG_NAMES = {
 }
 
 _FLAG_NUMBER = re.compile(r"\A(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
-_BGZF_MAGIC = b"\x1f\x8b\x08\x04"
-_INT = struct.Struct("<i")
-_RECORD_START = struct.Struct("<ii4xxB4xH")  # block_size, refID, (pos, l_read_name) MAPQ, (bin, n_cigar) FLAG
+# What ``samtools idxstats -`` says when it counts a stream, which has no index, by reading it.
+_IDXSTATS_STREAM_NOTES = (
+    re.compile(r"\A\[E::idx_find_and_load\] Could not retrieve index file for '-'\Z"),
+    re.compile(r'\Asamtools idxstats: fail to load index for "-", reverting to slow method\Z'),
+)
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")
 
@@ -223,6 +225,51 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
     )
 
 
+async def run_piped(
+    producer: Sequence[str], consumer: Sequence[str], *, timeout: float | None = None
+) -> tuple[Completed, Completed]:
+    """Run ``producer | consumer`` (a pipe between two argument lists, no shell) to completion;
+    on cancellation or timeout both are killed.  The producer's stdout is the pipe."""
+    started = time.monotonic()
+    outputs = [b"", b"", b""]  # producer stderr, consumer stdout, consumer stderr
+
+    async def drain(slot: int, stream: anyio.abc.ByteReceiveStream | None) -> None:
+        assert stream is not None
+        outputs[slot] = b"".join([chunk async for chunk in stream])
+
+    async with AsyncExitStack() as stack:
+        read_end, write_end = os.pipe()
+        try:
+            first = await stack.enter_async_context(
+                await anyio.open_process(list(producer), stdin=subprocess.DEVNULL, stdout=write_end)
+            )
+            second = await stack.enter_async_context(await anyio.open_process(list(consumer), stdin=read_end))
+        finally:  # the children hold their own ends; ours would keep the pipe from closing
+            os.close(read_end)
+            os.close(write_end)
+        try:
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(drain, 0, first.stderr)
+                    group.start_soon(drain, 1, second.stdout)
+                    group.start_soon(drain, 2, second.stderr)
+                await first.wait()
+                await second.wait()
+        except BaseException as error:
+            for process in (first, second):
+                if process.returncode is None:
+                    process.kill()
+            if isinstance(error, TimeoutError):
+                raise SamtoolsTimeout(f"{' '.join(producer[1:3])}: killed after the {timeout:g} s time limit") from None
+            raise
+    seconds = time.monotonic() - started
+    assert first.returncode is not None and second.returncode is not None
+    return (
+        Completed(tuple(producer), first.returncode, b"", outputs[0], seconds),
+        Completed(tuple(consumer), second.returncode, outputs[1], outputs[2], seconds),
+    )
+
+
 _located: dict[tuple[str, int, int], Samtools] = {}
 
 
@@ -351,17 +398,14 @@ def count_argv(
     filters: Filters,
     threads: int = 1,
     expression: str | None = None,
-    count: bool = True,
     bed: Path | None = None,
 ) -> list[str]:
-    """``samtools view`` for one shard: ``-c`` for a count, or the records (for tallies).
+    """``samtools view -c`` for one shard.
 
     Regions come as arguments, or as a BED file for the multi-region iterator (``-M -L``),
     which reads each stretch of the file once instead of seeking once per region.
     """
-    argv = [samtools.executable, "view", "--no-PG"]
-    argv.append("-c" if count else "-u")
-    argv += filters.argv()
+    argv = [samtools.executable, "view", "--no-PG", "-c", *filters.argv()]
     if threads > 1:
         argv += ["-@", str(threads - 1)]
     if expression is not None:
@@ -385,72 +429,35 @@ def parse_count(completed: Completed, what: str) -> int:
     return int(match.group(1))
 
 
-def tally_references(completed: Completed, what: str, filters: Filters) -> dict[bytes, tuple[int, int]]:
-    """Per reference: (records, records passing ``filters``), from ``view -u`` output
-    (uncompressed BAM), after the same checks as a count.
-
-    BAM rather than SAM text: samtools skips formatting every record, and the fields read here
-    (reference id, MAPQ, flag) sit at fixed offsets.  The filters are samtools view's own test:
-    skip if MAPQ < -q, or any -F flag is set, or not every -f flag, or every -G flag.
-    """
-    _checked(completed, what)
-    data = _inflate_bgzf(completed.stdout, what)
-    if data[:4] != b"BAM\x01":
-        raise SamtoolsBadOutput(f"{what}: samtools did not write a BAM stream")
-    need, forbid, forbid_all, min_mapq = (
-        filters.require_flags,
-        filters.exclude_flags,
-        filters.exclude_all_flags,
-        filters.min_mapq,
-    )
-    try:
-        (text_length,) = _INT.unpack_from(data, 4)
-        offset = 8 + text_length
-        (n_ref,) = _INT.unpack_from(data, offset)
-        offset += 4
-        names: list[bytes] = []
-        for _ in range(n_ref):
-            (name_length,) = _INT.unpack_from(data, offset)
-            names.append(data[offset + 4 : offset + 3 + name_length])  # NUL-terminated
-            offset += 8 + name_length
-        every = [0] * (n_ref + 1)  # slot 0 for reference id -1 (unplaced)
-        passed = [0] * (n_ref + 1)
-        end = len(data)
-        record = _RECORD_START.unpack_from
-        while offset < end:
-            size, ref_id, mapq, flag = record(data, offset)
-            every[ref_id + 1] += 1
-            if not (
-                mapq < min_mapq
-                or flag & forbid
-                or flag & need != need
-                or (forbid_all and flag & forbid_all == forbid_all)
-            ):
-                passed[ref_id + 1] += 1
-            offset += 4 + size
-    except (struct.error, IndexError):
-        raise SamtoolsBadOutput(f"{what}: samtools wrote a malformed BAM stream") from None
-    if offset != end:
-        raise SamtoolsBadOutput(f"{what}: samtools wrote a truncated BAM stream")
-    tallies = {name: (every[k + 1], passed[k + 1]) for k, name in enumerate(names) if every[k + 1]}
-    if every[0]:
-        tallies[b"*"] = (every[0], passed[0])
-    return tallies
+def tally_argv(
+    samtools: Samtools, bam: Path, index: Path, bed: Path, *, filters: Filters, threads: int = 1
+) -> tuple[list[str], list[str]]:
+    """Per-reference counts of the records that pass ``filters`` in a BED of whole references:
+    ``view -u`` (uncompressed BAM, nothing to deflate) piped into ``idxstats -``, which counts
+    a stream it cannot find an index for by reading it (``slow_idxstats``), all in C."""
+    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
+    if threads > 1:
+        view += ["-@", str(threads - 1)]
+    view += ["-M", "-L", str(bed), with_index(bam, index)]
+    return view, [samtools.executable, "idxstats", "-"]
 
 
-def _inflate_bgzf(stream: bytes, what: str) -> bytes:
-    """Concatenated payloads of a BGZF stream, block by block (``gzip.decompress`` re-slices
-    the rest of the input after every member, which is quadratic in the number of blocks)."""
-    view = memoryview(stream)
-    parts: list[bytes] = []
-    offset = 0
-    try:
-        while offset < len(stream):
-            if view[offset : offset + 4] != _BGZF_MAGIC:
-                raise zlib.error("not a BGZF block")
-            block_size = int.from_bytes(view[offset + 16 : offset + 18], "little") + 1
-            parts.append(zlib.decompress(view[offset + 18 : offset + block_size - 8], -15))
-            offset += block_size
-    except zlib.error as error:
-        raise SamtoolsBadOutput(f"{what}: samtools did not write a BAM stream ({error})") from None
-    return b"".join(parts)
+def parse_tally(view: Completed, tally: Completed, what: str) -> dict[bytes, int]:
+    """Records per reference name (``*`` included) from a :func:`tally_argv` pipeline, after
+    checking both commands; idxstats' two notes about reading a stream are expected."""
+    unexpected = [line for line in tally.stderr_lines if not any(n.match(line) for n in _IDXSTATS_STREAM_NOTES)]
+    tally = Completed(tally.argv, tally.returncode, tally.stdout, "\n".join(unexpected).encode(), tally.seconds)
+    reader_quit = view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in view.stderr_lines)
+    if reader_quit:
+        _checked(tally, what)  # the reader gave up first: its words say why
+    _checked(view, what)
+    _checked(tally, what)
+    counts: dict[bytes, int] = {}
+    for raw in tally.stdout.splitlines():
+        parts = raw.split(b"\t")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]) or parts[0] in counts:
+            raise SamtoolsBadOutput(f"{what}: unexpected `samtools idxstats` line {raw[:200]!r}")
+        counts[parts[0]] = int(parts[2]) + int(parts[3])
+    if b"*" not in counts:
+        raise SamtoolsBadOutput(f"{what}: `samtools idxstats` printed no line for '*'")
+    return counts

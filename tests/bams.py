@@ -86,7 +86,7 @@ def bgzf_blocks(data: bytes) -> list[tuple[int, int]]:
 
 
 FAKE_SAMTOOLS = """#!{python}
-# A samtools stand-in that injects one fault into `view -c`, and runs the real samtools
+# A samtools stand-in that injects one fault into `view -c` or a tally's `idxstats -`, and runs the real samtools
 # for everything else. Never used to prove a count.
 import os, signal, sys, time
 real, mode, token = os.environ["FAKE_REAL"], os.environ.get("FAKE_MODE", ""), os.environ.get("FAKE_TOKEN", "0")
@@ -107,6 +107,17 @@ if args[:1] == ["view"] and "-c" in args:
     if mode == "garbage":
         print("lots of reads")
         sys.exit(0)
+if args == ["idxstats", "-"]:  # the reading end of a tally pipeline (view -u | idxstats -)
+    if mode == "tally-hang":
+        os.execvp("sleep", ["sleep", token])
+    if mode == "tally-crash":
+        sys.stderr.write("[E::fake] tally failure\\n")
+        sys.exit(1)
+    if mode == "tally-warn":  # right numbers, and one line too many on stderr
+        import subprocess
+        code = subprocess.call([real, *args])
+        sys.stderr.write("[W::fake] something odd\\n")
+        sys.exit(code)
 os.execv(real, [real, *args])
 """
 

@@ -261,6 +261,34 @@ def test_samtools_hang_past_timeout(
     assert processes_with(fake[1]) == []
 
 
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [("tally-crash", "exit status 1: [E::fake] tally failure"), ("tally-warn", "[W::fake] something odd")],
+)
+def test_tally_pipeline_failure_or_stray_stderr(
+    bam: Path,
+    fake: tuple[Path, str],
+    mode: str,
+    words: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A filtered group is counted by `view -u | idxstats -`: any failure of either, or any
+    stderr line beyond idxstats' two notes about reading a stream, is an error."""
+    monkeypatch.setenv("FAKE_MODE", mode)
+    code, out, err = run_cli(capsys, bam, "-q", "20", "--samtools", fake[0])
+    assert_failed(code, 1, out, err, str(bam), words)
+
+
+def test_tally_pipeline_hang_is_killed_at_the_timeout(
+    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "tally-hang")
+    code, out, err = run_cli(capsys, bam, "-q", "20", "--samtools", fake[0], "--timeout", "1")
+    assert_failed(code, 1, out, err, "time limit")
+    assert processes_with(fake[1]) == []
+
+
 def test_one_failure_cancels_the_rest_and_kills_them(
     bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
