@@ -126,14 +126,14 @@ def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int,
     """(processes at once, threads per process) that fill the cores without oversubscribing.
 
     Balanced shards make single-threaded processes the best choice (on 2 cores two of them match
-    ``samtools view -c -@2``, whose extra threads only decompress).  ``--threads`` gives each
-    process more, for a BAM whose work cannot be cut (most reads unplaced); ``--jobs`` always
-    caps the process count.
+    ``samtools view -c -@2``, whose extra threads only decompress).  When ``--jobs`` allows
+    fewer processes than there are cores, each gets a share of the rest as ``-@`` threads;
+    ``--threads`` sets that share itself.  ``--jobs`` always caps the process count.
     """
     if threads is None:
-        threads = 1
-    processes = max(1, min(jobs, cores // threads))  # two per core measured no faster
-    return processes, threads
+        processes = max(1, min(jobs, cores))
+        return processes, max(1, -(-cores // processes))  # ceil: spare cores become threads
+    return max(1, min(jobs, cores // threads)), threads
 
 
 def _validate(request: CountRequest) -> None:

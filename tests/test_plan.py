@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd.count import choose_parallelism
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
 from bamcountd.plan import Region, ShardPolicy, parse_region, plan_shards, read_bed
 from bamcountd.synth import Reference, write_bam
@@ -144,3 +145,22 @@ def test_each_boundary_shard_agrees_with_samtools_on_its_own(dense_bam: Path) ->
             total += shard.sign * int(out.stdout)
         assert total == samtools_count(dense_bam, region.samtools_arg())
     assert oracle(dense_bam, ["chr1"])["chr1"] == samtools_count(dense_bam, "chr1")
+
+
+@pytest.mark.parametrize(
+    ("jobs", "threads", "cores", "expected"),
+    [
+        (10, None, 2, (2, 1)),  # a process per core
+        (10, None, 16, (10, 2)),  # --jobs caps processes; spare cores become -@ threads
+        (16, None, 16, (16, 1)),
+        (1, None, 16, (1, 16)),
+        (10, None, 1, (1, 1)),
+        (10, 1, 16, (10, 1)),  # --threads is taken as given
+        (10, 4, 16, (4, 4)),  # ... and processes shrink so that cores are not oversubscribed
+        (10, 4, 2, (1, 4)),
+    ],
+)
+def test_processes_and_threads_fill_the_cores(
+    jobs: int, threads: int | None, cores: int, expected: tuple[int, int]
+) -> None:
+    assert choose_parallelism(jobs, threads, cores) == expected
