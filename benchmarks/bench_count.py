@@ -11,30 +11,40 @@ GRCh38-like alt/decoy/HLA contigs).  Then runs, alternately and several times ea
   tutorial applet (and, like it, without ``*``, so its total is short by the unplaced reads),
 - ``bamcountd count`` (the CLI, Python start-up included),
 
-with no filters and with ``-F 0x904 -q 20``, and prints medians and ratios.
+with no filters and with ``-F 0x904 -q 20``, and prints medians and ratios.  ``--variant``
+adds ``bamcountd count`` with other options to the same rounds (e.g. ``--variant "-j 16"``).
 
     .venv/bin/python benchmarks/bench_count.py [--reads 6000000] [--repeats 3]
+
+The BAMs are generated in parallel, one process per chunk of references (each writes its own
+BAM with the full header; ``samtools cat`` joins them in order).  ``BAMCOUNTD`` overrides the
+command timed as bamcountd (default: this Python, ``-m bamcountd``).  bamcountd's bytecode is
+compiled first, so that an environment with PYTHONDONTWRITEBYTECODE does not time compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import random
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from bamcountd.synth import HUMAN, Reference, random_records, write_bam
+import bamcountd
+from bamcountd.synth import HUMAN, Reference, demo_bam, random_records, write_bam
 
 HERE = Path(__file__).resolve().parent
 SAMTOOLS = shutil.which("samtools") or "samtools"
-BAMCOUNTD = [sys.executable, "-m", "bamcountd"]
+BAMCOUNTD = shlex.split(os.environ.get("BAMCOUNTD", "")) or [sys.executable, "-m", "bamcountd"]
 FILTERS: dict[str, list[str]] = {"unfiltered": [], "-F 0x904 -q 20": ["-F", "0x904", "-q", "20"]}
 
 
@@ -57,14 +67,39 @@ def ensure_bam(path: Path, references: Sequence[Reference], reads: int, unplaced
     print(
         f"# generating {path.name}: {reads:,} reads on {len(references):,} references ...", file=sys.stderr, flush=True
     )
-    partial = path.with_suffix(".part.bam")
-    records = random_records(references, reads, unplaced=unplaced, read_length=150, seed=1)
-    write_bam(partial, references, records, sort=False, index=False, threads=cores())
-    subprocess.run([SAMTOOLS, "index", "-@", str(cores()), str(partial), str(path) + ".bai"], check=True)
-    partial.rename(path)
+    chunks = _chunks(references, reads)
+    parts = [path.with_suffix(f".part{k}.bam") for k in range(len(chunks) + 1)]
+    jobs = [(parts[k], references, chunk, n, 0, k + 1) for k, (chunk, n) in enumerate(chunks)]
+    jobs.append((parts[-1], references, [], 0, unplaced, 0))  # the unplaced reads come last
+    with ProcessPoolExecutor(max_workers=cores()) as pool:
+        list(pool.map(_write_part, jobs))
+    joined = path.with_suffix(".part.bam")
+    subprocess.run([SAMTOOLS, "cat", "--no-PG", "-o", str(joined), *map(str, parts)], check=True)
+    for part in parts:
+        part.unlink()
+    subprocess.run([SAMTOOLS, "index", "-@", str(cores()), str(joined), str(path) + ".bai"], check=True)
+    joined.rename(path)
     os.utime(str(path) + ".bai")
     print(f"# generated in {time.monotonic() - started:.0f} s, {path.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
     return path
+
+
+def _chunks(references: Sequence[Reference], reads: int, pieces: int = 48) -> list[tuple[list[Reference], int]]:
+    """Consecutive references in chunks of about total/pieces bases (a large one alone), with
+    each chunk's share of the reads."""
+    total = sum(ref.length for ref in references)
+    chunks: list[list[Reference]] = [[]]
+    for ref in references:
+        if chunks[-1] and sum(r.length for r in chunks[-1]) + ref.length > total / pieces:
+            chunks.append([])
+        chunks[-1].append(ref)
+    return [(chunk, round(reads * sum(r.length for r in chunk) / total)) for chunk in chunks]
+
+
+def _write_part(job: tuple[Path, Sequence[Reference], list[Reference], int, int, int]) -> None:
+    path, header, chunk, reads, unplaced, seed = job
+    records = random_records(chunk, reads, unplaced=unplaced, read_length=150, seed=seed) if chunk or unplaced else []
+    write_bam(path, header, records, sort=False, index=False)
 
 
 def timed(argv: Sequence[str]) -> tuple[float, float, bytes]:
@@ -91,7 +126,9 @@ def tsv_total(out: bytes) -> int:
     return int(out.decode().splitlines()[-1].split("\t")[1])
 
 
-def bench(bam: Path, label: str, repeats: int, n: int, *, seed: bool = True) -> dict[str, float]:
+def bench(
+    bam: Path, label: str, repeats: int, n: int, *, seed: bool = True, variants: Sequence[str] = ()
+) -> dict[str, float]:
     medians: dict[str, float] = {}
     for filter_name, filters in FILTERS.items():
         contenders: dict[str, Callable[[], tuple[float, float, int]]] = {
@@ -102,6 +139,9 @@ def bench(bam: Path, label: str, repeats: int, n: int, *, seed: bool = True) -> 
             ),
             "bamcountd count": command([*BAMCOUNTD, "count", *filters, "--format", "tsv", str(bam)], tsv_total),
         }
+        for variant in variants:
+            argv = [*BAMCOUNTD, "count", *shlex.split(variant), *filters, "--format", "tsv", str(bam)]
+            contenders[f"bamcountd count {variant}"] = command(argv, tsv_total)
         if not seed:  # one process per contig: minutes per run on thousands of contigs
             del contenders["seed applet: per-chromosome, 10 at a time"]
         times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -114,7 +154,7 @@ def bench(bam: Path, label: str, repeats: int, n: int, *, seed: bool = True) -> 
                 rss[name] = peak
                 totals[name] = total
         exact = totals["samtools view -c"]
-        assert totals["bamcountd count"] == exact, (totals, exact)
+        assert all(totals[name] == exact for name in totals if name.startswith("bamcountd")), (totals, exact)
         threaded = statistics.median(times[f"samtools view -c -@{n}"])
         single = statistics.median(times["samtools view -c"])
         print(f"\n{label}, {filter_name} — {exact:,} reads counted; median of {repeats}")
@@ -127,6 +167,18 @@ def bench(bam: Path, label: str, repeats: int, n: int, *, seed: bool = True) -> 
     return medians
 
 
+def startup(data: Path, repeats: int) -> None:
+    """A tiny BAM (the demo's 5,250 reads): bamcountd's fixed cost against one samtools call."""
+    bam = demo_bam(data / "demo")
+    python = [timed([sys.executable, "-c", "pass"])[0] for _ in range(repeats)]
+    samtools = [timed([SAMTOOLS, "view", "-c", str(bam)])[0] for _ in range(repeats)]
+    ours = [timed([*BAMCOUNTD, "count", "--format", "tsv", str(bam)])[0] for _ in range(repeats)]
+    print(f"\nstart-up, a {bam.stat().st_size / 1e3:.0f} kB BAM (median of {repeats}):")
+    print(f"  python -c pass      {statistics.median(python):6.3f} s")
+    print(f"  samtools view -c    {statistics.median(samtools):6.3f} s")
+    print(f"  bamcountd count     {statistics.median(ours):6.3f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reads", type=int, default=6_000_000)
@@ -134,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--skip-many-contigs", action="store_true")
+    parser.add_argument("--variant", action="append", default=[], help="bamcountd count options to time as well")
     args = parser.parse_args(argv)
+    compileall.compile_dir(Path(bamcountd.__file__).parent, quiet=1)
     n = cores()
     version = (
         subprocess.run([SAMTOOLS, "--version"], capture_output=True, check=True)
@@ -142,20 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         .splitlines()[0]
     )
     print(f"# {n} cores, {version}, Python {sys.version.split()[0]}, {os.uname().machine}")
+    startup(args.data, max(args.repeats, 10))
     few = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.unplaced)
-    base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n)
-    print(f"\nscaling on this machine, bamcountd count -j K (unfiltered, median of {args.repeats}):")
+    base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n, variants=args.variant)
+    print(f"\nscaling on this machine, bamcountd count -j K --threads 1 (unfiltered, median of {args.repeats}):")
     for jobs in sorted({1, 2, 4, 8, 16, n} & set(range(1, n + 1))):
-        walls = [
-            timed([*BAMCOUNTD, "count", "-j", str(jobs), "--format", "tsv", str(few)])[0] for _ in range(args.repeats)
-        ]
+        argv = [*BAMCOUNTD, "count", "-j", str(jobs), "--threads", "1", "--format", "tsv", str(few)]
+        walls = [timed(argv)[0] for _ in range(args.repeats)]
         print(f"  -j {jobs:<3} {statistics.median(walls):6.2f} s")
     if not args.skip_many_contigs:
         refs = many_contigs()
         many = ensure_bam(args.data / f"contigs{len(refs)}_{args.reads}.bam", refs, args.reads, args.unplaced)
-        spread = bench(
-            many, f"{len(refs):,} references + * ({many.stat().st_size / 1e6:.0f} MB)", args.repeats, n, seed=False
-        )
+        label = f"{len(refs):,} references + * ({many.stat().st_size / 1e6:.0f} MB)"
+        spread = bench(many, label, args.repeats, n, seed=False, variants=args.variant)
         wall, _, _ = timed([sys.executable, str(HERE / "seed_applet.py"), str(many)])
         print(f"(the seed applet on this BAM, once: {wall:.1f} s)")
         print("\nmany contigs vs 25 references, bamcountd count:")
