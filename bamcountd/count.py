@@ -125,14 +125,14 @@ def available_cores() -> int:
 def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
     """(processes at once, threads per process) that fill the cores without oversubscribing.
 
-    Balanced shards make single-threaded processes the best choice (on 2 cores two of them match
-    ``samtools view -c -@2``, whose extra threads only decompress).  When ``--jobs`` allows
-    fewer processes than there are cores, each gets a share of the rest as ``-@`` threads;
-    ``--threads`` sets that share itself.  ``--jobs`` always caps the process count.
+    Balanced shards make single-threaded processes the best choice: on 2 cores two of them match
+    ``samtools view -c -@2``, and on 16 cores ten processes ran no faster with ``-@1`` each
+    (htslib's read-ahead threads decompress past the end of a shard's region).  ``--threads``
+    gives each process more, for a BAM whose work cannot be cut (most reads unplaced);
+    ``--jobs`` always caps the process count.
     """
     if threads is None:
-        processes = max(1, min(jobs, cores))
-        return processes, max(1, -(-cores // processes))  # ceil: spare cores become threads
+        threads = 1
     return max(1, min(jobs, cores // threads)), threads
 
 
