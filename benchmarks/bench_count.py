@@ -170,13 +170,20 @@ def bench(
 def startup(data: Path, repeats: int) -> None:
     """A tiny BAM (the demo's 5,250 reads): bamcountd's fixed cost against one samtools call."""
     bam = demo_bam(data / "demo")
-    python = [timed([sys.executable, "-c", "pass"])[0] for _ in range(repeats)]
-    samtools = [timed([SAMTOOLS, "view", "-c", str(bam)])[0] for _ in range(repeats)]
-    ours = [timed([*BAMCOUNTD, "count", "--format", "tsv", str(bam)])[0] for _ in range(repeats)]
+    steps = {
+        "samtools view -c": [SAMTOOLS, "view", "-c", str(bam)],
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import asyncio'": [sys.executable, "-c", "import asyncio"],
+        "python -c 'import bamcountd.cli'": [sys.executable, "-c", "import bamcountd.cli"],
+        "bamcountd count": [*BAMCOUNTD, "count", "--format", "tsv", str(bam)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, argv in steps.items():
+            times[name].append(timed(argv)[0])
     print(f"\nstart-up, a {bam.stat().st_size / 1e3:.0f} kB BAM (median of {repeats}):")
-    print(f"  python -c pass      {statistics.median(python):6.3f} s")
-    print(f"  samtools view -c    {statistics.median(samtools):6.3f} s")
-    print(f"  bamcountd count     {statistics.median(ours):6.3f} s")
+    for name, values in times.items():
+        print(f"  {name:34} {statistics.median(values):6.3f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
