@@ -6,7 +6,29 @@ import logging
 import sys
 from typing import Any, TextIO
 
-import structlog
+
+def _import_structlog_without_extras() -> None:
+    """Import structlog with rich, better_exceptions and colorama hidden.
+
+    structlog.dev imports them, when installed, only to offer them to ConsoleRenderer; rich
+    (which brings pygments) alone costs a start of ``bamcountd count`` about 0.15 s, half of it.
+    Our renderers use none of them.  Nothing changes if structlog was imported already.
+    """
+    if "structlog" in sys.modules:
+        return
+    hidden = [name for name in ("rich", "better_exceptions", "colorama") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail fast
+    try:
+        import structlog  # noqa: F401
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+
+
+_import_structlog_without_extras()
+
+import structlog  # noqa: E402
 
 
 def configure(*, level: str = "info", json: bool | None = None, stream: TextIO | None = None) -> None:

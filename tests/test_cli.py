@@ -149,3 +149,27 @@ def test_count_does_not_import_dxpy_or_service_code(shared_bam: Path) -> None:
         [sys.executable, "-c", code, str(shared_bam)], capture_output=True, text=True, check=True
     )
     assert completed.stderr.strip() == "[]"
+
+
+def test_count_does_not_import_structlogs_optional_extras(shared_bam: Path, tmp_path: Path) -> None:
+    """structlog.dev imports rich (and pygments), better_exceptions and colorama when they are
+    installed; they would cost every start, so the CLI hides them while structlog loads."""
+    for name in ("rich", "better_exceptions", "colorama"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise SystemExit('{name} was imported')\n")
+    code = (
+        "import sys; from bamcountd.cli import main; "
+        "sys.exit(main(['count', sys.argv[1], '--format', 'tsv', '-v', '--log-format', 'console']))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    completed = subprocess.run(
+        [sys.executable, "-c", code, str(shared_bam)], capture_output=True, text=True, env=env, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "was imported" not in completed.stderr
+    assert "counted" in completed.stderr  # the console renderer still works
+    assert completed.stdout.splitlines()[-1] == f"total\t{samtools_count(shared_bam)}"
+    # The fakes are importable: without the CLI's care, structlog would have imported them.
+    argv = [sys.executable, "-c", "import structlog"]
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert "was imported" in plain.stderr
