@@ -186,6 +186,14 @@ def startup(data: Path, repeats: int) -> None:
         print(f"  {name:34} {statistics.median(values):6.3f} s")
 
 
+def scaling(bam: Path, repeats: int, n: int) -> None:
+    print(f"\nscaling on this machine, bamcountd count -j K --threads 1 (unfiltered, median of {repeats}):")
+    for jobs in sorted({1, 2, 4, 8, 16, n} & set(range(1, n + 1))):
+        argv = [*BAMCOUNTD, "count", "-j", str(jobs), "--threads", "1", "--format", "tsv", str(bam)]
+        walls = [timed(argv)[0] for _ in range(repeats)]
+        print(f"  -j {jobs:<3} {statistics.median(walls):6.2f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reads", type=int, default=6_000_000)
@@ -193,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=HERE / "data")
     parser.add_argument("--skip-many-contigs", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--variant", action="append", default=[], help="bamcountd count options to time as well")
     args = parser.parse_args(argv)
     compileall.compile_dir(Path(bamcountd.__file__).parent, quiet=1)
@@ -206,11 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     startup(args.data, max(args.repeats, 10))
     few = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.unplaced)
     base = bench(few, f"25 references + * ({few.stat().st_size / 1e6:.0f} MB)", args.repeats, n, variants=args.variant)
-    print(f"\nscaling on this machine, bamcountd count -j K --threads 1 (unfiltered, median of {args.repeats}):")
-    for jobs in sorted({1, 2, 4, 8, 16, n} & set(range(1, n + 1))):
-        argv = [*BAMCOUNTD, "count", "-j", str(jobs), "--threads", "1", "--format", "tsv", str(few)]
-        walls = [timed(argv)[0] for _ in range(args.repeats)]
-        print(f"  -j {jobs:<3} {statistics.median(walls):6.2f} s")
+    if not args.skip_scaling:
+        scaling(few, args.repeats, n)
     if not args.skip_many_contigs:
         refs = many_contigs()
         many = ensure_bam(args.data / f"contigs{len(refs)}_{args.reads}.bam", refs, args.reads, args.unplaced)
