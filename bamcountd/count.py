@@ -170,11 +170,13 @@ async def count_bam(
     fresh = lookup.path if lookup.path is not None and not lookup.stale else None
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
-    samtools, _, header, early_stats = await _gather(
+    may_tally = request.filters.active and request.split and request.method == "view"  # see plan_shards
+    samtools, _, header, early_stats, early_reach = await _gather(
         partial(st.locate, executable),
         partial(st.quickcheck, executable, bam),
         partial(st.read_header, executable, bam),
         partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
+        partial(anyio.to_thread.run_sync, bai_reach, fresh) if fresh is not None and may_tally else _no_stats,
     )
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
     index = fresh if fresh is not None else await _built_index(samtools, bam, header, request, lookup)
@@ -201,7 +203,11 @@ async def count_bam(
         )
         weights = plan.region_weights(regions, stats, lengths)
         index_empty = not any(stat.reads for stat in stats.values())
-        reach = await _reach(index, header) if policy.filtered and policy.group else None
+        reach = None
+        if policy.filtered and policy.group:
+            if early_reach is None:  # the index was just built
+                early_reach = await anyio.to_thread.run_sync(bai_reach, index)
+            reach = _by_name(early_reach, header)
         shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty, reach=reach)
         bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
         counts = await _run_shards(
@@ -296,8 +302,7 @@ async def _built_index(
     return out
 
 
-async def _reach(index: Path, header: st.Header) -> dict[str, int] | None:
-    reach = await anyio.to_thread.run_sync(bai_reach, index)
+def _by_name(reach: list[int] | None, header: st.Header) -> dict[str, int] | None:
     if reach is None or len(reach) != len(header.references):
         return None  # not a BAI, or not this header's: filtered groups are not formed
     return {ref.name: end for ref, end in zip(header.references, reach, strict=True)}

@@ -123,16 +123,18 @@ def test_stale_index_is_rebuilt_into_the_cache(bam: Path, tmp_path: Path, capsys
     assert int(counts["chr2"]) == samtools_count(bam, "chr2", index=built[0])
 
 
+@pytest.mark.parametrize("filters", [(), ("-q", "20")])  # filtered: groups use the built BAI's reach
 def test_missing_index_is_built_and_the_bam_left_alone(
-    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], filters: tuple[str, ...]
 ) -> None:
     Path(str(bam) + ".bai").unlink()
     before = sorted(p.name for p in bam.parent.iterdir())
-    code, out, err = run_cli(capsys, bam, "--format", "tsv")
+    code, out, err = run_cli(capsys, bam, "--format", "tsv", *filters, "--index-cache", tmp_path / "cache")
     assert code == 0, err
     assert sorted(p.name for p in bam.parent.iterdir()) == before
-    total = int(out.splitlines()[-1].split("\t")[1])
-    assert total == samtools_count(bam)
+    counts = dict(line.split("\t") for line in out.splitlines())
+    assert int(counts["total"]) == samtools_count(bam, *filters)
+    assert int(counts["chr2"]) == samtools_count(bam, *filters, "chr2", index=next((tmp_path / "cache").iterdir()))
 
 
 @pytest.mark.parametrize("how", [(), ("--no-split",), ("-q", "20")])
