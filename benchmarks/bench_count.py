@@ -28,12 +28,12 @@ import argparse
 import compileall
 import os
 import random
-import resource
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -103,15 +103,18 @@ def _write_part(job: tuple[Path, Sequence[Reference], list[Reference], int, int,
 
 
 def timed(argv: Sequence[str]) -> tuple[float, float, bytes]:
-    """Wall seconds, peak RSS (MiB, largest process of the tree) and stdout of one command."""
-    started = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = process.communicate()
-    wall = time.monotonic() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {err.decode()[-500:]}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return wall, rss, out
+    """Wall seconds, peak RSS (MiB, of the largest process in the tree) and stdout of one command."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own usage, its children included
+        wall = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {err.read().decode()[-500:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
 
 
 def command(argv: Sequence[str], parse: Callable[[bytes], int]) -> Callable[[], tuple[float, float, int]]:
@@ -151,19 +154,19 @@ def bench(
             for name, run in contenders.items():
                 wall, peak, total = run()
                 times[name].append(wall)
-                rss[name] = peak
+                rss[name] = max(rss.get(name, 0.0), peak)
                 totals[name] = total
         exact = totals["samtools view -c"]
         assert all(totals[name] == exact for name in totals if name.startswith("bamcountd")), (totals, exact)
         threaded = statistics.median(times[f"samtools view -c -@{n}"])
         single = statistics.median(times["samtools view -c"])
         print(f"\n{label}, {filter_name} — {exact:,} reads counted; median of {repeats}")
-        print(f"{'':44} {'wall s':>8} {'vs 1 thr':>9} {'vs -@' + str(n):>8}")
+        print(f"{'':44} {'wall s':>8} {'vs 1 thr':>9} {'vs -@' + str(n):>8} {'peak MiB':>9}")
         for name, values in times.items():
             median = statistics.median(values)
             medians[f"{filter_name}|{name}"] = median
             note = "" if totals[name] == exact else f"  (counted {totals[name]:,}: wrong)"
-            print(f"{name:44} {median:8.2f} {median / single:9.2f} {median / threaded:8.2f}{note}")
+            print(f"{name:44} {median:8.2f} {median / single:9.2f} {median / threaded:8.2f} {rss[name]:9.0f}{note}")
     return medians
 
 
