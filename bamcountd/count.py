@@ -37,7 +37,7 @@ from bamcountd.errors import (
     SamtoolsTimeout,
     leaf_exceptions,
 )
-from bamcountd.inputs import IndexLookup, bai_reach, cached_index_path, check_bam_file, default_cache_dir, find_index
+from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
 
 log = structlog.get_logger("bamcountd")
@@ -112,7 +112,7 @@ class CountResult:
 class _Outcome:
     shard: plan.Shard
     completed: st.Completed
-    tally: st.Completed | None = None  # TALLY shards: the idxstats that read ``completed``'s records
+    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards: (passed, not) per reference
 
 
 def available_cores() -> int:
@@ -170,13 +170,11 @@ async def count_bam(
     fresh = lookup.path if lookup.path is not None and not lookup.stale else None
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
-    may_tally = request.filters.active and request.split and request.method == "view"  # see plan_shards
-    samtools, _, header, early_stats, early_reach = await _gather(
+    samtools, _, header, early_stats = await _gather(
         partial(st.locate, executable),
         partial(st.quickcheck, executable, bam),
         partial(st.read_header, executable, bam),
         partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
-        partial(anyio.to_thread.run_sync, bai_reach, fresh) if fresh is not None and may_tally else _no_stats,
     )
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
     index = fresh if fresh is not None else await _built_index(samtools, bam, header, request, lookup)
@@ -203,12 +201,7 @@ async def count_bam(
         )
         weights = plan.region_weights(regions, stats, lengths)
         index_empty = not any(stat.reads for stat in stats.values())
-        reach = None
-        if policy.filtered and policy.group:
-            if early_reach is None:  # the index was just built
-                early_reach = await anyio.to_thread.run_sync(bai_reach, index)
-            reach = _by_name(early_reach, header)
-        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty, reach=reach)
+        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty)
         bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
         counts = await _run_shards(
             samtools,
@@ -302,12 +295,6 @@ async def _built_index(
     return out
 
 
-def _by_name(reach: list[int] | None, header: st.Header) -> dict[str, int] | None:
-    if reach is None or len(reach) != len(header.references):
-        return None  # not a BAI, or not this header's: filtered groups are not formed
-    return {ref.name: end for ref, end in zip(header.references, reach, strict=True)}
-
-
 def _check_index_names(bam: Path, header: st.Header, stats: dict[str, st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
@@ -373,15 +360,27 @@ async def _run_shards(
     local = anyio.CapacityLimiter(processes)
     send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=processes)
 
-    async def run_one(shard: plan.Shard, argvs: list[list[str]], results: ObjectSendStream[_Outcome]) -> None:
+    async def run_one(shard: plan.Shard, argv: list[str] | Path, results: ObjectSendStream[_Outcome]) -> None:
+        """Run one shard: a ``view -c`` argument list, or the BED of a tally."""
         async with results, local:
             try:
                 async with limiter if limiter is not None else nullcontext():
-                    if len(argvs) == 1:
-                        outcome = _Outcome(shard, await st.run(argvs[0], timeout=request.timeout))
+                    if isinstance(argv, list):
+                        outcome = _Outcome(shard, await st.run(argv, timeout=request.timeout))
                     else:
-                        view, tally = await st.run_piped(*argvs, timeout=request.timeout)
-                        outcome = _Outcome(shard, view, tally)
+                        tally = await st.run_tally(
+                            samtools,
+                            bam,
+                            index,
+                            argv,
+                            filters=request.filters,
+                            threads=threads,
+                            cwd=argv.parent,
+                            timeout=request.timeout,
+                        )
+                        what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
+                        tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
+                        outcome = _Outcome(shard, tally.view, tallies)
             except SamtoolsTimeout:
                 raise SamtoolsTimeout(
                     f"{bam}: region {shard.label}: samtools killed after the {request.timeout:g} s time limit"
@@ -390,12 +389,12 @@ async def _run_shards(
                 raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
             await results.send(outcome)
 
-    with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
+        scratch = Path(scratch_name)
 
-        def command(number: int, shard: plan.Shard) -> list[list[str]]:
-            """One argument list, or two for a pipeline (a tally)."""
+        def command(number: int, shard: plan.Shard) -> list[str] | Path:
             if not shard.bed:
-                argv = st.count_argv(
+                return st.count_argv(
                     samtools,
                     bam,
                     index,
@@ -404,12 +403,11 @@ async def _run_shards(
                     threads=threads,
                     expression=shard.expression,
                 )
-                return [argv]
-            bed = _write_bed(Path(scratch) / f"group{number}.bed", shard.args, lengths)
+            bed = _write_bed(scratch / f"group{number}.bed", shard.args, lengths)
             if shard.kind == plan.TALLY:
-                return list(st.tally_argv(samtools, bam, index, bed, filters=request.filters, threads=threads))
+                return bed
             # An unfiltered group's total is checked against the index (see _Reducer.add).
-            return [st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)]
+            return st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
 
         started = len(shards)
         try:
@@ -429,8 +427,8 @@ async def _run_shards(
 
 
 def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Path:
-    # -L keeps reads that start before END.  Reads further out make an unfiltered group's total
-    # differ from the index (it is then counted one by one); filtered groups exclude them.
+    # -L keeps reads that start before END.  Reads further out make the group's total differ
+    # from the index, and it is then counted one reference at a time.
     ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
@@ -461,17 +459,18 @@ class _Reducer:
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
                 self.counts[i] += self._index_totals[i]
         else:
-            assert outcome.tally is not None
-            tallies = st.parse_tally(completed, outcome.tally, what)
+            tallies = outcome.tallies
+            assert tallies is not None
             members = {os.fsencode(self.regions[i].reference or ""): i for i in shard.regions}
-            stray = sorted(name for name, found in tallies.items() if found and name not in members)
-            missing = sorted(name for name in members if name not in tallies)
-            if stray or missing:
-                raise SamtoolsBadOutput(f"{what}: samtools tallied {stray!r} and left out {missing!r}")
-            count = 0
-            for name, i in members.items():
-                self.counts[i] += tallies[name]
-                count += tallies[name]
+            stray = sorted(name for name in tallies if name not in members)
+            if stray:
+                raise SamtoolsBadOutput(f"{what}: samtools returned records on {stray!r}")
+            found = [tallies.get(name, (0, 0)) for name in members]
+            count = sum(passed + failed for passed, failed in found)
+            if any(sum(found[k]) != self._index_totals[i] for k, i in enumerate(members.values())):
+                return self._one_by_one(shard, count)
+            for (passed, _), i in zip(found, members.values(), strict=True):
+                self.counts[i] += passed
         log.debug(
             "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
         )

@@ -187,7 +187,8 @@ def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> l
 
 #: How a shard's samtools output becomes counts.
 COUNT = "count"  # ``view -c``: one number for one region (times ``sign``)
-TALLY = "tally"  # the records themselves, tallied per reference (small references, filtered)
+TALLY = "tally"  # records passing the filters and not, per reference (small references, filtered):
+#                  together they must equal the index's counts
 SUM = "sum"  # ``view -c`` over several whole references: must equal the index's sum for them,
 #              and each reference then gets the index's own count (small references, unfiltered)
 
@@ -254,14 +255,10 @@ def plan_shards(
     policy: ShardPolicy,
     *,
     index_empty: bool = False,
-    reach: Mapping[str, int] | None = None,
 ) -> list[Shard]:
     """Cut regions into shards of similar size, biggest first.
 
     ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
-    ``reach``: per reference, a position no record reaches (:func:`inputs.bai_reach`).  A
-    filtered group has no total to check against the index, so it takes only references whose
-    records all lie inside their BED window; without ``reach`` filtered groups are not formed.
     """
     total = sum(weights)
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
@@ -275,9 +272,6 @@ def plan_shards(
             shards.append(Shard((index,), (), weight=weight))
             continue
         groupable = region.reference is not None and _bed_safe(region.reference) and uses[region.reference] == 1
-        if groupable and policy.filtered:
-            known = reach.get(region.reference or "") if reach is not None else None
-            groupable = known is not None and known <= bed_end(lengths[region.reference or ""])
         if policy.group and region.whole and groupable and weight < policy.small_reads:
             small.append(index)
         elif policy.split and region.reference is not None and weight > 1.5 * target:

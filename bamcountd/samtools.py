@@ -61,6 +61,9 @@ _IDXSTATS_STREAM_NOTES = (
     re.compile(r"\A\[E::idx_find_and_load\] Could not retrieve index file for '-'\Z"),
     re.compile(r'\Asamtools idxstats: fail to load index for "-", reverting to slow method\Z'),
 )
+# idxstats' table, and its lines that hold any records (name, length, mapped, unmapped).
+_IDXSTATS_TABLE = re.compile(rb"(?:[^\t\n]+\t[0-9]+\t[0-9]+\t[0-9]+\n)*")
+_IDXSTATS_RECORDS = re.compile(rb"^([^\t\n]+)\t[0-9]+\t([0-9]+)\t([0-9]+)$(?<!\t0\t0)", re.M)
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")
 
@@ -225,49 +228,84 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
     )
 
 
-async def run_piped(
-    producer: Sequence[str], consumer: Sequence[str], *, timeout: float | None = None
-) -> tuple[Completed, Completed]:
-    """Run ``producer | consumer`` (a pipe between two argument lists, no shell) to completion;
-    on cancellation or timeout both are killed.  The producer's stdout is the pipe."""
-    started = time.monotonic()
-    outputs = [b"", b"", b""]  # producer stderr, consumer stdout, consumer stderr
+@dataclass(frozen=True)
+class Tally:
+    """The three commands of a filtered group's count: ``view``, and ``idxstats`` on each of
+    its two outputs (the records that pass the filters, and those that do not)."""
 
-    async def drain(slot: int, stream: anyio.abc.ByteReceiveStream | None) -> None:
+    view: Completed
+    selected: Completed
+    unselected: Completed
+
+
+async def run_tally(
+    samtools: Samtools,
+    bam: Path,
+    index: Path,
+    bed: Path,
+    *,
+    filters: Filters,
+    threads: int = 1,
+    cwd: Path,
+    timeout: float | None = None,
+) -> Tally:
+    """Per reference of a BED of whole references, the records that pass ``filters`` and those
+    that do not, counted by samtools alone: ``view -u [filters] -M -L BED -U PIPE`` (uncompressed
+    BAM, nothing to deflate), each output piped into its own ``idxstats -``, which counts a
+    stream it finds no index for by reading it.  The two counts must add up to the index's,
+    which proves that the BED reached every read.  On cancellation or timeout all three are
+    killed.  ``cwd`` is private: idxstats looks for ``-.bai`` there, which must not exist.
+    """
+    started = time.monotonic()
+    selected_read, selected_write = os.pipe()
+    unselected_read, unselected_write = os.pipe()
+    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
+    if threads > 1:
+        view += ["-@", str(threads - 1)]
+    view += ["-M", "-L", str(bed), "-U", f"/dev/fd/{unselected_write}", with_index(bam, index)]
+    count = [samtools.executable, "idxstats", "-"]
+    outputs: dict[tuple[int, str], bytes] = {}
+
+    async def drain(key: tuple[int, str], stream: anyio.abc.ByteReceiveStream | None) -> None:
         assert stream is not None
-        outputs[slot] = b"".join([chunk async for chunk in stream])
+        outputs[key] = b"".join([chunk async for chunk in stream])
 
     async with AsyncExitStack() as stack:
-        read_end, write_end = os.pipe()
-        try:
-            first = await stack.enter_async_context(
-                await anyio.open_process(list(producer), stdin=subprocess.DEVNULL, stdout=write_end)
-            )
-            second = await stack.enter_async_context(await anyio.open_process(list(consumer), stdin=read_end))
-        finally:  # the children hold their own ends; ours would keep the pipe from closing
-            os.close(read_end)
-            os.close(write_end)
+        processes: list[anyio.abc.Process] = []
+        try:  # each child gets only its own ends (subprocess closes every other descriptor)
+            for argv, stdin, stdout, passed in (
+                (view, subprocess.DEVNULL, selected_write, (unselected_write,)),
+                (count, selected_read, subprocess.PIPE, ()),
+                (count, unselected_read, subprocess.PIPE, ()),
+            ):
+                process = await anyio.open_process(argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd)
+                processes.append(await stack.enter_async_context(process))
+        finally:  # ours would keep the pipes from ever closing
+            for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
+                os.close(descriptor)
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as group:
-                    group.start_soon(drain, 0, first.stderr)
-                    group.start_soon(drain, 1, second.stdout)
-                    group.start_soon(drain, 2, second.stderr)
-                await first.wait()
-                await second.wait()
+                    for number, process in enumerate(processes):
+                        group.start_soon(drain, (number, "stderr"), process.stderr)
+                        if number:
+                            group.start_soon(drain, (number, "stdout"), process.stdout)
+                for process in processes:
+                    await process.wait()
         except BaseException as error:
-            for process in (first, second):
+            for process in processes:
                 if process.returncode is None:
                     process.kill()
             if isinstance(error, TimeoutError):
-                raise SamtoolsTimeout(f"{' '.join(producer[1:3])}: killed after the {timeout:g} s time limit") from None
+                raise SamtoolsTimeout(f"view -u: killed after the {timeout:g} s time limit") from None
             raise
     seconds = time.monotonic() - started
-    assert first.returncode is not None and second.returncode is not None
-    return (
-        Completed(tuple(producer), first.returncode, b"", outputs[0], seconds),
-        Completed(tuple(consumer), second.returncode, outputs[1], outputs[2], seconds),
-    )
+    done = []
+    for number, (argv, process) in enumerate(zip((view, count, count), processes, strict=True)):
+        assert process.returncode is not None
+        printed = outputs.get((number, "stdout"), b"")
+        done.append(Completed(tuple(argv), process.returncode, printed, outputs[(number, "stderr")], seconds))
+    return Tally(*done)
 
 
 _located: dict[tuple[str, int, int], Samtools] = {}
@@ -429,35 +467,31 @@ def parse_count(completed: Completed, what: str) -> int:
     return int(match.group(1))
 
 
-def tally_argv(
-    samtools: Samtools, bam: Path, index: Path, bed: Path, *, filters: Filters, threads: int = 1
-) -> tuple[list[str], list[str]]:
-    """Per-reference counts of the records that pass ``filters`` in a BED of whole references:
-    ``view -u`` (uncompressed BAM, nothing to deflate) piped into ``idxstats -``, which counts
-    a stream it cannot find an index for by reading it (``slow_idxstats``), all in C."""
-    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
-    if threads > 1:
-        view += ["-@", str(threads - 1)]
-    view += ["-M", "-L", str(bed), with_index(bam, index)]
-    return view, [samtools.executable, "idxstats", "-"]
+def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
+    """Per reference name with any records: (records passing the filters, records not), from a
+    :func:`run_tally`, after checking all three commands.  idxstats' two notes about reading
+    a stream are expected; any other stderr line is a failure.  idxstats prints every
+    reference of the header, so only the lines with records are looked at one by one."""
+    selected, unselected = (_without_stream_notes(c) for c in (tally.selected, tally.unselected))
+    view_lines = tally.view.stderr_lines
+    if tally.view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in view_lines):
+        _checked(selected, what)  # a reader gave up first: its words say why
+        _checked(unselected, what)
+    _checked(tally.view, what)
+    found: dict[bytes, list[int]] = {}
+    for column, completed in enumerate((selected, unselected)):
+        _checked(completed, what)
+        out = completed.stdout
+        if not _IDXSTATS_TABLE.fullmatch(out) or not (out.startswith(b"*\t") or b"\n*\t" in out):
+            raise SamtoolsBadOutput(f"{what}: `samtools idxstats -` printed {out[-200:]!r}")
+        for match in _IDXSTATS_RECORDS.finditer(out):
+            name, mapped, unmapped = match.groups()
+            found.setdefault(name, [0, 0])[column] += int(mapped) + int(unmapped)
+    return {name: (passed, failed) for name, (passed, failed) in found.items()}
 
 
-def parse_tally(view: Completed, tally: Completed, what: str) -> dict[bytes, int]:
-    """Records per reference name (``*`` included) from a :func:`tally_argv` pipeline, after
-    checking both commands; idxstats' two notes about reading a stream are expected."""
-    unexpected = [line for line in tally.stderr_lines if not any(n.match(line) for n in _IDXSTATS_STREAM_NOTES)]
-    tally = Completed(tally.argv, tally.returncode, tally.stdout, "\n".join(unexpected).encode(), tally.seconds)
-    reader_quit = view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in view.stderr_lines)
-    if reader_quit:
-        _checked(tally, what)  # the reader gave up first: its words say why
-    _checked(view, what)
-    _checked(tally, what)
-    counts: dict[bytes, int] = {}
-    for raw in tally.stdout.splitlines():
-        parts = raw.split(b"\t")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]) or parts[0] in counts:
-            raise SamtoolsBadOutput(f"{what}: unexpected `samtools idxstats` line {raw[:200]!r}")
-        counts[parts[0]] = int(parts[2]) + int(parts[3])
-    if b"*" not in counts:
-        raise SamtoolsBadOutput(f"{what}: `samtools idxstats` printed no line for '*'")
-    return counts
+def _without_stream_notes(completed: Completed) -> Completed:
+    lines = [line for line in completed.stderr_lines if not any(n.match(line) for n in _IDXSTATS_STREAM_NOTES)]
+    return Completed(
+        completed.argv, completed.returncode, completed.stdout, "\n".join(lines).encode(), completed.seconds
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -42,10 +43,9 @@ def test_reads_starting_past_the_reference_end(
     with capture_logs() as events:  # not around main(), which configures structlog afresh
         result = count_bam_sync(CountRequest(bam=bam, filters=Filters(min_mapq=1) if filters else Filters()))
     recounted = [e["references"] for e in events if e["event"] == "group_recounted"]
-    if filters:  # the index shows chrM's reads reach past the window: chrM is counted alone
-        assert (recounted, result.shards) == ([], 3)
-    else:  # the group's total differs from the index: counted again, one by one
-        assert (recounted, result.shards) == ([3], 2)
+    # r5 is outside the group's BED: its total differs from the index, so it is counted again,
+    # one reference at a time (filtered, the records that pass and those that do not add up).
+    assert (recounted, result.shards) == ([3], 2)
 
 
 @pytest.mark.parametrize("filters", [(), ("-q", "1")])
@@ -147,3 +147,33 @@ def test_flag_spellings_match_samtools(shared_bam: Path, capsys: pytest.CaptureF
             [SAMTOOLS, "view", "-c", "-F", spelling, str(shared_bam)], capture_output=True, check=True
         )
         assert tsv(capsys, shared_bam, "-F", spelling)["total"] == int(theirs.stdout)
+
+
+@pytest.mark.parametrize("index_kind", ["bai", "csi"])
+def test_filtered_groups_with_either_index(
+    shared_bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], index_kind: str
+) -> None:
+    """Small references are counted together through `view -u -U | idxstats -` with a BAI or
+    a CSI alike: the records that pass and those that do not must add up to the index."""
+    bam = tmp_path / "copy.bam"
+    shutil.copy(shared_bam, bam)
+    flag = "-c" if index_kind == "csi" else "-b"
+    subprocess.run([SAMTOOLS, "index", flag, str(bam), f"{bam}.{index_kind}"], check=True)
+    filters = ("-F", "0x904", "-q", "20")
+    with capture_logs() as events:
+        result = count_bam_sync(CountRequest(bam=bam, filters=Filters(exclude_flags=0x904, min_mapq=20)))
+    assert result.shards < len(result.regions)  # grouped, not one process per reference
+    assert not [e for e in events if e["event"] == "group_recounted"]
+    assert {r.region: r.count for r in result.regions} == oracle(bam, [*header_names(bam), "*"], filters)
+    assert tsv(capsys, bam, *filters)["total"] == samtools_count(bam, *filters)
+
+
+def test_an_index_named_dash_in_the_working_folder_is_not_read(
+    shared_bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`samtools idxstats -` looks for `-.bai` in its working folder and, if one is there, prints
+    that index instead of reading the stream; bamcountd runs it in a private folder."""
+    other = write_bam(tmp_path / "other.bam", [Reference("chr1", 1000)], [read("x", "chr1", 5)])
+    shutil.copy(f"{other}.bai", tmp_path / "-.bai")
+    monkeypatch.chdir(tmp_path)
+    assert tsv(capsys, shared_bam, "-q", "20") == expected(shared_bam, "-q", "20")
