@@ -177,7 +177,7 @@ def startup(data: Path, repeats: int) -> None:
         "samtools view -c": [SAMTOOLS, "view", "-c", str(bam)],
         "python -c pass": [sys.executable, "-c", "pass"],
         "python -c 'import asyncio'": [sys.executable, "-c", "import asyncio"],
-        "python -c 'import bamcountd.cli'": [sys.executable, "-c", "import bamcountd.cli"],
+        "bamcountd --version (imports only)": [*BAMCOUNTD, "--version"],
         "bamcountd count": [*BAMCOUNTD, "count", "--format", "tsv", str(bam)],
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
