@@ -238,17 +238,28 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
     return fake_samtools(tmp_path), token
 
 
-@pytest.mark.parametrize(("mode", "words"), [("kill", "killed by SIGKILL"), ("garbage", "instead of a count")])
-def test_samtools_killed_or_garbage(
+@pytest.mark.parametrize(
+    ("mode", "args", "words"),
+    [
+        ("kill", (), "killed by SIGKILL"),
+        ("garbage", (), "instead of a count"),
+        # A filtered group is counted by `view -u -U | idxstats -` (twice): a failure of any of
+        # them, or a stderr line beyond idxstats' two notes about reading a stream, is an error.
+        ("tally-crash", ("-q", "20"), "exit status 1: [E::fake] tally failure"),
+        ("tally-warn", ("-q", "20"), "[W::fake] something odd"),
+    ],
+)
+def test_samtools_killed_garbage_or_stray_stderr(
     bam: Path,
     fake: tuple[Path, str],
     mode: str,
+    args: tuple[str, ...],
     words: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", mode)
-    code, out, err = run_cli(capsys, bam, "--samtools", fake[0])
+    code, out, err = run_cli(capsys, bam, *args, "--samtools", fake[0])
     assert_failed(code, 1, out, err, str(bam), words)
 
 
@@ -261,25 +272,6 @@ def test_samtools_hang_past_timeout(
     assert_failed(code, 1, out, err, "time limit")
     assert time.monotonic() - started < 20
     assert processes_with(fake[1]) == []
-
-
-@pytest.mark.parametrize(
-    ("mode", "words"),
-    [("tally-crash", "exit status 1: [E::fake] tally failure"), ("tally-warn", "[W::fake] something odd")],
-)
-def test_tally_pipeline_failure_or_stray_stderr(
-    bam: Path,
-    fake: tuple[Path, str],
-    mode: str,
-    words: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """A filtered group is counted by `view -u | idxstats -`: any failure of either, or any
-    stderr line beyond idxstats' two notes about reading a stream, is an error."""
-    monkeypatch.setenv("FAKE_MODE", mode)
-    code, out, err = run_cli(capsys, bam, "-q", "20", "--samtools", fake[0])
-    assert_failed(code, 1, out, err, str(bam), words)
 
 
 def test_tally_pipeline_hang_is_killed_at_the_timeout(
