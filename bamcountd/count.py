@@ -112,7 +112,7 @@ class CountResult:
 class _Outcome:
     shard: plan.Shard
     completed: st.Completed
-    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards: (passed, not) per reference
+    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards: (records, passing) per reference
 
 
 def available_cores() -> int:
@@ -461,15 +461,14 @@ class _Reducer:
         else:
             tallies = outcome.tallies
             assert tallies is not None
-            members = {os.fsencode(self.regions[i].reference or ""): i for i in shard.regions}
-            stray = sorted(name for name in tallies if name not in members)
-            if stray:
-                raise SamtoolsBadOutput(f"{what}: samtools returned records on {stray!r}")
-            found = [tallies.get(name, (0, 0)) for name in members]
-            count = sum(passed + failed for passed, failed in found)
-            if any(sum(found[k]) != self._index_totals[i] for k, i in enumerate(members.values())):
+            unknown = set(tallies) - {os.fsencode(self.regions[i].reference or "") for i in shard.regions}
+            if unknown:
+                raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
+            found = [tallies.get(os.fsencode(self.regions[i].reference or ""), (0, 0)) for i in shard.regions]
+            count = sum(every for every, _ in found)
+            if any(every != self._index_totals[i] for i, (every, _) in zip(shard.regions, found, strict=True)):
                 return self._one_by_one(shard, count)
-            for (passed, _), i in zip(found, members.values(), strict=True):
+            for i, (_, passed) in zip(shard.regions, found, strict=True):
                 self.counts[i] += passed
         log.debug(
             "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)

@@ -468,7 +468,7 @@ def parse_count(completed: Completed, what: str) -> int:
 
 
 def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
-    """Per reference name with any records: (records passing the filters, records not), from a
+    """Per reference name with any records: (records, records passing the filters), from a
     :func:`run_tally`, after checking all three commands.  idxstats' two notes about reading
     a stream are expected; any other stderr line is a failure.  idxstats prints every
     reference of the header, so only the lines with records are looked at one by one."""
@@ -487,7 +487,7 @@ def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
         for match in _IDXSTATS_RECORDS.finditer(out):
             name, mapped, unmapped = match.groups()
             found.setdefault(name, [0, 0])[column] += int(mapped) + int(unmapped)
-    return {name: (passed, failed) for name, (passed, failed) in found.items()}
+    return {name: (passed + failed, passed) for name, (passed, failed) in found.items()}
 
 
 def _without_stream_notes(completed: Completed) -> Completed:
