@@ -3,6 +3,7 @@ and no output file — never a plausible wrong count."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -228,6 +229,59 @@ def test_samtools_missing(
     monkeypatch.setenv("PATH", str(tmp_path))
     code, out, err = run_cli(capsys, bam)
     assert_failed(code, 1, out, err, "on PATH", "apt-get install samtools")
+
+
+def _samtools_answering(folder: Path, version_only: str | None, version: str) -> Path:
+    """A samtools that answers the version questions as told and runs the real one otherwise;
+    ``version_only=None`` plays a samtools without ``--version-only``."""
+    script = folder / "old-samtools"
+    lines = ["#!/bin/sh"]
+    if version_only is None:
+        lines.append(
+            'if [ "$1" = --version-only ]; then echo "[main] unrecognized command \'--version-only\'" >&2; exit 1; fi'
+        )
+    else:
+        lines.append(f'if [ "$1" = --version-only ]; then printf "%s\\n" "{version_only}"; exit 0; fi')
+    lines.append(f'if [ "$1" = --version ]; then printf "%s\\n" "{version}" "Using htslib 1.x"; exit 0; fi')
+    lines.append(f'exec {SAMTOOLS} "$@"')
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_samtools_without_version_only_is_asked_the_long_way(
+    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samtools = _samtools_answering(tmp_path, None, "samtools 1.13")
+    code = main(["count", str(bam), "--samtools", str(samtools), "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["samtools"] == "1.13"
+    assert result["total"] == samtools_count(bam)
+
+
+@pytest.mark.parametrize(
+    ("version_only", "version", "code", "words"),
+    [
+        (None, "samtools 1.9", 1, "samtools 1.9 is too old, need 1.10 or newer"),
+        ("1.9+htslib-1.9", "samtools 1.9", 1, "samtools 1.9 is too old"),
+        (None, "something else", 1, "did not print a samtools version"),
+        ("garbage", "garbage", 1, "did not print a samtools version"),
+    ],
+)
+def test_samtools_version_too_old_or_unreadable(
+    bam: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    version_only: str | None,
+    version: str,
+    code: int,
+    words: str,
+) -> None:
+    samtools = _samtools_answering(tmp_path, version_only, version)
+    got, out, err = run_cli(capsys, bam, "--samtools", samtools)
+    assert_failed(got, code, out, err, str(samtools), words)
 
 
 @pytest.fixture
