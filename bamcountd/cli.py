@@ -4,6 +4,7 @@ codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted).""
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
 import sys
@@ -34,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse reports usage errors itself, with status 2
         return int(exit_.code or 0)
-    logs.configure(level=_log_level(args), json=_log_json(args.log_format))
+    # count and demo log nothing at their default level: structlog need not be imported.
+    logs.configure(level=_log_level(args), json=_log_json(args.log_format), defer=args.defer_logging)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -82,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default: warning for count, info for the services",
     )
-    parser.set_defaults(quiet_log_level="warning")
+    parser.set_defaults(quiet_log_level="warning", defer_logging=False)
     common.add_argument(
         "--log-format",
         default="auto",
@@ -105,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="output format (default: table on a terminal, json for -o *.json, else tsv)",
     )
     count.add_argument("-o", "--output", type=Path, help="write the result to FILE atomically instead of stdout")
-    count.set_defaults(handler=_run_count)
+    count.set_defaults(handler=_run_count, defer_logging=True)
 
     demo = commands.add_parser(
         "demo",
@@ -116,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, help="where to write demo.bam (default: a temporary folder)")
     demo.add_argument("--format", choices=FORMATS, default="table")
     demo.add_argument("--samtools", help="samtools executable (default: samtools on PATH)")
-    demo.set_defaults(handler=_run_demo)
+    demo.set_defaults(handler=_run_demo, defer_logging=True)
     _add_service_commands(commands, common)
     _add_dnanexus_commands(commands, common)
     return parser
@@ -162,6 +164,7 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) 
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    gc.enable()  # a daemon: the `bamcountd` command starts with collection off (see __main__)
     from bamcountd.service.config import load
     from bamcountd.service.daemon import serve
 
@@ -420,6 +423,7 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:
+    gc.enable()  # may run for days: the `bamcountd` command starts with collection off (see __main__)
     from bamcountd.dnanexus.watch import run_from_args
 
     run_from_args(args)

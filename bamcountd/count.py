@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import ObjectSendStream
 
-from bamcountd import plan
+from bamcountd import logs, plan
 from bamcountd import samtools as st
 from bamcountd.errors import (
     BadOption,
@@ -40,7 +39,7 @@ from bamcountd.errors import (
 from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
 from bamcountd.samtools import Filters
 
-log = structlog.get_logger("bamcountd")
+log = logs.get_logger("bamcountd")
 
 METHODS = ("view", "index")
 #: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.

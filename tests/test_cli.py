@@ -117,6 +117,48 @@ def test_logs_are_json_lines_when_not_a_tty(shared_bam: Path) -> None:
     assert completed.stdout.splitlines()[-1] == f"total\t{samtools_count(shared_bam)}"
 
 
+def test_count_imports_structlog_only_for_an_event_to_log(shared_bam: Path) -> None:
+    """At its default level a count has nothing to log, so structlog (a tenth of a start) is
+    never imported; an event the level lets through imports it, configured as asked."""
+    code = (
+        "import sys; from bamcountd.cli import main; status = main(sys.argv[1:]); "
+        "print('structlog imported:', 'structlog' in sys.modules, file=sys.stderr); sys.exit(status)"
+    )
+    argv = [sys.executable, "-c", code, "count", str(shared_bam), "--format", "tsv"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert quiet.stderr == "structlog imported: False\n"
+    assert quiet.stdout.splitlines()[-1] == f"total\t{samtools_count(shared_bam)}"
+    told = subprocess.run([*argv, "--log-level", "info"], capture_output=True, text=True, check=True)
+    *lines, last = told.stderr.splitlines()
+    assert last == "structlog imported: True"
+    events = [json.loads(line) for line in lines]
+    assert [e["event"] for e in events] == ["counted"]
+    assert events[0]["level"] == "info" and events[0]["total"] == samtools_count(shared_bam)
+
+
+def test_the_command_exits_with_mains_status_and_all_its_output(shared_bam: Path, tmp_path: Path) -> None:
+    """`bamcountd` skips the interpreter's teardown: the output must still be whole, and the
+    status main's."""
+    names = [*header_names(shared_bam), "*"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "bamcountd", "count", str(shared_bam), "--format", "tsv"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    counts = oracle(shared_bam, names)
+    assert completed.stdout.splitlines() == [*(f"{n}\t{counts[n]}" for n in names), f"total\t{sum(counts.values())}"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "bamcountd", "count", str(tmp_path / "none.bam")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr == f"bamcountd: error: {tmp_path / 'none.bam'}: no such file\n"
+
+
 def test_write_atomic_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "out.txt"
     target.write_text("old")
