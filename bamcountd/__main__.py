@@ -9,12 +9,14 @@ from typing import NoReturn
 
 
 def run() -> NoReturn:
-    # A command is a short process: collecting garbage during its ~400 imports cost about 20 ms
-    # of a count's start on a 2-core VM, and the little cyclic garbage a count makes dies with
-    # the process.  The long-running commands (serve, dx watch) turn collection back on.
+    # Collecting garbage while the modules load cost about 20 ms of a count's start on a 2-core
+    # VM, for nothing: what they make lives as long as the process, so it is frozen out of
+    # every later collection too.
     gc.disable()
     from bamcountd.cli import main
 
+    gc.freeze()
+    gc.enable()
     exit_now(main())
 
 
@@ -22,13 +24,17 @@ def exit_now(code: int) -> NoReturn:
     """Exit without the interpreter's teardown, which took 30-60 ms of a count on a 2-core VM.
 
     By the time main() returns, every file is closed, every samtools reaped and every temporary
-    folder removed; only the standard streams are left to flush.
+    folder removed; only the standard streams are left to flush.  As at a normal exit, output
+    that cannot be flushed to stdout fails a run that had succeeded, and stderr's is let go.
     """
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: the output did not all get out
-            code = code or 1
+        except (OSError, ValueError):  # a closed pipe or stream
+            if stream is sys.stdout:
+                code = code or 1
     os._exit(code)
 
 

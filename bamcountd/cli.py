@@ -4,7 +4,6 @@ codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted).""
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import os
 import sys
@@ -164,7 +163,6 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) 
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    gc.enable()  # a daemon: the `bamcountd` command starts with collection off (see __main__)
     from bamcountd.service.config import load
     from bamcountd.service.daemon import serve
 
@@ -423,7 +421,6 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:
-    gc.enable()  # may run for days: the `bamcountd` command starts with collection off (see __main__)
     from bamcountd.dnanexus.watch import run_from_args
 
     run_from_args(args)

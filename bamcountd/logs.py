@@ -51,12 +51,25 @@ def configure(
 ) -> None:
     """Configure logging to ``stream`` (stderr); safe to call again (the last call wins).
 
+    structlog is imported with its optional extras hidden if nothing imported it before.
+
     ``defer``: if structlog is not imported yet, leave it so until a :func:`get_logger` logger
     has an event at ``level`` or above; for a short command whose code all logs through those.
     """
     _settings.threshold = logging.getLevelNamesMapping()[level.upper()]
     _settings.pending = (level, json, stream if stream is not None else sys.stderr)
     if not defer or "structlog" in sys.modules:
+        _apply_pending()
+
+
+def _apply_pending_unless_configured() -> None:
+    """structlog came in another way after a deferred configure(): settings its importer gave
+    it (a program's own, a test's ``capture_logs()``) win over the ones waiting here."""
+    import structlog
+
+    if structlog.is_configured():
+        _settings.pending = None
+    else:
         _apply_pending()
 
 
@@ -113,9 +126,12 @@ class Logger:
         self._log(logging.ERROR, "error", event, values)
 
     def _log(self, level: int, method: str, event: str, values: dict[str, Any]) -> None:
-        if "structlog" not in sys.modules and level < _settings.threshold:
-            return
-        _apply_pending()
+        if "structlog" not in sys.modules:
+            if level < _settings.threshold:
+                return
+            _apply_pending()
+        elif _settings.pending is not None:
+            _apply_pending_unless_configured()
         import structlog
 
         bound = structlog.get_logger(self._name).bind(**self._context)

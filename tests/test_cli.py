@@ -159,6 +159,50 @@ def test_the_command_exits_with_mains_status_and_all_its_output(shared_bam: Path
     assert missing.stderr == f"bamcountd: error: {tmp_path / 'none.bam'}: no such file\n"
 
 
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        # stdout closed before the start (`>&-`): Python has no sys.stdout; a count to -o is fine.
+        ("import os; os.close(1); os.execv(sys.executable, [sys.executable, '-c', {inner!r}])", 0),
+        # output still buffered when stdout's descriptor is gone: the run fails, as at a normal exit.
+        ("sys.stdout.write('x'); os.close(1); exit_now(0)", 1),
+        ("sys.stdout.write('x'); os.close(1); exit_now(2)", 2),
+    ],
+)
+def test_exit_now_flushes_what_it_can_and_keeps_the_status(script: str, status: int) -> None:
+    inner = "import sys; from bamcountd.__main__ import exit_now; assert sys.stdout is None; exit_now(0)"
+    code = f"import os, sys; from bamcountd.__main__ import exit_now; {script.format(inner=inner)}"
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=buffered, check=False)
+    assert completed.returncode == status, completed.stderr
+    assert completed.stderr == ""
+
+
+def test_deferred_logging_yields_to_a_structlog_set_up_after_it(tmp_path: Path) -> None:
+    """A program that ran a count in-process (logging deferred, nothing logged) and then set up
+    structlog itself keeps its own set-up; one that did not gets bamcountd's."""
+    code = """if True:
+        import sys
+        from bamcountd import logs
+        logs.configure(level="info", json=True, defer=True)
+        import structlog
+        from structlog.testing import capture_logs
+        if sys.argv[1] == "own":
+            with capture_logs() as captured:
+                logs.get_logger("t").info("mine", n=1)
+            print(captured)
+        else:
+            logs.get_logger("t").info("theirs", n=2)
+    """
+    own = subprocess.run([sys.executable, "-c", code, "own"], capture_output=True, text=True, check=True)
+    assert own.stdout == "[{'n': 1, 'event': 'mine', 'log_level': 'info'}]\n"
+    assert own.stderr == ""
+    theirs = subprocess.run([sys.executable, "-c", code, "none"], capture_output=True, text=True, check=True)
+    event = json.loads(theirs.stderr)
+    assert (event["event"], event["n"], event["level"]) == ("theirs", 2, "info")
+    assert theirs.stdout == ""
+
+
 def test_write_atomic_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "out.txt"
     target.write_text("old")
