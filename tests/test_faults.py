@@ -231,33 +231,46 @@ def test_samtools_missing(
     assert_failed(code, 1, out, err, "on PATH", "apt-get install samtools")
 
 
-def _samtools_answering(folder: Path, version_only: str | None, version: str) -> Path:
+def _samtools_answering(folder: Path, version_only: str | None, version: str | None) -> Path:
     """A samtools that answers the version questions as told and runs the real one otherwise;
-    ``version_only=None`` plays a samtools without ``--version-only``."""
-    script = folder / "old-samtools"
+    None plays a samtools that does not know the option (exit status 1)."""
+    script = folder / "versioned-samtools"
     lines = ["#!/bin/sh"]
-    if version_only is None:
-        lines.append(
-            'if [ "$1" = --version-only ]; then echo "[main] unrecognized command \'--version-only\'" >&2; exit 1; fi'
-        )
-    else:
-        lines.append(f'if [ "$1" = --version-only ]; then printf "%s\\n" "{version_only}"; exit 0; fi')
-    lines.append(f'if [ "$1" = --version ]; then printf "%s\\n" "{version}" "Using htslib 1.x"; exit 0; fi')
+    for option, answer in (("--version-only", version_only), ("--version", version)):
+        if answer is None:
+            lines.append(
+                f'if [ "$1" = {option} ]; then echo "[main] unrecognized command \'{option}\'" >&2; exit 1; fi'
+            )
+        else:
+            lines.append(f'if [ "$1" = {option} ]; then printf "%s\\n" "{answer}"; exit 0; fi')
     lines.append(f'exec {SAMTOOLS} "$@"')
     script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
     return script
 
 
-def test_samtools_without_version_only_is_asked_the_long_way(
-    bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("version_only", "version", "reported"),
+    [
+        ("1.16.1-20-gabc+htslib-1.16-5-gdef", None, "1.16.1"),  # the short form is all it asks
+        (None, "samtools 1.13", "1.13"),  # a samtools without it is asked the long way
+        ("garbage", "samtools 1.14", "1.14"),  # and so is one that answers it strangely
+    ],
+)
+def test_samtools_version_short_form_then_long(
+    bam: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    version_only: str | None,
+    version: str | None,
+    reported: str,
 ) -> None:
-    samtools = _samtools_answering(tmp_path, None, "samtools 1.13")
+    samtools = _samtools_answering(tmp_path, version_only, version)
     code = main(["count", str(bam), "--samtools", str(samtools), "--format", "json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
-    assert result["samtools"] == "1.13"
+    assert result["samtools"] == reported
     assert result["total"] == samtools_count(bam)
 
 
@@ -268,6 +281,7 @@ def test_samtools_without_version_only_is_asked_the_long_way(
         ("1.9+htslib-1.9", "samtools 1.9", 1, "samtools 1.9 is too old"),
         (None, "something else", 1, "did not print a samtools version"),
         ("garbage", "garbage", 1, "did not print a samtools version"),
+        (None, None, 1, "did not print a samtools version"),
     ],
 )
 def test_samtools_version_too_old_or_unreadable(
@@ -275,7 +289,7 @@ def test_samtools_version_too_old_or_unreadable(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     version_only: str | None,
-    version: str,
+    version: str | None,
     code: int,
     words: str,
 ) -> None:
