@@ -239,7 +239,7 @@ def _add_count_options(parser: argparse.ArgumentParser) -> list[argparse.Action]
         "--threads",
         type=_positive_int,
         metavar="N",
-        help="threads per samtools process (default: chosen from the cores)",
+        help="threads per samtools process, its own included: -@ N-1 (default: 1, more if --jobs leaves cores idle)",
     )
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill and fail a samtools command after SECONDS")
     run.add_argument(

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd.count import available_cores
 from bamcountd.synth import Reference, write_bam
 from tests.bams import header_names, oracle, samtools_count, tricky_bam
 
@@ -31,6 +32,15 @@ def test_every_region_and_total_match_samtools(shared_bam: Path, case: str, jobs
     assert {r.region: r.count for r in result.regions} == oracle(shared_bam, names, args)
     assert result.total == samtools_count(shared_bam, *args)
     assert result.total > 0
+
+
+def test_one_job_gets_a_helper_thread_per_idle_core(shared_bam: Path) -> None:
+    cores = available_cores()
+    result = count_bam_sync(CountRequest(bam=shared_bam, filters=Filters(exclude_flags=0x904, min_mapq=20), jobs=1))
+    assert result.threads == (cores + 1 if cores >= 2 else 1)  # samtools -@ cores
+    names = [*header_names(shared_bam), "*"]
+    assert {r.region: r.count for r in result.regions} == oracle(shared_bam, names, ("-F", "0x904", "-q", "20"))
+    assert result.total == samtools_count(shared_bam, "-F", "0x904", "-q", "20")
 
 
 @pytest.mark.parametrize("case", ["none", "F904_q20"])

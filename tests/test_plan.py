@@ -151,10 +151,14 @@ def test_each_boundary_shard_agrees_with_samtools_on_its_own(dense_bam: Path) ->
     ("jobs", "threads", "cores", "expected"),
     [
         (10, None, 2, (2, 1)),  # a process per core
-        (10, None, 16, (10, 1)),  # --jobs caps processes; -@ threads measured no faster
+        (10, None, 16, (10, 1)),  # --jobs caps processes; one helper each (-@1) adds nothing
         (16, None, 16, (16, 1)),
-        (1, None, 16, (1, 1)),
+        (10, None, 19, (10, 1)),
         (10, None, 1, (1, 1)),
+        (1, None, 2, (1, 3)),  # cores --jobs leaves idle get helper threads: -@2
+        (1, None, 16, (1, 17)),  # like samtools view -c -@16
+        (8, None, 16, (8, 3)),
+        (4, None, 18, (4, 5)),
         (10, 1, 16, (10, 1)),  # --threads is taken as given
         (10, 4, 16, (4, 4)),  # ... and processes shrink so that cores are not oversubscribed
         (10, 4, 2, (1, 4)),
