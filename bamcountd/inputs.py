@@ -4,7 +4,6 @@ where the index is (next to the BAM, given, or cached).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import zlib
@@ -87,6 +86,8 @@ def default_cache_dir() -> Path:
 
 def cached_index_path(bam: Path, cache_dir: Path, *, csi: bool) -> Path:
     """A cache name tied to the BAM's identity, so a replaced BAM never reuses an old index."""
+    import hashlib  # here, not at the top: loading it is 3-5 ms of every start, and few counts build an index
+
     stat = bam.stat()
     identity = f"{bam}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:32]
