@@ -469,9 +469,9 @@ class _Reducer:
             if unknown:
                 raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
             found = [tallies.get(os.fsencode(self.regions[i].reference or ""), (0, 0)) for i in shard.regions]
-            count = sum(every for every, _ in found)
             if any(every != self._index_totals[i] for i, (every, _) in zip(shard.regions, found, strict=True)):
-                return self._one_by_one(shard, count)
+                return self._one_by_one(shard, sum(every for every, _ in found))
+            count = sum(passed for _, passed in found)
             for i, (_, passed) in zip(shard.regions, found, strict=True):
                 self.counts[i] += passed
         log.debug(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from bamcountd import CountRequest, count_bam_sync, logs
+from bamcountd import CountRequest, Filters, count_bam_sync, logs
 from bamcountd.cli import main
 from bamcountd.report import format_seed, write_atomic
 from tests.bams import header_names, oracle, samtools_count
@@ -101,6 +101,17 @@ def test_one_debug_event_per_shard(shared_bam: Path) -> None:
     assert by_region["{chr2}"] == samtools_count(shared_bam, "chr2")
     assert by_region["*"] == samtools_count(shared_bam, "*")
     assert next(e for e in events if e["event"] == "counted")["total"] == samtools_count(shared_bam)
+    logs.configure(level="warning", json=False)
+
+
+def test_debug_events_of_a_filtered_count_add_up_to_its_total(shared_bam: Path) -> None:
+    """A filtered group of small references reports the reads that passed, not all it read."""
+    logs.configure(level="debug", json=True)
+    with capture_logs() as events:
+        result = count_bam_sync(CountRequest(bam=shared_bam, filters=Filters(exclude_flags=0x904, min_mapq=20)))
+    shards = [e for e in events if e["event"] == "shard_counted"]
+    assert any(" " in e["region"] for e in shards)  # a group of references was counted in one go
+    assert sum(e["count"] for e in shards) == result.total == samtools_count(shared_bam, "-F", "0x904", "-q", "20")
     logs.configure(level="warning", json=False)
 
 
