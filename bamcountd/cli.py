@@ -189,6 +189,15 @@ def _flags(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _OrFlags(argparse.Action):
+    """A repeated ``-f``/``-F``/``-G`` ORs its values, as samtools does (``-F 4 -F 16`` is ``-F 20``)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or 0) | int(values))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -214,21 +223,29 @@ def _add_count_options(parser: argparse.ArgumentParser) -> list[argparse.Action]
     reads.add_argument(
         "-f",
         "--require-flags",
+        action=_OrFlags,
         type=_flags,
         default=0,
         metavar="FLAGS",
-        help="count only reads with all of FLAGS (e.g. 0x2 or PROPER_PAIR)",
+        help="count only reads with all of FLAGS (e.g. 0x2 or PROPER_PAIR); repeated, ORed as by samtools",
     )
     reads.add_argument(
         "-F",
         "--exclude-flags",
+        action=_OrFlags,
         type=_flags,
         default=0,
         metavar="FLAGS",
-        help="skip reads with any of FLAGS (e.g. 0x904)",
+        help="skip reads with any of FLAGS (e.g. 0x904); repeated, ORed as by samtools",
     )
     reads.add_argument(
-        "-G", "--exclude-all-flags", type=_flags, default=0, metavar="FLAGS", help="skip reads with all of FLAGS"
+        "-G",
+        "--exclude-all-flags",
+        action=_OrFlags,
+        type=_flags,
+        default=0,
+        metavar="FLAGS",
+        help="skip reads with all of FLAGS; repeated, ORed",
     )
     reads.add_argument("-q", "--min-mapq", type=int, default=0, metavar="INT", help="skip reads with MAPQ below INT")
     run = parser.add_argument_group("how to run")
@@ -270,6 +287,13 @@ def _add_count_options(parser: argparse.ArgumentParser) -> list[argparse.Action]
         help="fail if the index is missing or older than the BAM instead of building one",
     )
     run.add_argument(
+        "--verify",
+        choices=["auto", "full"],
+        default="auto",
+        help="auto: a filtered count of a BAM and index that an earlier count proved record by record "
+        "trusts that proof (default); full: count the records the filters leave out every time",
+    )
+    run.add_argument(
         "--index-cache",
         type=Path,
         metavar="DIR",
@@ -301,6 +325,7 @@ def request_from_args(args: argparse.Namespace, bam: Path) -> CountRequest:
         index_cache=args.index_cache,
         samtools=args.samtools,
         method=args.method,
+        verify=args.verify,
         split=args.split,
         min_shard_reads=args.min_shard_reads,
     )

@@ -13,8 +13,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,12 +36,21 @@ from bamcountd.errors import (
     SamtoolsTimeout,
     leaf_exceptions,
 )
-from bamcountd.inputs import IndexLookup, cached_index_path, check_bam_file, default_cache_dir, find_index
+from bamcountd.indexfile import lacks_statistics
+from bamcountd.inputs import (
+    IndexLookup,
+    Verdict,
+    cached_index_path,
+    check_bam_file,
+    default_cache_dir,
+    find_index,
+)
 from bamcountd.samtools import Filters
 
 log = logs.get_logger("bamcountd")
 
 METHODS = ("view", "index")
+VERIFY = ("auto", "full")
 #: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.
 _BAI_MAX_LENGTH = (1 << 29) - 1
 
@@ -68,6 +77,9 @@ class CountRequest:
     method: str = "view"
     split: bool = True  # balanced start-position shards for large references
     min_shard_reads: int = DEFAULT_MIN_SHARD_READS  # no smaller shards (tests lower it to force splits)
+    # "auto": a filtered count of a BAM and index that an earlier count proved every record of
+    # (see inputs.Verdict) need not count the records its filters leave out; "full": always.
+    verify: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -85,10 +97,12 @@ class CountResult:
     samtools_version: str
     jobs: int
     threads: int
-    method: str
+    method: str  # view, index, or stream (one pass over the whole file, no index)
     shards: int
-    index: Path
+    index: Path | None
     seconds: float
+    verification: str = "index"  # see VERIFICATIONS
+    notes: tuple[str, ...] = ()  # what went differently from a plain count, and why
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON contract other tools read (``bamcountd count --format json``)."""
@@ -102,16 +116,28 @@ class CountResult:
             "threads": self.threads,
             "method": self.method,
             "shards": self.shards,
-            "index": str(self.index),
+            "index": None if self.index is None else str(self.index),
             "seconds": round(self.seconds, 3),
+            "verification": self.verification,
+            "notes": list(self.notes),
         }
+
+
+#: What the counts of whole references were checked against (``CountResult.verification``).
+VERIFICATIONS = {
+    "index": "every whole reference's records (counted, or with filters passed + failed) equal the index's count",
+    "earlier": "filtered counts are no larger than the index's; an earlier count of this BAM and index "
+    "set every record against the index",
+    "stream": "counted in one pass over the whole file, which has no index to compare with",
+    "none": "nothing to compare with: only ranges, or --method index",
+}
 
 
 @dataclass(frozen=True)
 class _Outcome:
     shard: plan.Shard
     completed: st.Completed
-    tallies: dict[bytes, tuple[int, int]] | None = None  # TALLY shards: (records, passing) per reference
+    tallies: dict[bytes, tuple[int, int]] | None = None  # tallies: (records reached, passing) per reference
 
 
 def available_cores() -> int:
@@ -147,6 +173,8 @@ def _validate(request: CountRequest) -> None:
         raise BadOption(f"--threads must be at least 1, not {request.threads}")
     if request.timeout is not None and not (math.isfinite(request.timeout) and request.timeout > 0):
         raise BadOption(f"--timeout must be positive, not {request.timeout}")
+    if request.verify not in VERIFY:
+        raise BadOption(f"--verify must be one of {', '.join(VERIFY)}, not {request.verify!r}")
     if request.method not in METHODS:
         raise BadOption(f"--method must be one of {', '.join(METHODS)}, not {request.method!r}")
     if request.method == "index" and request.filters.active:
@@ -165,6 +193,8 @@ async def count_bam(
 
     ``limiter`` is shared with other counts (the daemon's global cap on samtools processes);
     the request's own ``jobs`` still applies within it.
+
+    :raises BamcountdError: the input, the data or samtools failed; nothing was counted
     """
     started = time.monotonic()
     _validate(request)
@@ -181,48 +211,38 @@ async def count_bam(
         partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
     )
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
-    index = fresh if fresh is not None else await _built_index(samtools, bam, header, request, lookup)
-    index_stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
-    stats = {stat.name: stat for stat in index_stats}
-    _check_index_names(bam, header, stats)
-    lengths = {ref.name: ref.length for ref in header.references}
-    bound = log.bind(bam=str(bam))
-
-    index_totals = [_index_total(region, stats) for region in regions]
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
-    if request.method == "index":
-        _check_whole(bam, regions)
-        counts = index_totals
-        shard_count = 0
+    job = _Job(
+        samtools,
+        bam,
+        header,
+        request,
+        regions,
+        whole_file=not request.regions and request.regions_file is None,
+        processes=processes,
+        threads=threads,
+        limiter=limiter,
+        progress=progress,
+    )
+    index = fresh if fresh is not None else await job.index_for(lookup)
+    if index is None and request.method == "index":
+        raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
+    if index is None:
+        counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
-        policy = plan.ShardPolicy(
-            slots=processes,
-            split=request.split and samtools.supports_expressions,
-            group=request.split,
-            filtered=request.filters.active,
-            min_reads=request.min_shard_reads,
-            small_reads=min(request.min_shard_reads // 10, 20_000),
-        )
-        weights = plan.region_weights(regions, stats, lengths)
-        index_empty = not any(stat.reads for stat in stats.values())
-        shards = plan.plan_shards(regions, weights, lengths, policy, index_empty=index_empty)
-        bound.debug("planned", regions=len(regions), shards=len(shards), processes=processes, threads=threads)
-        counts = await _run_shards(
-            samtools,
-            bam,
-            index,
-            regions,
-            shards,
-            index_totals=index_totals,
-            lengths=lengths,
-            request=request,
-            processes=processes,
-            threads=threads,
-            limiter=limiter,
-            progress=progress,
-        )
-        shard_count = len(shards)
-        _cross_check(bam, regions, counts, index_totals, filtered=request.filters.active)
+        stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
+        if not any(stat.reads for stat in stats) and lacks_statistics(index):
+            index = await job.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
+            stats = await st.idxstats(executable, bam, index)
+        _check_index_names(bam, header, stats)
+        method = request.method
+        if method == "index":
+            _check_whole(bam, regions)
+            by_name = {stat.name: stat for stat in stats}
+            counts, verification, shard_count = [_index_total(r, by_name) for r in regions], "none", 0
+        else:
+            counts, verification, shard_count = await job.view(index, stats)
+            index = job.index
     result = CountResult(
         bam=bam,
         total=sum(counts),
@@ -231,19 +251,24 @@ async def count_bam(
         samtools_version=samtools.version,
         jobs=request.jobs,
         threads=threads,
-        method=request.method,
+        method=method,
         shards=shard_count,
         index=index,
         seconds=time.monotonic() - started,
+        verification=verification,
+        notes=tuple(job.notes),
     )
-    bound.info(
+    log.bind(bam=str(bam)).info(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
     )
     return result
 
 
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
-    """:func:`count_bam` for callers without an event loop."""
+    """:func:`count_bam` for callers without an event loop.
+
+    :raises BamcountdError: as :func:`count_bam`
+    """
     return anyio.run(partial(count_bam, request, progress=progress))
 
 
@@ -271,38 +296,415 @@ async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     return [value for _, value in outcomes]
 
 
-async def _built_index(
-    samtools: st.Samtools, bam: Path, header: st.Header, request: CountRequest, lookup: IndexLookup
-) -> Path:
-    """Build (or reuse from the cache) an index for a BAM whose own is missing or stale."""
-    if lookup.path is None:
-        reason = "has no index (looked for .bai and .csi next to it)"
-    else:
-        reason = f"has an index older than the BAM ({lookup.path})"
-    if not request.build_index:
-        raise IndexMissing(f"{bam}: {reason}; run `samtools index` on it, or drop --no-index-build")
-    if header.sort_order in ("unsorted", "queryname"):
-        raise NotCoordinateSorted(
-            f"{bam}: the BAM is not coordinate-sorted (SO:{header.sort_order}), so it cannot be indexed; "
-            f"sort it first (samtools sort -o sorted.bam {bam.name})"
+@dataclass
+class _Pass:
+    """One counting pass over shards: per region, the reads counted and the records reached
+    (None where filters left records uncounted and nothing says how many)."""
+
+    counts: list[int]
+    reached: list[int | None]
+    shards: int
+
+
+class _Job:
+    """One count's state: what is asked, and how far the verification has got."""
+
+    def __init__(
+        self,
+        samtools: st.Samtools,
+        bam: Path,
+        header: st.Header,
+        request: CountRequest,
+        regions: Sequence[plan.Region],
+        *,
+        whole_file: bool,
+        processes: int,
+        threads: int,
+        limiter: anyio.CapacityLimiter | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.samtools = samtools
+        self.bam = bam
+        self.header = header
+        self.request = request
+        self.regions = regions
+        self.whole_file = whole_file  # the default rows: every reference, then *
+        self.processes = processes
+        self.threads = threads
+        self.limiter = limiter
+        self.progress = progress
+        self.lengths = {ref.name: ref.length for ref in header.references}
+        self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
+        self.notes: list[str] = []
+        self.index: Path | None = None
+        self.built: Path | None = None  # an index this count built (or found in its cache)
+        self.log = log.bind(bam=str(bam))
+
+    # --- the index ---------------------------------------------------------------------
+
+    async def index_for(self, lookup: IndexLookup) -> Path | None:
+        """The index to count through, built into the cache if need be; None when the BAM is
+        not coordinate-sorted and every region can be counted in one pass without one."""
+        streamable = all(region.whole for region in self.regions)
+        if lookup.path is None:
+            reason = "has no index (looked for .bai and .csi next to it)"
+        else:
+            reason = f"has an index older than the BAM ({lookup.path})"
+        unsorted = self.header.sort_order in ("unsorted", "queryname")
+        if unsorted and streamable:
+            return None
+        if not self.request.build_index and not unsorted:
+            raise IndexMissing(f"{self.bam}: {reason}; run `samtools index` on it, or drop --no-index-build")
+        try:
+            return await self.fresh_index(reason)
+        except NotCoordinateSorted:
+            if streamable:
+                return None
+            raise
+
+    async def fresh_index(self, reason: str) -> Path:
+        """An index built by this samtools into the cache (or one it built there before).
+
+        :raises IndexMissing: building is not allowed, or the cache is not usable
+        :raises NotCoordinateSorted: the BAM cannot be indexed
+        """
+        bam, header = self.bam, self.header
+        if header.sort_order in ("unsorted", "queryname"):
+            raise NotCoordinateSorted(
+                f"{bam}: the BAM is not coordinate-sorted (SO:{header.sort_order}), so it cannot be indexed, and "
+                f"ranges and BED intervals need an index (whole references and * are counted without one); "
+                f"sort it first (samtools sort -o sorted.bam {bam.name})"
+            )
+        if not self.request.build_index:
+            raise IndexMissing(f"{bam}: {reason}; drop --no-index-build so that bamcountd builds one into its cache")
+        csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            out = cached_index_path(bam, self.cache, csi=csi)
+        except OSError as error:
+            raise IndexMissing(
+                f"{bam}: {reason}, and the index cache {self.cache} is not usable ({error.strerror})"
+            ) from None
+        if not out.is_file():
+            self.log.info("building_index", reason=reason, index=str(out))
+            await st.build_index(self.samtools, bam, out, csi=csi, threads=available_cores())
+        self.built = out
+        if _worth_a_note(reason):
+            self.notes.append(f"{reason}; counted through an index built into the cache ({out})")
+        return out
+
+    # --- counting through the index ----------------------------------------------------
+
+    async def view(self, index: Path, stats: Sequence[st.IndexStat]) -> tuple[list[int], str, int]:
+        """Count every region through ``index``; verify whole references against it, and
+        recover where region queries miss records that the BAM and the index both hold."""
+        self.index = index
+        by_name = {stat.name: stat for stat in stats}
+        totals = [_index_total(region, by_name) for region in self.regions]
+        filtered = self.request.filters.active
+        earlier = filtered and self.request.verify == "auto" and self._verdict(index).holds()
+        first = await self._pass(index, by_name, totals, account=filtered and not earlier)
+        missed = _mismatches(self.regions, first, totals)
+        if not missed:
+            self._remember(index, first, totals)
+            verification = "earlier" if earlier else "index"
+            if not any(region.whole for region in self.regions):
+                verification = "none"
+            return first.counts, verification, first.shards
+        return await self._recover(index, by_name, totals, first, missed)
+
+    async def _pass(
+        self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int], *, account: bool
+    ) -> _Pass:
+        policy = plan.ShardPolicy(
+            slots=self.processes,
+            split=self.request.split and self.samtools.supports_expressions,
+            group=self.request.split,
+            filtered=self.request.filters.active,
+            account=account,
+            min_reads=self.request.min_shard_reads,
+            small_reads=min(self.request.min_shard_reads // 10, 20_000),
         )
-    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
-    csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
+        weights = plan.region_weights(self.regions, stats, self.lengths)
+        index_empty = not any(stat.reads for stat in stats.values())
+        shards = plan.plan_shards(self.regions, weights, self.lengths, policy, index_empty=index_empty)
+        self.log.debug(
+            "planned", regions=len(self.regions), shards=len(shards), processes=self.processes, threads=self.threads
+        )
+        reducer = _Reducer(self.bam, self.regions, totals, filtered=self.request.filters.active, account=account)
+        await self._run_shards(index, shards, reducer)
+        return _Pass(reducer.counts, reducer.reached(), len(shards))
+
+    def _remember(self, index: Path, done: _Pass, totals: Sequence[int]) -> None:
+        """Once every reference was set record by record against the index, say so for later
+        filtered counts of this pair (see inputs.Verdict)."""
+        proven = {
+            plan.UNPLACED if region.reference is None else region.reference
+            for region, reached in zip(self.regions, done.reached, strict=True)
+            if region.whole and not region.everything and reached is not None
+        }
+        if {*self.lengths, plan.UNPLACED} <= proven:
+            verdict = self._verdict(index)
+            if not verdict.holds() and not verdict.record():
+                self.log.debug("verdict_not_recorded", cache=str(self.cache))
+
+    def _verdict(self, index: Path) -> Verdict:
+        return Verdict.of(self.bam, index, self.cache, self.samtools.version)
+
+    async def _recover(
+        self,
+        index: Path,
+        stats: dict[str, st.IndexStat],
+        totals: Sequence[int],
+        first: _Pass,
+        missed: Sequence[int],
+    ) -> tuple[list[int], str, int]:
+        """Region queries reached other numbers of records than the index holds.  One pass
+        over the whole file (no index) tells whether the BAM holds what the index says: if
+        not, the index is another file's or the BAM was cut short, and that is the error.  If
+        it does, the queries miss records: records without a position, which no query
+        returns, or records the index's bins lead past (some other tools' indexes).  The
+        default rows then come from that pass; asked-for regions count through an index
+        built by this samtools, and records without a position stay uncounted there, as in
+        samtools, with a note."""
+        bam, shards = self.bam, first.shards + 1
+        if any(first.reached[i] is None for i in missed):  # an earlier proof, and yet: set it aside
+            first = await self._pass(index, stats, totals, account=True)
+            missed = _mismatches(self.regions, first, totals)
+            shards += first.shards
+            if not missed:
+                return first.counts, "index", shards
+        found, positionless = await self._stream_tallies()
+        for name in [*self.lengths, plan.UNPLACED]:
+            data = found.get(os.fsencode(name), (0, 0))[0]
+            stat = stats.get(name)
+            expected = 0 if stat is None else stat.unmapped if name == plan.UNPLACED else stat.reads
+            if data != expected:
+                raise IndexMismatch(
+                    f"{bam}: its index ({index}) says {name} holds {expected} records, but the BAM holds {data}: "
+                    "the index belongs to another file, or the BAM was cut short (truncated at a block boundary) "
+                    "or changed during the count; re-index it with `samtools index` if the BAM is whole"
+                )
+        unexplained = self._shortfalls(first, totals, missed, positionless)
+        if unexplained:
+            self.log.warning("queries_miss_records", index=str(index), missed=unexplained)
+        if self.whole_file:
+            if unexplained:
+                self.notes.append(
+                    f"region queries through {index} miss records that the BAM and the index both hold "
+                    f"({unexplained}); the rows were counted from one pass over the whole file instead"
+                )
+            return self._from_tallies(found), "index", shards
+        if unexplained:
+            if self.built == index:
+                raise IndexMismatch(
+                    f"{bam}: region queries through the index built from it miss records ({unexplained}); "
+                    "the BAM changed during the count"
+                )
+            fresh = await self.fresh_index(
+                f"region queries through its index {index} miss records that the BAM and the index both hold "
+                f"({unexplained}), as through some indexes written by other tools"
+            )
+            fresh_stats = {stat.name: stat for stat in await st.idxstats(self.samtools.executable, bam, fresh)}
+            self.index = fresh
+            again = await self._pass(fresh, fresh_stats, totals, account=self.request.filters.active)
+            shards += again.shards
+            missed = _mismatches(self.regions, again, totals)
+            unexplained = self._shortfalls(again, totals, missed, positionless)
+            if unexplained:
+                raise IndexMismatch(
+                    f"{bam}: region queries through the index built from it miss records ({unexplained}); "
+                    "the BAM changed during the count"
+                )
+            if not missed:
+                self._remember(fresh, again, totals)
+            first = again
+        return first.counts, "index", shards
+
+    def _shortfalls(
+        self, done: _Pass, totals: Sequence[int], missed: Sequence[int], positionless: dict[bytes, int]
+    ) -> str:
+        """The mismatches that records without a position do not explain, described; a note
+        for those they do."""
+        unexplained: list[str] = []
+        for i in missed:
+            region, reached = self.regions[i], done.reached[i]
+            short = totals[i] - (reached or 0)
+            without = positionless.get(os.fsencode(region.reference), 0) if region.reference is not None else 0
+            if reached is not None and short == without > 0:
+                where = (
+                    "the rows come from one pass over the whole file, which counts such records under their reference"
+                    if self.whole_file
+                    else f"{region.label} leaves such records out, as samtools does (the default rows count them)"
+                )
+                self.notes.append(
+                    f"{_records(short)} of {region.reference} without a position (POS 0), which no region query "
+                    f"returns: {where}"
+                )
+            else:
+                unexplained.append(f"{region.label}: {short} of {totals[i]}")
+        return ", ".join(unexplained)
+
+    # --- one pass over the whole file ------------------------------------------------------
+
+    async def stream(self) -> list[int]:
+        """Every region (whole references, ``*``, ``.``) from one pass over the whole file."""
+        found, _ = await self._stream_tallies()
+        return self._from_tallies(found)
+
+    async def _stream_tallies(self) -> tuple[dict[bytes, tuple[int, int]], dict[bytes, int]]:
+        """(records, passing) per reference name, by reading the file from start to end: what
+        the whole-file ``samtools view -c`` counts, split by reference as ``idxstats`` would."""
+        bam, request = self.bam, self.request
+        self.log.info("streaming", reason="counted in one pass over the whole file")
+        with _named_failures(f"{bam}: the whole file", request.timeout):
+            async with self.limiter if self.limiter is not None else nullcontext():
+                stream = await st.run_stream(
+                    self.samtools,
+                    bam,
+                    filters=request.filters,
+                    threads=max(available_cores(), self.threads),
+                    timeout=request.timeout,
+                )
+        names = stream.passed.keys() | stream.failed.keys()
+        found = {
+            name: (stream.passed.get(name, 0) + stream.failed.get(name, 0), stream.passed.get(name, 0))
+            for name in names
+        }
+        return found, stream.positionless
+
+    def _from_tallies(self, found: dict[bytes, tuple[int, int]]) -> list[int]:
+        counts: list[int] = []
+        for region in self.regions:
+            if region.everything:
+                counts.append(sum(passed for _, passed in found.values()))
+            else:
+                name = region.reference if region.reference is not None else plan.UNPLACED
+                counts.append(found.get(os.fsencode(name), (0, 0))[1])
+        return counts
+
+    # --- shards ----------------------------------------------------------------------------
+
+    async def _run_shards(self, index: Path, shards: Sequence[plan.Shard], reducer: _Reducer) -> None:
+        if not shards:
+            return
+        bam, request, samtools, threads = self.bam, self.request, self.samtools, self.threads
+        local = anyio.CapacityLimiter(self.processes)
+        send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
+        limiter, progress = self.limiter, self.progress
+
+        async def run_one(shard: plan.Shard, argv: list[str] | Path, results: ObjectSendStream[_Outcome]) -> None:
+            """Run one shard: a ``view -c`` argument list, or a tally (its BED, or its scratch folder)."""
+            async with results, local:
+                with _named_failures(f"{bam}: region {shard.label}", request.timeout):
+                    async with limiter if limiter is not None else nullcontext():
+                        if isinstance(argv, list):
+                            outcome = _Outcome(shard, await st.run(argv, timeout=request.timeout))
+                        else:
+                            outcome = await self._tally(index, shard, argv)
+                await results.send(outcome)
+
+        with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
+            scratch = Path(scratch_name)
+
+            def command(number: int, shard: plan.Shard) -> list[str] | Path:
+                if shard.kind == plan.ACCOUNT:
+                    return scratch
+                if not shard.bed:
+                    return st.count_argv(
+                        samtools,
+                        bam,
+                        index,
+                        shard.args,
+                        filters=request.filters,
+                        threads=threads,
+                        expression=shard.expression,
+                    )
+                bed = _write_bed(scratch / f"group{number}.bed", shard.args, self.lengths)
+                if shard.kind == plan.TALLY:
+                    return bed
+                # An unfiltered group's total is checked against the index (see _Reducer.add).
+                return st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
+
+            started = len(shards)
+            try:
+                with send, receive:  # ours stays open until every shard, extra ones too, reported
+                    async with anyio.create_task_group() as group:
+                        for number, shard in enumerate(shards):
+                            group.start_soon(run_one, shard, command(number, shard), send.clone())
+                        while reducer.done < started:
+                            for extra in reducer.add(await receive.receive()):
+                                group.start_soon(run_one, extra, command(started, extra), send.clone())
+                                started += 1
+                            if progress is not None:
+                                progress(reducer.done, started)
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
+
+    async def _tally(self, index: Path, shard: plan.Shard, where: Path) -> _Outcome:
+        """A shard counted with the records its filters leave out: a group by its BED (per
+        reference), or one region (one total, ``-e`` applied to both streams)."""
+        bam, request = self.bam, self.request
+        regions: tuple[str, ...] = ()
+        if shard.kind == plan.TALLY:
+            bed, cwd, readers = where, where.parent, st.PER_REFERENCE
+        else:
+            bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
+        source = st.with_index(bam, index) if (regions or bed is not None) else str(bam)
+        tally = await st.run_tally(
+            self.samtools,
+            source,
+            regions=regions,
+            bed=bed,
+            filters=request.filters,
+            expression=shard.expression,
+            readers=readers,
+            threads=self.threads,
+            cwd=cwd,
+            timeout=request.timeout,
+        )
+        what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
+        tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
+        return _Outcome(shard, tally.view, tallies)
+
+
+def _records(n: int) -> str:
+    return f"{n} record" if n == 1 else f"{n} records"
+
+
+@contextmanager
+def _named_failures(what: str, timeout: float | None) -> Iterator[None]:
+    """A samtools run's timeout or failed start, said with what was being counted."""
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        out = cached_index_path(bam, cache, csi=csi)
+        yield
+    except SamtoolsTimeout:
+        raise SamtoolsTimeout(f"{what}: samtools killed after the {timeout:g} s time limit") from None
     except OSError as error:
-        raise IndexMissing(f"{bam}: {reason}, and the index cache {cache} is not usable ({error.strerror})") from None
-    if not out.is_file():
-        log.info("building_index", bam=str(bam), reason=reason, index=str(out))
-        await st.build_index(samtools, bam, out, csi=csi, threads=available_cores())
-    return out
+        raise SamtoolsFailed(f"{what}: cannot start samtools: {error}") from None
 
 
-def _check_index_names(bam: Path, header: st.Header, stats: dict[str, st.IndexStat]) -> None:
+def _worth_a_note(reason: str) -> bool:
+    """Whether building an index for this reason is news to the user (a missing index is not)."""
+    return not reason.startswith(("has no index", "has an index older"))
+
+
+def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[int]) -> list[int]:
+    """Whole regions whose records reached differ from the index's (or, where filters left
+    records uncounted, whose count exceeds it)."""
+    missed: list[int] = []
+    for i, region in enumerate(regions):
+        if not region.whole:
+            continue
+        reached = done.reached[i]
+        if (reached is not None and reached != totals[i]) or (reached is None and done.counts[i] > totals[i]):
+            missed.append(i)
+    return missed
+
+
+def _check_index_names(bam: Path, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
-    named = [name for name in stats if name != plan.UNPLACED]
+    named = [stat.name for stat in stats if stat.name != plan.UNPLACED]
     if len(named) != len(header.references):
         raise IndexMismatch(f"{bam}: the index describes {len(named)} references, the header {len(header.references)}")
 
@@ -314,125 +716,16 @@ def _check_whole(bam: Path, regions: Sequence[plan.Region]) -> None:
 
 
 def _index_total(region: plan.Region, stats: dict[str, st.IndexStat]) -> int:
+    if region.everything:
+        return sum(stat.reads if stat.name != plan.UNPLACED else stat.unmapped for stat in stats.values())
     if region.reference is None:
         return stats[plan.UNPLACED].unmapped if plan.UNPLACED in stats else 0
     return stats[region.reference].reads
 
 
-def _cross_check(
-    bam: Path,
-    regions: Sequence[plan.Region],
-    counts: Sequence[int],
-    index_totals: Sequence[int],
-    *,
-    filtered: bool,
-) -> None:
-    """Compare whole-reference counts with the index's own totals.
-
-    Unfiltered, they must be equal; filtered, a count can only be smaller.  A difference
-    means the index was made from another file (or the file changed under us).
-    """
-    for region, count, expected in zip(regions, counts, index_totals, strict=True):
-        if not region.whole:
-            continue
-        if count != expected and (not filtered or count > expected):
-            raise IndexMismatch(
-                f"{bam}: region {region.label} has {count} reads but its index says {expected}; "
-                "the index does not belong to this BAM (or the BAM changed during the count): "
-                "re-index it with `samtools index`"
-            )
-
-
-async def _run_shards(
-    samtools: st.Samtools,
-    bam: Path,
-    index: Path,
-    regions: Sequence[plan.Region],
-    shards: Sequence[plan.Shard],
-    *,
-    index_totals: Sequence[int],
-    lengths: dict[str, int],
-    request: CountRequest,
-    processes: int,
-    threads: int,
-    limiter: anyio.CapacityLimiter | None,
-    progress: ProgressCallback | None,
-) -> list[int]:
-    reducer = _Reducer(bam, regions, index_totals)
-    if not shards:
-        return reducer.counts
-    local = anyio.CapacityLimiter(processes)
-    send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=processes)
-
-    async def run_one(shard: plan.Shard, argv: list[str] | Path, results: ObjectSendStream[_Outcome]) -> None:
-        """Run one shard: a ``view -c`` argument list, or the BED of a tally."""
-        async with results, local:
-            try:
-                async with limiter if limiter is not None else nullcontext():
-                    if isinstance(argv, list):
-                        outcome = _Outcome(shard, await st.run(argv, timeout=request.timeout))
-                    else:
-                        tally = await st.run_tally(
-                            samtools,
-                            bam,
-                            index,
-                            argv,
-                            filters=request.filters,
-                            threads=threads,
-                            cwd=argv.parent,
-                            timeout=request.timeout,
-                        )
-                        what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
-                        tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
-                        outcome = _Outcome(shard, tally.view, tallies)
-            except SamtoolsTimeout:
-                raise SamtoolsTimeout(
-                    f"{bam}: region {shard.label}: samtools killed after the {request.timeout:g} s time limit"
-                ) from None
-            except OSError as error:
-                raise SamtoolsFailed(f"{bam}: cannot start samtools for {shard.label}: {error}") from None
-            await results.send(outcome)
-
-    with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
-        scratch = Path(scratch_name)
-
-        def command(number: int, shard: plan.Shard) -> list[str] | Path:
-            if not shard.bed:
-                return st.count_argv(
-                    samtools,
-                    bam,
-                    index,
-                    shard.args,
-                    filters=request.filters,
-                    threads=threads,
-                    expression=shard.expression,
-                )
-            bed = _write_bed(scratch / f"group{number}.bed", shard.args, lengths)
-            if shard.kind == plan.TALLY:
-                return bed
-            # An unfiltered group's total is checked against the index (see _Reducer.add).
-            return st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
-
-        started = len(shards)
-        try:
-            with send, receive:  # ours stays open until every shard, extra ones too, reported
-                async with anyio.create_task_group() as group:
-                    for number, shard in enumerate(shards):
-                        group.start_soon(run_one, shard, command(number, shard), send.clone())
-                    while reducer.done < started:
-                        for extra in reducer.add(await receive.receive()):
-                            group.start_soon(run_one, extra, command(started, extra), send.clone())
-                            started += 1
-                        if progress is not None:
-                            progress(reducer.done, started)
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
-    return reducer.counts
-
-
 def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Path:
-    # -L keeps reads that start before END.  Reads further out make the group's total differ
-    # from the index, and it is then counted one reference at a time.
+    # -L keeps reads that start before END.  Reads further out make the group's records differ
+    # from the index, and those references are then counted one at a time.
     ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
@@ -441,12 +734,27 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
 class _Reducer:
     """Verifies each finished samtools command and adds it to its regions, as it arrives."""
 
-    def __init__(self, bam: Path, regions: Sequence[plan.Region], index_totals: Sequence[int]) -> None:
+    def __init__(
+        self,
+        bam: Path,
+        regions: Sequence[plan.Region],
+        index_totals: Sequence[int],
+        *,
+        filtered: bool,
+        account: bool,
+    ) -> None:
         self.bam = bam
         self.regions = regions
         self.counts = [0] * len(regions)
         self.done = 0
+        self._reached = [0] * len(regions)
+        self._unknown: set[int] = set()  # regions with filtered, unaccounted shards
         self._index_totals = index_totals
+        self._filtered = filtered
+        self._account = account
+
+    def reached(self) -> list[int | None]:
+        return [None if i in self._unknown else n for i, n in enumerate(self._reached)]
 
     def add(self, outcome: _Outcome) -> list[plan.Shard]:
         """Take one result; return shards that must run instead of it (a group to recount)."""
@@ -455,35 +763,61 @@ class _Reducer:
         self.done += 1
         if shard.kind == plan.COUNT:
             count = st.parse_count(completed, what)
+            index = shard.regions[0]
+            self.counts[index] += shard.sign * count
+            self._reached[index] += shard.sign * count
+            if self._filtered:
+                self._unknown.add(index)
+        elif shard.kind == plan.ACCOUNT:
+            assert outcome.tallies is not None
+            reached, count = outcome.tallies.get(st.WHOLE_STREAM, (0, 0))
             self.counts[shard.regions[0]] += shard.sign * count
+            self._reached[shard.regions[0]] += shard.sign * reached
         elif shard.kind == plan.SUM:
             count = st.parse_count(completed, what)
             if count != sum(self._index_totals[i] for i in shard.regions):
-                return self._one_by_one(shard, count)
+                # Which references differ, the group's own tally tells: one more pass over it.
+                log.warning("group_tallied", bam=str(self.bam), references=len(shard.regions), read=count)
+                return [plan.Shard(shard.regions, shard.args, kind=plan.TALLY, weight=shard.weight)]
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
                 self.counts[i] += self._index_totals[i]
+                self._reached[i] += self._index_totals[i]
         else:
-            tallies = outcome.tallies
-            assert tallies is not None
-            unknown = set(tallies) - {os.fsencode(self.regions[i].reference or "") for i in shard.regions}
-            if unknown:
-                raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
-            found = [tallies.get(os.fsencode(self.regions[i].reference or ""), (0, 0)) for i in shard.regions]
-            if any(every != self._index_totals[i] for i, (every, _) in zip(shard.regions, found, strict=True)):
-                return self._one_by_one(shard, sum(every for every, _ in found))
-            count = sum(passed for _, passed in found)
-            for i, (_, passed) in zip(shard.regions, found, strict=True):
-                self.counts[i] += passed
+            count, again = self._add_tally(shard, outcome.tallies, what)
+            log.debug(
+                "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
+            )
+            return again
         log.debug(
             "shard_counted", bam=str(self.bam), region=shard.label, count=count, seconds=round(completed.seconds, 4)
         )
         return []
 
-    def _one_by_one(self, shard: plan.Shard, count: int) -> list[plan.Shard]:
-        # Reads past a reference's end, or an index that is not this BAM's: count each reference
-        # whole; the final cross-check against the index then tells which it was.
-        log.warning("group_recounted", bam=str(self.bam), references=len(shard.regions), read=count)
-        return [plan.Shard((i,), (self.regions[i].samtools_arg(),)) for i in shard.regions]
+    def _add_tally(
+        self, shard: plan.Shard, tallies: dict[bytes, tuple[int, int]] | None, what: str
+    ) -> tuple[int, list[plan.Shard]]:
+        """A group's tally: references whose records match the index are done; the others
+        (reads placed past a reference's end, beyond the group's BED; an index that is not
+        this BAM's) are counted again one at a time, and only they."""
+        assert tallies is not None
+        names = {os.fsencode(self.regions[i].reference or ""): i for i in shard.regions}
+        unknown = set(tallies) - set(names)
+        if unknown:
+            raise SamtoolsBadOutput(f"{what}: samtools returned records on {sorted(unknown)!r}")
+        again: list[plan.Shard] = []
+        count = 0
+        for name, i in names.items():
+            reached, passed = tallies.get(name, (0, 0))
+            if reached == self._index_totals[i]:
+                self.counts[i] += passed
+                self._reached[i] += reached
+                count += passed
+            else:
+                kind = plan.ACCOUNT if self._filtered and self._account else plan.COUNT
+                again.append(plan.Shard((i,), (self.regions[i].samtools_arg(),), kind=kind))
+        if again:
+            log.warning("group_recounted", bam=str(self.bam), references=len(again), of=len(shard.regions))
+        return count, again
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

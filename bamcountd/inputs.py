@@ -92,3 +92,44 @@ def cached_index_path(bam: Path, cache_dir: Path, *, csi: bool) -> Path:
     identity = f"{bam}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
     digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:32]
     return cache_dir / f"{digest}.{'csi' if csi else 'bai'}"
+
+
+def _identity_of(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The proof that region queries through ``index`` reach every record of ``bam``.
+
+    Reach is a property of the pair (and of htslib), not of the filters: once one count has
+    set every reference's records against the index, later filtered counts of the same pair
+    need not count the records they leave out.  The file holds the pair's identity, so a
+    changed BAM or index (or another samtools) never finds a proof that is not its own.
+    """
+
+    path: Path
+    identity: bytes
+
+    @classmethod
+    def of(cls, bam: Path, index: Path, cache_dir: Path, samtools_version: str) -> Verdict:
+        identity = os.fsencode(f"{_identity_of(bam)}\0{_identity_of(index)}\0{samtools_version}")
+        return cls(cache_dir / f"{zlib.crc32(identity):08x}.reach", identity)
+
+    def holds(self) -> bool:
+        try:
+            return self.path.read_bytes() == self.identity
+        except OSError:
+            return False
+
+    def record(self) -> bool:
+        """Leave the proof behind; False if the cache cannot be written (it is then redone)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            partial.write_bytes(self.identity)
+            os.replace(partial, self.path)
+        except OSError:
+            return False
+        return True

@@ -28,6 +28,8 @@ from bamcountd.errors import AmbiguousRegion, BadRegionsFile, BamNotFound, Unkno
 from bamcountd.samtools import Header, IndexStat
 
 UNPLACED = "*"
+#: htslib's region ``.``: every record of the file, in file order, unplaced reads included.
+WHOLE_FILE = "."
 
 _DIGITS = re.compile(r"\A[0-9]+\Z")
 _RANGE = re.compile(r"\A([0-9][0-9,]*)?(?:(-)([0-9][0-9,]*)?)?\Z")
@@ -38,13 +40,18 @@ class Region:
     """One row of the output."""
 
     label: str
-    reference: str | None  # None for ``*``
+    reference: str | None  # None for ``*`` and for ``.``
     start: int | None = None  # 1-based, inclusive
     end: int | None = None  # 1-based, inclusive; None runs to the end of the reference
 
     @property
     def whole(self) -> bool:
         return self.start is None and self.end is None
+
+    @property
+    def everything(self) -> bool:
+        """``.``: the whole file, read in file order rather than by region queries."""
+        return self.reference is None and self.label == WHOLE_FILE
 
     def samtools_arg(self, start: int | None = None, end: int | None = None) -> str:
         """The region as samtools must see it: names in braces so ':' is never misread."""
@@ -76,15 +83,28 @@ def _quoted(name: str, *, ranged: bool = False) -> str:
     return name
 
 
+def addressable_range(name: str) -> bool:
+    """Whether samtools can address a range of this reference (not so for some names with ``}``)."""
+    try:
+        _quoted(name, ranged=True)
+    except UnknownRegion:
+        return False
+    return True
+
+
 def default_regions(header: Header) -> list[Region]:
-    """Every @SQ reference in header order, then ``*``: their sum is the whole file."""
-    return [Region(ref.name, ref.name) for ref in header.references] + [Region(UNPLACED, None)]
+    """Every @SQ reference in header order, then ``*``: their sum is the whole file.  A reference
+    named ``.`` is labelled ``{.}``: a bare ``.`` is htslib's (and bamcountd's) whole file."""
+    rows = [Region("{.}" if ref.name == WHOLE_FILE else ref.name, ref.name) for ref in header.references]
+    return [*rows, Region(UNPLACED, None)]
 
 
 def parse_region(text: str, lengths: Mapping[str, int]) -> Region:
     """Parse samtools' ``NAME[:START[-END]]`` (or ``{NAME}[:...]``) against the header."""
     if text == UNPLACED:
         return Region(UNPLACED, None)
+    if text == WHOLE_FILE:  # as in samtools, even when a reference is named "." ({.} is that one)
+        return Region(WHOLE_FILE, None)
     if text.startswith("{"):
         close = text.find("}")
         while close != -1 and text[1:close] not in lengths:
@@ -142,20 +162,32 @@ def _known(lengths: Mapping[str, int]) -> str:
 
 
 def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
-    """Regions from a BED file (0-based, half-open), labelled 1-based like samtools regions."""
+    """Regions from a BED file (0-based, half-open; plain or gzip/BGZF-compressed), labelled
+    1-based like samtools regions.  ``#``, ``track`` and ``browser`` lines are headers unless
+    they are an interval on a reference of the BAM (a contig may be called ``track``)."""
     try:
-        text = Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise BamNotFound(f"{path}: regions file not found") from None
     except OSError as error:
         raise BamNotFound(f"{path}: cannot read regions file ({error.strerror})") from None
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzipped(path, data)
     regions: list[Region] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if _BINARY.search(raw):
+            raise BadRegionsFile(
+                f"{path}:{number}: not a text BED file (binary data; compressed other than with gzip?)"
+            )
         line = os.fsdecode(raw.rstrip(b"\r"))
         fields = [field.strip() for field in line.split("\t")] if "\t" in line else line.split()
-        if not line.strip() or line.startswith("#") or fields[0] in ("track", "browser"):
+        if not fields:
             continue
-        if len(fields) < 3 or not _DIGITS.match(fields[1]) or not _DIGITS.match(fields[2]):
+        interval = len(fields) >= 3 and bool(_DIGITS.match(fields[1])) and bool(_DIGITS.match(fields[2]))
+        header = line.startswith("#") or fields[0] in ("track", "browser")
+        if header and not (interval and fields[0] in lengths):
+            continue
+        if not interval:
             raise BadRegionsFile(f"{path}:{number}: expected 'chrom<TAB>start<TAB>end', got {line[:80]!r}")
         name, start0, end = fields[0], int(fields[1]), int(fields[2])
         if name not in lengths:
@@ -169,6 +201,20 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
     if not regions:
         raise BadRegionsFile(f"{path}: no regions in the file")
     return regions
+
+
+# Control bytes other than tab and carriage return: no BED line has them.
+_BINARY = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _gunzipped(path: Path, data: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise BadRegionsFile(f"{path}: cannot decompress the gzip file ({error})") from None
 
 
 def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> list[Region]:
@@ -187,6 +233,9 @@ def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> l
 
 #: How a shard's samtools output becomes counts.
 COUNT = "count"  # ``view -c``: one number for one region (times ``sign``)
+ACCOUNT = "account"  # a filtered COUNT that also counts the records the filters leave out
+#                      (``view -u -U`` into two readers), so that passed + failed can be set
+#                      against the index: proof that the query reached every record
 TALLY = "tally"  # records passing the filters and not, per reference (small references, filtered):
 #                  together they must equal the index's counts
 SUM = "sum"  # ``view -c`` over several whole references: must equal the index's sum for them,
@@ -208,7 +257,7 @@ class Shard:
     def bed(self) -> bool:
         """Whole references handed over as a BED file to the multi-region iterator (``-M -L``),
         which reads each stretch of the file once; ``{name}`` quoting does not apply there."""
-        return self.kind != COUNT
+        return self.kind in (TALLY, SUM)
 
     @property
     def label(self) -> str:
@@ -226,6 +275,7 @@ class ShardPolicy:
     split: bool = True  # cut large references into start-position shards (needs ``view -e``)
     group: bool = True  # count small references together instead of one process each
     filtered: bool = False  # filters make a group's per-reference counts need a tally
+    account: bool = False  # whole references' shards are ACCOUNT shards (see there)
     small_reads: int = 20_000  # references with fewer expected records are grouped
     group_reads: int = 400_000  # at most this many expected records per group
 
@@ -266,24 +316,32 @@ def plan_shards(
     small: list[int] = []
     uses = Counter(r.reference for r in regions)
     for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
-        if region.reference is None and index_empty:
-            # htslib cannot seek to the unplaced reads of a file whose index holds no reads at
-            # all ("invalid region"); count the whole file instead, which is then the same set.
-            shards.append(Shard((index,), (), weight=weight))
+        kind = ACCOUNT if policy.account and region.whole else COUNT
+        if region.everything or (region.reference is None and index_empty):
+            # ``.`` is the whole file in file order, which needs no index.  htslib cannot seek
+            # to the unplaced reads of a file whose index holds no reads at all ("invalid
+            # region"); the whole file is then the same set of reads.
+            shards.append(Shard((index,), (), kind=kind, weight=weight))
             continue
         groupable = region.reference is not None and _bed_safe(region.reference) and uses[region.reference] == 1
         if policy.group and region.whole and groupable and weight < policy.small_reads:
             small.append(index)
-        elif policy.split and region.reference is not None and weight > 1.5 * target:
-            shards += _split(index, region, weight, lengths[region.reference], math.ceil(weight / target))
+        elif (
+            policy.split
+            and region.reference is not None
+            and weight > 1.5 * target
+            and addressable_range(region.reference)
+        ):
+            pieces = math.ceil(weight / target)
+            shards += _split(index, region, weight, lengths[region.reference], pieces, kind=kind)
         else:
-            shards.append(Shard((index,), (region.samtools_arg(),), weight=weight))
+            shards.append(Shard((index,), (region.samtools_arg(),), kind=kind, weight=weight))
     shards += _groups(small, regions, weights, policy, limit=min(float(policy.group_reads), target))
     shards.sort(key=lambda shard: shard.weight, reverse=True)
     return shards
 
 
-def _split(index: int, region: Region, weight: float, length: int, pieces: int) -> list[Shard]:
+def _split(index: int, region: Region, weight: float, length: int, pieces: int, *, kind: str) -> list[Shard]:
     start = region.start or 1
     end = region.end  # None: to the end of the reference, reads past its length included
     span = (min(end, length) if end is not None else length) - start + 1
@@ -292,10 +350,10 @@ def _split(index: int, region: Region, weight: float, length: int, pieces: int) 
     shards: list[Shard] = []
     for k, low in enumerate(bounds):
         high = bounds[k + 1] - 1 if k + 1 < pieces else end
-        shards.append(Shard((index,), (region.samtools_arg(low, high),), weight=weight / pieces))
+        shards.append(Shard((index,), (region.samtools_arg(low, high),), kind=kind, weight=weight / pieces))
         if k:
             boundary = region.samtools_arg(low, low)
-            shards.append(Shard((index,), (boundary,), expression=f"pos < {low}", sign=-1, weight=0.0))
+            shards.append(Shard((index,), (boundary,), expression=f"pos < {low}", kind=kind, sign=-1, weight=0.0))
     return shards
 
 
@@ -311,7 +369,8 @@ _SAM_NAME = re.compile(r"\A[0-9A-Za-z!$%&+./:;?@^_|~-][0-9A-Za-z!#$%&*+./:;=?@^_
 
 
 def _bed_safe(name: str) -> bool:
-    return bool(_SAM_NAME.match(name)) and not name.startswith(("track", "browser"))
+    # htslib's BED reader takes "." for no reference at all (it returned the unplaced reads).
+    return bool(_SAM_NAME.match(name)) and not name.startswith(("track", "browser")) and name != WHOLE_FILE
 
 
 def _groups(
@@ -326,7 +385,8 @@ def _groups(
         nonlocal members, load
         if len(members) == 1:
             index = members[0]
-            groups.append(Shard((index,), (regions[index].samtools_arg(),), weight=load))
+            single = ACCOUNT if policy.account else COUNT
+            groups.append(Shard((index,), (regions[index].samtools_arg(),), kind=single, weight=load))
         elif members:
             names = tuple(regions[i].reference or "" for i in members)
             groups.append(Shard(tuple(members), names, kind=kind, weight=load))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,21 @@ def format_tsv(result: CountResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_json(result: CountResult) -> str:
+def json_text(document: object) -> str:
+    """JSON that is valid UTF-8 for any reference name.  Names are the header's bytes; a byte
+    that is not UTF-8 is written as the escape ``\\udcXX`` (Python's surrogateescape), which
+    ``json.loads`` and then ``.encode("utf-8", "surrogateescape")`` turn back into that byte."""
     import json  # here: its decoder's regexes are 4-6 ms of a start that prints TSV
 
-    return json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def format_json(result: CountResult) -> str:
+    return json_text(result.as_dict())
 
 
 def format_seed(result: CountResult) -> str:

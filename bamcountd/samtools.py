@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -91,6 +92,35 @@ def parse_flags(text: str) -> int:
     if not 0 <= number <= 0xFFFF:
         raise ValueError(f"flag value {text!r} is outside 0..0xFFFF")
     return number
+
+
+def combine_flags(values: object) -> int:
+    """Several flag values ORed, as samtools ORs repeated ``-f``/``-F``/``-G`` options: a number,
+    a string of values separated by spaces (``"0x4 0x10"``, ``"UNMAP REVERSE"``), or a list of
+    either (a TOML array).  Each value is read by :func:`parse_flags`.
+
+    :raises ValueError: a value samtools would not read as flags
+    """
+    if isinstance(values, bool):
+        raise ValueError("must be a flag value such as 0x904 or DUP,SECONDARY")
+    if isinstance(values, int):
+        return parse_flags(str(values))
+    if isinstance(values, str):
+        parts = values.split()
+        if not parts:
+            raise ValueError("empty flag value")
+        combined = 0
+        for part in parts:
+            combined |= parse_flags(part)
+        return combined
+    if isinstance(values, list | tuple) and values:
+        combined = 0
+        for value in values:
+            if isinstance(value, list | tuple):
+                raise ValueError("must be a flag value or a list of them")
+            combined |= combine_flags(value)
+        return combined
+    raise ValueError("must be a flag value such as 0x904 or DUP,SECONDARY, or a list of them")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,40 +261,70 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
 
 @dataclass(frozen=True)
 class Tally:
-    """The three commands of a filtered group's count: ``view``, and ``idxstats`` on each of
-    its two outputs (the records that pass the filters, and those that do not)."""
+    """The commands of an accounted count: ``view`` and a reader on each of its outputs (the
+    records that pass the filters, and, when filters apply, those that do not)."""
 
     view: Completed
     selected: Completed
-    unselected: Completed
+    unselected: Completed | None
+
+
+#: How a tally's readers count: per reference (``idxstats -``), or one total for the whole stream.
+PER_REFERENCE = "per-reference"
+TOTAL = "total"
+#: The key of a :data:`TOTAL` tally's only entry in :func:`parse_tally`'s result.
+WHOLE_STREAM = b""
 
 
 async def run_tally(
     samtools: Samtools,
-    bam: Path,
-    index: Path,
-    bed: Path,
+    source: str,
     *,
+    regions: Sequence[str] = (),
+    bed: Path | None = None,
     filters: Filters,
+    expression: str | None = None,
+    readers: str = PER_REFERENCE,
     threads: int = 1,
     cwd: Path,
     timeout: float | None = None,
 ) -> Tally:
-    """Per reference of a BED of whole references, the records that pass ``filters`` and those
-    that do not, counted by samtools alone: ``view -u [filters] -M -L BED -U PIPE`` (uncompressed
-    BAM, nothing to deflate), each output piped into its own ``idxstats -``, which counts a
-    stream it finds no index for by reading it.  The two counts must add up to the index's,
-    which proves that the BED reached every read.  On cancellation or timeout all three are
-    killed.  ``cwd`` is private: idxstats looks for ``-.bai`` there, which must not exist.
+    """Count what ``samtools view [filters] [-e EXPR] SOURCE REGIONS`` reaches, split into the
+    records that pass and those that do not, by samtools alone: ``view -u`` (uncompressed BAM,
+    nothing to deflate) writes the passing records to one pipe and, with ``-U``, the others to
+    a second, and a reader on each counts them: ``idxstats -`` per reference (it counts a
+    stream it finds no index for by reading it), or ``view -c -`` for one total, which applies
+    the same ``-e`` so that the records the expression left out are not counted as reached.
+    Passed + failed is what the query reached, which must equal the index's count for a whole
+    reference.  On cancellation or timeout every process is killed.  ``cwd`` is private:
+    idxstats looks for ``-.bai`` there, which must not exist.
     """
     started = time.monotonic()
+    split = filters.active or expression is not None
     selected_read, selected_write = os.pipe()
-    unselected_read, unselected_write = os.pipe()
+    unselected_read, unselected_write = os.pipe() if split else (-1, -1)
     view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
     if threads > 1:
         view += ["-@", str(threads - 1)]
-    view += ["-M", "-L", str(bed), "-U", f"/dev/fd/{unselected_write}", with_index(bam, index)]
-    count = [samtools.executable, "idxstats", "-"]
+    if expression is not None:
+        view += ["-e", expression]
+    if bed is not None:
+        view += ["-M", "-L", str(bed)]
+    if split:
+        view += ["-U", f"/dev/fd/{unselected_write}"]
+    view += [source, *regions]
+    if readers == PER_REFERENCE:
+        reader = [samtools.executable, "idxstats", "-"]
+        unselected_reader = reader
+    else:
+        reader = [samtools.executable, "view", "--no-PG", "-c", "-"]
+        unselected_reader = reader if expression is None else [*reader[:-1], "-e", expression, "-"]
+    plan: list[tuple[list[str], int, int, tuple[int, ...]]] = [
+        (view, subprocess.DEVNULL, selected_write, (unselected_write,) if split else ()),
+        (reader, selected_read, subprocess.PIPE, ()),
+    ]
+    if split:
+        plan.append((unselected_reader, unselected_read, subprocess.PIPE, ()))
     outputs: dict[tuple[int, str], bytes] = {}
 
     async def drain(key: tuple[int, str], stream: anyio.abc.ByteReceiveStream | None) -> None:
@@ -274,16 +334,13 @@ async def run_tally(
     async with AsyncExitStack() as stack:
         processes: list[anyio.abc.Process] = []
         try:  # each child gets only its own ends (subprocess closes every other descriptor)
-            for argv, stdin, stdout, passed in (
-                (view, subprocess.DEVNULL, selected_write, (unselected_write,)),
-                (count, selected_read, subprocess.PIPE, ()),
-                (count, unselected_read, subprocess.PIPE, ()),
-            ):
+            for argv, stdin, stdout, passed in plan:
                 process = await anyio.open_process(argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd)
                 processes.append(await stack.enter_async_context(process))
         finally:  # ours would keep the pipes from ever closing
             for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
-                os.close(descriptor)
+                if descriptor >= 0:
+                    os.close(descriptor)
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as group:
@@ -302,11 +359,102 @@ async def run_tally(
             raise
     seconds = time.monotonic() - started
     done = []
-    for number, (argv, process) in enumerate(zip((view, count, count), processes, strict=True)):
+    for number, ((argv, *_), process) in enumerate(zip(plan, processes, strict=True)):
         assert process.returncode is not None
         printed = outputs.get((number, "stdout"), b"")
         done.append(Completed(tuple(argv), process.returncode, printed, outputs[(number, "stderr")], seconds))
-    return Tally(*done)
+    return Tally(done[0], done[1], done[2] if split else None)
+
+
+@dataclass(frozen=True)
+class StreamTally:
+    """A pass over the whole file: ``view -u [filters]``, and its records per reference name
+    (``*`` for the unplaced), those that pass the filters and those that do not."""
+
+    view: Completed
+    passed: dict[bytes, int]
+    failed: dict[bytes, int]
+    positionless: dict[bytes, int]  # records with a reference but no position, passing or not
+
+
+async def run_stream(
+    samtools: Samtools, bam: Path, *, filters: Filters, threads: int = 1, timeout: float | None = None
+) -> StreamTally:
+    """Read the whole file in file order, as a whole-file ``samtools view -c`` does, and count
+    its records per reference.  samtools decompresses (with ``threads``) and filters; the
+    records are counted in worker threads (:mod:`bamcountd.bamstream`), because no samtools
+    command counts an unsorted stream per reference.  On cancellation or timeout samtools is
+    killed; a failure of samtools is reported before anything its output lacks.
+    """
+    from bamcountd.bamstream import READ_BUFFER, StreamCounts, count_records
+
+    started = time.monotonic()
+    split = filters.active
+    pipes = [os.pipe() for _ in range(2 if split else 1)]
+    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
+    if threads > 1:
+        view += ["-@", str(threads - 1)]
+    if split:
+        view += ["-U", f"/dev/fd/{pipes[1][1]}"]
+    view.append(str(bam))
+    found: list[StreamCounts | None] = [None] * len(pipes)
+    problems: list[BaseException] = []
+    stderr = b""
+
+    def count(number: int, descriptor: int) -> None:
+        with os.fdopen(descriptor, "rb", buffering=READ_BUFFER) as stream:
+            try:
+                found[number] = count_records(stream, f"{bam}: the whole file")
+            except SamtoolsBadOutput as error:
+                problems.append(error)
+                while stream.read(READ_BUFFER):  # drain, so that samtools is never left blocked
+                    pass
+
+    async def drain(stream: anyio.abc.ByteReceiveStream | None) -> None:
+        nonlocal stderr
+        assert stream is not None
+        stderr = b"".join([chunk async for chunk in stream])
+
+    try:
+        process = await anyio.open_process(
+            view, stdin=subprocess.DEVNULL, stdout=pipes[0][1], pass_fds=tuple(w for _, w in pipes[1:])
+        )
+    except BaseException:
+        for descriptor in (d for pipe in pipes for d in pipe):
+            os.close(descriptor)
+        raise
+    for _, write in pipes:  # ours would keep the pipes from ever closing
+        os.close(write)
+    readers = [read for read, _ in pipes]
+    async with process:
+        try:
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(drain, process.stderr)
+                    for number, read in enumerate(readers):
+                        group.start_soon(partial(anyio.to_thread.run_sync, count, number, read, abandon_on_cancel=True))
+                    readers = []  # each thread closes its own
+                await process.wait()
+        except BaseException as error:
+            if process.returncode is None:
+                process.kill()
+            for read in readers:
+                os.close(read)
+            if isinstance(error, TimeoutError):
+                raise SamtoolsTimeout(f"view -u: killed after the {timeout:g} s time limit") from None
+            raise
+    assert process.returncode is not None
+    completed = Completed(tuple(view), process.returncode, b"", stderr, time.monotonic() - started)
+    _checked(completed, f"{bam}: the whole file")
+    if problems:
+        raise problems[0]
+    streams = [counts for counts in found if counts is not None]
+    positionless: dict[bytes, int] = {}
+    for counts in streams:
+        for name, n in counts.positionless.items():
+            positionless[name] = positionless.get(name, 0) + n
+    passed, failed = (streams[0].by_name(), streams[1].by_name() if split else {})
+    return StreamTally(completed, passed, failed, positionless)
 
 
 _located: dict[tuple[str, int, int], Samtools] = {}
@@ -483,18 +631,25 @@ def parse_count(completed: Completed, what: str) -> int:
 
 
 def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
-    """Per reference name with any records: (records, records passing the filters), from a
-    :func:`run_tally`, after checking all three commands.  idxstats' two notes about reading
-    a stream are expected; any other stderr line is a failure.  idxstats prints every
-    reference of the header, so only the lines with records are looked at one by one."""
-    selected, unselected = (_without_stream_notes(c) for c in (tally.selected, tally.unselected))
+    """(records reached, records passing the filters) per reference name with any records, or
+    under :data:`WHOLE_STREAM` for :data:`TOTAL` readers, from a :func:`run_tally`, after
+    checking every command.  idxstats' two notes about reading a stream are expected; any
+    other stderr line is a failure.  idxstats prints every reference of the header, so only
+    the lines with records are looked at one by one."""
+    readers = [c for c in (tally.selected, tally.unselected) if c is not None]
+    per_reference = readers[0].argv[1:2] == ("idxstats",)
+    if per_reference:
+        readers = [_without_stream_notes(c) for c in readers]
     view_lines = tally.view.stderr_lines
     if tally.view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in view_lines):
-        _checked(selected, what)  # a reader gave up first: its words say why
-        _checked(unselected, what)
+        for completed in readers:  # a reader gave up first: its words say why
+            _checked(completed, what)
     _checked(tally.view, what)
     found: dict[bytes, list[int]] = {}
-    for column, completed in enumerate((selected, unselected)):
+    for column, completed in enumerate(readers):
+        if not per_reference:
+            found.setdefault(WHOLE_STREAM, [0, 0])[column] += parse_count(completed, what)
+            continue
         _checked(completed, what)
         out = completed.stdout
         if not _IDXSTATS_TABLE.fullmatch(out) or not (out.startswith(b"*\t") or b"\n*\t" in out):

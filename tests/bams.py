@@ -141,3 +141,62 @@ def processes_with(token: str) -> list[int]:
             if token.encode() in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+# --- BAMs written byte by byte, for records no SAM text can express -----------------------------
+
+_BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+
+def bam_records(bam: Path) -> tuple[bytes, list[bytes]]:
+    """A BAM's uncompressed header and its records (each with its block_size)."""
+    import gzip
+
+    raw = gzip.decompress(bam.read_bytes())
+    offset = 8 + int.from_bytes(raw[4:8], "little")
+    references = int.from_bytes(raw[offset : offset + 4], "little")
+    offset += 4
+    for _ in range(references):
+        offset += 4 + int.from_bytes(raw[offset : offset + 4], "little") + 4
+    header, records = raw[:offset], []
+    while offset < len(raw):
+        size = 4 + int.from_bytes(raw[offset : offset + 4], "little")
+        records.append(raw[offset : offset + size])
+        offset += size
+    return header, records
+
+
+def bam_record(name: str, *, flag: int, tid: int, pos: int, bin_: int, seq: str = "ACGT") -> bytes:
+    """One BAM record without CIGAR (``pos`` 0-based: -1 is SAM's POS 0)."""
+    import struct
+
+    codes = {"A": 1, "C": 2, "G": 4, "T": 8}
+    packed = bytes((codes[seq[i]] << 4) | (codes[seq[i + 1]] if i + 1 < len(seq) else 0) for i in range(0, len(seq), 2))
+    read_name = name.encode() + b"\0"
+    body = struct.pack("<iiBBHHHiiii", tid, pos, len(read_name), 0, bin_, 0, flag, len(seq), -1, -1, 0)
+    body += read_name + packed + b"\xff" * len(seq)
+    return struct.pack("<i", len(body)) + body
+
+
+def write_raw_bam(path: Path, header: bytes, records: Sequence[bytes]) -> Path:
+    """BGZF-compress a header and records as they are (samtools would normalise some)."""
+    import struct
+    import zlib
+
+    data = header + b"".join(records)
+    blocks = []
+    for start in range(0, len(data), 65280):
+        chunk = data[start : start + 65280]
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = compressor.compress(chunk) + compressor.flush()
+        blocks.append(struct.pack("<4BI2BH2BHH", 31, 139, 8, 4, 0, 0, 255, 6, 66, 67, 2, len(body) + 25))
+        blocks.append(body + struct.pack("<II", zlib.crc32(chunk), len(chunk)))
+    path.write_bytes(b"".join(blocks) + _BGZF_EOF)
+    return path
+
+
+def samtools_index(bam: Path, out: Path | None = None) -> Path:
+    """An index built by samtools itself (the oracle's own, for files with quirky indexes)."""
+    out = out if out is not None else Path(str(bam) + ".bai")
+    subprocess.run([SAMTOOLS, "index", str(bam), str(out)], check=True, capture_output=True)
+    return out

@@ -28,7 +28,7 @@ from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
 from bamcountd.report import render, write_atomic
-from bamcountd.samtools import Filters, parse_flags
+from bamcountd.samtools import Filters, combine_flags
 
 log = structlog.get_logger("bamcountd.dnanexus")
 
@@ -64,7 +64,7 @@ def _filters(exclude_flags: str | None, require_flags: str | None, min_mapq: int
         if text is None or text == "":
             return 0
         try:
-            return parse_flags(str(text))
+            return combine_flags(str(text))  # "0x4 0x10": ORed, as samtools ORs a repeated -F
         except ValueError as error:
             raise dxpy.AppError(f"{name}: {error}") from None
 
@@ -145,6 +145,7 @@ def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, pre
         totals = count_bam_sync(
             CountRequest(bam=request.bam, index=request.index, method="index", index_cache=request.index_cache)
         )
+    assert totals.index is not None  # --method index always counts through one
     if index_link is None:  # built here: share it so no worker builds it again
         index_link = dxpy.dxlink(dxpy.upload_local_file(str(totals.index)))
     bins = balance([(r.region, r.count) for r in totals.regions], scatter_jobs)

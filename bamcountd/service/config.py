@@ -19,7 +19,7 @@ from typing import Any
 
 from bamcountd.count import DEFAULT_MIN_SHARD_READS
 from bamcountd.errors import ConfigError
-from bamcountd.samtools import parse_flags
+from bamcountd.samtools import combine_flags
 
 ENV_PREFIX = "BAMCOUNTD_"
 #: Extra result formats, written next to the JSON, and their suffixes.
@@ -102,13 +102,9 @@ def _boolean(value: Any) -> bool:
 
 
 def _flag_value(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be a flag value")
-    if isinstance(value, int):
-        value = str(value)
-    if not isinstance(value, str):
-        raise ValueError("must be a flag value such as 0x904 or DUP,SECONDARY")
-    return parse_flags(value)
+    # A list (TOML) or several values in one string ("0x4 0x10") are ORed, as samtools ORs a
+    # repeated -F; a repeated flag on the command line arrives here already ORed.
+    return combine_flags(value)
 
 
 def _choice(*choices: str) -> Converter:
@@ -170,6 +166,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("threads", _positive_int, None),
     Option("timeout", _positive_seconds, None),
     Option("method", _choice("view", "index"), "view"),
+    Option("verify", _choice("auto", "full"), "auto"),
     Option("split", _boolean, True),
     Option("min_shard_reads", _positive_int, DEFAULT_MIN_SHARD_READS),
     Option("build_index", _boolean, True),
@@ -257,6 +254,7 @@ _COUNT_KEYS = (
     "threads",
     "timeout",
     "method",
+    "verify",
     "split",
     "min_shard_reads",
     "build_index",

@@ -49,7 +49,7 @@ from bamcountd.errors import (
     SamtoolsNotFound,
     leaf_exceptions,
 )
-from bamcountd.inputs import cached_index_path
+from bamcountd.inputs import Verdict, cached_index_path
 from bamcountd.service import results as results_files
 from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
 from bamcountd.service.ledger import Entry, Identity, Ledger
@@ -372,7 +372,8 @@ class Daemon:
                     return
                 # Only now, with the result durably in place, is the file done (see ledger.py).
                 self.ledger.finish(path, identity)
-                self._drop_built_index(result.index)
+                if result.index is not None:  # None: counted in one pass, without an index
+                    self._drop_built_index(result.index, proof_of=(path, result.samtools_version))
                 self.metrics.counted.inc()
                 self.metrics.regions.inc(len(result.regions))
                 self.metrics.duration.observe(time.monotonic() - started)
@@ -450,10 +451,16 @@ class Daemon:
             return "the result was counted over other regions"
         return None
 
-    def _drop_built_index(self, index: Path) -> None:
-        """An index the daemon built into its own folder is no use once the BAM is done."""
+    def _drop_built_index(self, index: Path, *, proof_of: tuple[Path, str] | None = None) -> None:
+        """An index the daemon built into its own folder is no use once the BAM is done, nor is
+        the proof that its queries reach every record (each BAM is counted once)."""
         own = self.config.state / "index"
-        if Path(self.config.count.index_cache) == own and index.parent == own:
+        if Path(self.config.count.index_cache) != own:
+            return
+        if proof_of is not None:
+            with contextlib.suppress(OSError):  # its name comes from both files' identities
+                Verdict.of(proof_of[0], index, own, proof_of[1]).path.unlink(missing_ok=True)
+        if index.parent == own:
             index.unlink(missing_ok=True)
 
     def _changed(self, entry: Entry) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 from bamcountd import __version__
 from bamcountd.count import CountResult
-from bamcountd.report import render, write_atomic
+from bamcountd.report import json_text, render, write_atomic
 from bamcountd.service.config import EXTRA_FORMATS
 from bamcountd.service.ledger import Identity
 from bamcountd.service.watch import WatchRoot
@@ -71,11 +70,7 @@ def error_document(bam: Path, identity: Identity, *, reason: str, attempts: int,
 def encode(document: dict[str, Any]) -> bytes:
     """As ``count --format json`` writes it; a name that is not UTF-8 is kept as ``\\udcXX``
     escapes, which Python's ``json`` and ``os.fsencode`` turn back into the exact bytes."""
-    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
+    return json_text(document).encode()
 
 
 def write_counts(
