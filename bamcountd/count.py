@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -36,7 +36,6 @@ from bamcountd.errors import (
     SamtoolsTimeout,
     leaf_exceptions,
 )
-from bamcountd.indexfile import lacks_statistics
 from bamcountd.inputs import (
     IndexLookup,
     Verdict,
@@ -55,6 +54,9 @@ VERIFY = ("auto", "full")
 _BAI_MAX_LENGTH = (1 << 29) - 1
 
 ProgressCallback = Callable[[int, int], None]
+#: How one shard runs: a ``view -c`` argument list and the file it saves its counts to (or its
+#: scratch folder), or None and where its tally works (its BED, or the scratch folder).
+_Command = tuple[list[str] | None, Path]
 #: Below this many expected reads, cutting a shard costs more in start-up than it saves.
 DEFAULT_MIN_SHARD_READS = 200_000
 
@@ -231,7 +233,7 @@ async def count_bam(
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
         stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
-        if not any(stat.reads for stat in stats) and lacks_statistics(index):
+        if not any(stat.reads for stat in stats) and _lacks_statistics(index):
             index = await job.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
             stats = await st.idxstats(executable, bam, index)
         _check_index_names(bam, header, stats)
@@ -296,8 +298,7 @@ async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     return [value for _, value in outcomes]
 
 
-@dataclass
-class _Pass:
+class _Pass(NamedTuple):
     """One counting pass over shards: per region, the reads counted and the records reached
     (None where filters left records uncounted and nothing says how many)."""
 
@@ -402,7 +403,9 @@ class _Job:
         by_name = {stat.name: stat for stat in stats}
         totals = [_index_total(region, by_name) for region in self.regions]
         filtered = self.request.filters.active
-        earlier = filtered and self.request.verify == "auto" and self._verdict(index).holds()
+        # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
+        trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
+        earlier = trust and self._verdict(index).holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
         if not missed:
@@ -593,25 +596,40 @@ class _Job:
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
         limiter, progress = self.limiter, self.progress
 
-        async def run_one(shard: plan.Shard, argv: list[str] | Path, results: ObjectSendStream[_Outcome]) -> None:
-            """Run one shard: a ``view -c`` argument list, or a tally (its BED, or its scratch folder)."""
+        async def run_one(shard: plan.Shard, how: _Command, results: ObjectSendStream[_Outcome]) -> None:
+            """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally."""
             async with results, local:
                 with _named_failures(f"{bam}: region {shard.label}", request.timeout):
                     async with limiter if limiter is not None else nullcontext():
-                        if isinstance(argv, list):
-                            outcome = _Outcome(shard, await st.run(argv, timeout=request.timeout))
+                        argv, where = how
+                        if argv is None:
+                            outcome = await self._tally(index, shard, where)
                         else:
-                            outcome = await self._tally(index, shard, argv)
+                            completed = await st.run(argv, timeout=request.timeout)
+                            if shard.kind == plan.ACCOUNT:
+                                what = f"{bam}: region {shard.label}"
+                                tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
+                                outcome = _Outcome(shard, completed, tallies)
+                            else:
+                                outcome = _Outcome(shard, completed)
                 await results.send(outcome)
 
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
 
-            def command(number: int, shard: plan.Shard) -> list[str] | Path:
+            def command(number: int, shard: plan.Shard) -> _Command:
                 if shard.kind == plan.ACCOUNT:
-                    return scratch
+                    # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
+                    # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
+                    if not samtools.supports_save_counts or shard.expression is not None:
+                        return None, scratch
+                    saved = scratch / f"counts{number}.json"
+                    argv = st.count_argv(
+                        samtools, bam, index, shard.args, filters=request.filters, threads=threads, save_counts=saved
+                    )
+                    return argv, saved
                 if not shard.bed:
-                    return st.count_argv(
+                    argv = st.count_argv(
                         samtools,
                         bam,
                         index,
@@ -620,11 +638,13 @@ class _Job:
                         threads=threads,
                         expression=shard.expression,
                     )
+                    return argv, scratch
                 bed = _write_bed(scratch / f"group{number}.bed", shard.args, self.lengths)
                 if shard.kind == plan.TALLY:
-                    return bed
+                    return None, bed
                 # An unfiltered group's total is checked against the index (see _Reducer.add).
-                return st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
+                argv = st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
+                return argv, scratch
 
             started = len(shards)
             try:
@@ -666,6 +686,12 @@ class _Job:
         what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
         tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
         return _Outcome(shard, tally.view, tallies)
+
+
+def _lacks_statistics(index: Path) -> bool:
+    from bamcountd.indexfile import lacks_statistics  # here: only asked when idxstats shows no records
+
+    return lacks_statistics(index)
 
 
 def _records(n: int) -> str:

@@ -9,6 +9,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bamcountd.errors import BamNotFound, CorruptBam
 
@@ -99,8 +100,7 @@ def _identity_of(path: Path) -> str:
     return f"{path}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The proof that region queries through ``index`` reach every record of ``bam``.
 
     Reach is a property of the pair (and of htslib), not of the filters: once one count has

@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -37,6 +38,9 @@ from bamcountd.errors import (
 MINIMUM_VERSION = (1, 10)
 #: ``view -e`` filter expressions, used for exact start-position shards.
 EXPRESSIONS_VERSION = (1, 12)
+#: ``view --save-counts``: the records a query reached and those its filters accepted, from one
+#: ``view -c``, which makes a filtered count's accounting free.
+SAVE_COUNTS_VERSION = (1, 22)
 
 INSTALL_HINT = "install it (apt-get install samtools) or pass --samtools PATH"
 
@@ -168,6 +172,10 @@ class Samtools:
     @property
     def supports_expressions(self) -> bool:
         return self.version_info >= EXPRESSIONS_VERSION
+
+    @property
+    def supports_save_counts(self) -> bool:
+        return self.version_info >= SAVE_COUNTS_VERSION
 
 
 @dataclass(frozen=True)
@@ -366,8 +374,7 @@ async def run_tally(
     return Tally(done[0], done[1], done[2] if split else None)
 
 
-@dataclass(frozen=True)
-class StreamTally:
+class StreamTally(NamedTuple):
     """A pass over the whole file: ``view -u [filters]``, and its records per reference name
     (``*`` for the unplaced), those that pass the filters and those that do not."""
 
@@ -600,13 +607,17 @@ def count_argv(
     threads: int = 1,
     expression: str | None = None,
     bed: Path | None = None,
+    save_counts: Path | None = None,
 ) -> list[str]:
     """``samtools view -c`` for one shard.
 
     Regions come as arguments, or as a BED file for the multi-region iterator (``-M -L``),
     which reads each stretch of the file once instead of seeking once per region.
+    ``save_counts`` asks samtools 1.22+ to write there what it reached and accepted.
     """
     argv = [samtools.executable, "view", "--no-PG", "-c", *filters.argv()]
+    if save_counts is not None:
+        argv += ["--save-counts", str(save_counts)]
     if threads > 1:
         argv += ["-@", str(threads - 1)]
     if expression is not None:
@@ -628,6 +639,23 @@ def parse_count(completed: Completed, what: str) -> int:
     if match is None:
         raise SamtoolsBadOutput(f"{what}: samtools printed {completed.stdout[:80]!r} instead of a count")
     return int(match.group(1))
+
+
+_SAVED_COUNT = re.compile(rb'"(records_processed|records_filter_accepted)"\s*:\s*([0-9]+)')
+
+
+def parse_saved_counts(completed: Completed, saved: Path, what: str) -> tuple[int, int]:
+    """(records reached, records passing) of a ``view -c --save-counts`` run, after checking
+    it as any count; the file's accepted records must be the count it printed."""
+    count = parse_count(completed, what)
+    try:
+        text = saved.read_bytes()
+    except OSError as error:
+        raise SamtoolsBadOutput(f"{what}: samtools wrote no --save-counts file ({error.strerror})") from None
+    found = {key: int(value) for key, value in _SAVED_COUNT.findall(text)}
+    if set(found) != {b"records_processed", b"records_filter_accepted"} or found[b"records_filter_accepted"] != count:
+        raise SamtoolsBadOutput(f"{what}: samtools' --save-counts file says {text[:200]!r}, its count {count}")
+    return found[b"records_processed"], count
 
 
 def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:

@@ -45,6 +45,8 @@ from bamcountd.synth import HUMAN, Reference, demo_bam, random_records, write_ba
 HERE = Path(__file__).resolve().parent
 SAMTOOLS = shutil.which("samtools") or "samtools"
 BAMCOUNTD = shlex.split(os.environ.get("BAMCOUNTD", "")) or [sys.executable, "-m", "bamcountd"]
+#: Another bamcountd (``--baseline``, e.g. the previous commit's), timed in the same rounds.
+BASELINE: list[str] = []
 FILTERS: dict[str, list[str]] = {"unfiltered": [], "-F 0x904 -q 20": ["-F", "0x904", "-q", "20"]}
 
 
@@ -145,6 +147,9 @@ def bench(
         for variant in variants:
             argv = [*BAMCOUNTD, "count", *shlex.split(variant), *filters, "--format", "tsv", str(bam)]
             contenders[f"bamcountd count {variant}"] = command(argv, tsv_total)
+        if BASELINE:
+            argv = [*BASELINE, "count", *filters, "--format", "tsv", str(bam)]
+            contenders["bamcountd count (baseline)"] = command(argv, tsv_total)
         if not seed:  # one process per contig: minutes per run on thousands of contigs
             del contenders["seed applet: per-chromosome, 10 at a time"]
         times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -180,6 +185,8 @@ def startup(data: Path, repeats: int) -> None:
         "bamcountd --version (imports only)": [*BAMCOUNTD, "--version"],
         "bamcountd count": [*BAMCOUNTD, "count", "--format", "tsv", str(bam)],
     }
+    if BASELINE:
+        steps["bamcountd count (baseline)"] = [*BASELINE, "count", "--format", "tsv", str(bam)]
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, argv in steps.items():
@@ -206,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-many-contigs", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--variant", action="append", default=[], help="bamcountd count options to time as well")
+    parser.add_argument("--baseline", metavar="COMMAND", help="another bamcountd to time in the same rounds")
     args = parser.parse_args(argv)
+    BASELINE[:] = shlex.split(args.baseline or "")
     compileall.compile_dir(Path(bamcountd.__file__).parent, quiet=1)
     n = cores()
     version = (

@@ -200,3 +200,36 @@ def samtools_index(bam: Path, out: Path | None = None) -> Path:
     out = out if out is not None else Path(str(bam) + ".bai")
     subprocess.run([SAMTOOLS, "index", str(bam), str(out)], check=True, capture_output=True)
     return out
+
+
+PYSAM_SAMTOOLS = """#!{python}
+# samtools as pysam builds it from samtools' own C code (1.22 or newer), run in-process, for
+# the code paths that need a newer samtools than the distribution's (view --save-counts).  It
+# counts as samtools does: it is no fake.  SAMTOOLS_ARGV_LOG, if set, gets each command line.
+import os, shutil, sys, tempfile
+import pysam
+from pysam.libcutils import _pysam_dispatch
+args = sys.argv[1:]
+if os.environ.get("SAMTOOLS_ARGV_LOG"):
+    with open(os.environ["SAMTOOLS_ARGV_LOG"], "a") as log:
+        log.write(" ".join(args) + "\\n")
+if args == ["--version-only"]:
+    print(f"{{pysam.__samtools_version__}}+htslib-{{pysam.__samtools_version__}}")
+    sys.exit(0)
+with tempfile.NamedTemporaryFile() as out:  # pysam's own stdout capture is text
+    code, err, _ = _pysam_dispatch("samtools", args[0], args[1:], catch_stdout=False, save_stdout=out.name)
+    with open(out.name, "rb") as saved:
+        shutil.copyfileobj(saved, sys.stdout.buffer)
+sys.stdout.flush()
+if err:
+    sys.stderr.write(err if isinstance(err, str) else err.decode("utf-8", "replace"))
+sys.exit(code)
+"""
+
+
+def pysam_samtools(folder: Path) -> Path:
+    """An executable samtools of pysam's build (see PYSAM_SAMTOOLS)."""
+    script = folder / "pysam-samtools"
+    script.write_text(PYSAM_SAMTOOLS.format(python=sys.executable))
+    script.chmod(0o755)
+    return script

@@ -27,6 +27,7 @@ from tests.bams import (
     bam_records,
     header_names,
     oracle,
+    pysam_samtools,
     samtools_count,
     samtools_index,
     write_raw_bam,
@@ -384,3 +385,35 @@ def test_one_pass_over_a_damaged_file_fails(tmp_path: Path, capsys: pytest.Captu
     code, err = run_error(capsys, bam)
     assert code == 1
     assert str(bam) in err and "truncated" in err
+
+
+# --- samtools 1.22+: the accounting comes from `view -c --save-counts`, at no extra cost -------
+
+
+@pytest.mark.parametrize("filters", [("-F", "0x400"), ("-F", "0x904", "-q", "20")])
+@pytest.mark.parametrize("how", [("--no-split",), ("--min-shard-reads", "300")])
+def test_newer_samtools_accounts_with_saved_counts(
+    biobambam_bam: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    filters: tuple[str, ...],
+    how: tuple[str, ...],
+) -> None:
+    bam, truth = biobambam_bam
+    samtools = pysam_samtools(tmp_path)
+    log = tmp_path / "argv.log"
+    monkeypatch.setenv("SAMTOOLS_ARGV_LOG", str(log))
+    by_bamindex = Path(str(bam) + ".bai").read_bytes()
+    for good, index in ((True, truth.read_bytes()), (False, by_bamindex)):  # bamindex's misses records
+        Path(str(bam) + ".bai").write_bytes(index)
+        log.write_text("")
+        document = run_json(capsys, bam, *filters, *how, "--samtools", samtools, "--verify", "full")
+        names = [*header_names(bam), "*"]
+        assert rows(document) == {**oracle_through(bam, truth, names, filters), "total": samtools_count(bam, *filters)}
+        assert document["samtools"] >= "1.22"
+        assert any("miss records" in note for note in document["notes"]) != good
+        if good:
+            commands = log.read_text().splitlines()
+            counted = [line for line in commands if line.startswith("view") and "--save-counts" in line]
+            assert counted and not [line for line in commands if " -U " in line and "-e" not in line]

@@ -64,7 +64,7 @@ def test_main_uses_the_given_index_and_filters(
     job_input = {
         "mappings_bam": dxpy.dxlink(bam_id),
         "index_file": dxpy.dxlink(bai_id),
-        "exclude_flags": "0x904",
+        "exclude_flags": "SECONDARY 0x800 UNMAP",  # ORed as a repeated -F: 0x904
         "min_mapq": 20,
     }
     job = _run(emulator, applet, job_input)
