@@ -233,7 +233,8 @@ async def count_bam(
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
         stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
-        if not any(stat.reads for stat in stats) and _lacks_statistics(index):
+        placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
+        if not placed and _lacks_statistics(index):
             index = await job.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
             stats = await st.idxstats(executable, bam, index)
         _check_index_names(bam, header, stats)
@@ -401,13 +402,19 @@ class _Job:
         recover where region queries miss records that the BAM and the index both hold."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
-        totals = [_index_total(region, by_name) for region in self.regions]
+        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
         earlier = trust and self._verdict(index).holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
+        unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
+        if unplaced and all(totals[i] == 0 for i in unplaced) and _uncounted_unplaced(index):
+            # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
+            self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
+            totals = [None if i in unplaced else total for i, total in enumerate(totals)]
+            missed = _mismatches(self.regions, first, totals)
         if not missed:
             self._remember(index, first, totals)
             verification = "earlier" if earlier else "index"
@@ -417,7 +424,7 @@ class _Job:
         return await self._recover(index, by_name, totals, first, missed)
 
     async def _pass(
-        self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int], *, account: bool
+        self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
         policy = plan.ShardPolicy(
             slots=self.processes,
@@ -438,13 +445,13 @@ class _Job:
         await self._run_shards(index, shards, reducer)
         return _Pass(reducer.counts, reducer.reached(), len(shards))
 
-    def _remember(self, index: Path, done: _Pass, totals: Sequence[int]) -> None:
+    def _remember(self, index: Path, done: _Pass, totals: Sequence[int | None]) -> None:
         """Once every reference was set record by record against the index, say so for later
         filtered counts of this pair (see inputs.Verdict)."""
         proven = {
             plan.UNPLACED if region.reference is None else region.reference
-            for region, reached in zip(self.regions, done.reached, strict=True)
-            if region.whole and not region.everything and reached is not None
+            for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
+            if region.whole and not region.everything and reached is not None and total is not None
         }
         if {*self.lengths, plan.UNPLACED} <= proven:
             verdict = self._verdict(index)
@@ -458,7 +465,7 @@ class _Job:
         self,
         index: Path,
         stats: dict[str, st.IndexStat],
-        totals: Sequence[int],
+        totals: Sequence[int | None],
         first: _Pass,
         missed: Sequence[int],
     ) -> tuple[list[int], str, int]:
@@ -482,7 +489,7 @@ class _Job:
             data = found.get(os.fsencode(name), (0, 0))[0]
             stat = stats.get(name)
             expected = 0 if stat is None else stat.unmapped if name == plan.UNPLACED else stat.reads
-            if data != expected:
+            if data != expected and not (name == plan.UNPLACED and expected == 0 and _uncounted_unplaced(index)):
                 raise IndexMismatch(
                     f"{bam}: its index ({index}) says {name} holds {expected} records, but the BAM holds {data}: "
                     "the index belongs to another file, or the BAM was cut short (truncated at a block boundary) "
@@ -525,14 +532,15 @@ class _Job:
         return first.counts, "index", shards
 
     def _shortfalls(
-        self, done: _Pass, totals: Sequence[int], missed: Sequence[int], positionless: dict[bytes, int]
+        self, done: _Pass, totals: Sequence[int | None], missed: Sequence[int], positionless: dict[bytes, int]
     ) -> str:
         """The mismatches that records without a position do not explain, described; a note
         for those they do."""
         unexplained: list[str] = []
         for i in missed:
-            region, reached = self.regions[i], done.reached[i]
-            short = totals[i] - (reached or 0)
+            region, reached, total = self.regions[i], done.reached[i], totals[i]
+            assert total is not None  # an unknown total is never missed
+            short = total - (reached or 0)
             without = positionless.get(os.fsencode(region.reference), 0) if region.reference is not None else 0
             if reached is not None and short == without > 0:
                 where = (
@@ -694,6 +702,12 @@ def _lacks_statistics(index: Path) -> bool:
     return lacks_statistics(index)
 
 
+def _uncounted_unplaced(index: Path) -> bool:
+    from bamcountd.indexfile import lacks_unplaced_count
+
+    return lacks_unplaced_count(index)
+
+
 def _records(n: int) -> str:
     return f"{n} record" if n == 1 else f"{n} records"
 
@@ -714,7 +728,7 @@ def _worth_a_note(reason: str) -> bool:
     return not reason.startswith(("has no index", "has an index older"))
 
 
-def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[int]) -> list[int]:
+def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[int | None]) -> list[int]:
     """Whole regions whose records reached differ from the index's (or, where filters left
     records uncounted, whose count exceeds it)."""
     missed: list[int] = []
@@ -722,7 +736,10 @@ def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[in
         if not region.whole:
             continue
         reached = done.reached[i]
-        if (reached is not None and reached != totals[i]) or (reached is None and done.counts[i] > totals[i]):
+        total = totals[i]
+        if total is None:  # unknown to the index
+            continue
+        if (reached is not None and reached != total) or (reached is None and done.counts[i] > total):
             missed.append(i)
     return missed
 
@@ -764,7 +781,7 @@ class _Reducer:
         self,
         bam: Path,
         regions: Sequence[plan.Region],
-        index_totals: Sequence[int],
+        index_totals: Sequence[int | None],
         *,
         filtered: bool,
         account: bool,
@@ -778,6 +795,11 @@ class _Reducer:
         self._index_totals = index_totals
         self._filtered = filtered
         self._account = account
+
+    def _total(self, i: int) -> int:
+        total = self._index_totals[i]
+        assert total is not None  # groups hold whole references, whose totals the index always has
+        return total
 
     def reached(self) -> list[int | None]:
         return [None if i in self._unknown else n for i, n in enumerate(self._reached)]
@@ -801,13 +823,13 @@ class _Reducer:
             self._reached[shard.regions[0]] += shard.sign * reached
         elif shard.kind == plan.SUM:
             count = st.parse_count(completed, what)
-            if count != sum(self._index_totals[i] for i in shard.regions):
+            if count != sum(self._total(i) for i in shard.regions):
                 # Which references differ, the group's own tally tells: one more pass over it.
                 log.warning("group_tallied", bam=str(self.bam), references=len(shard.regions), read=count)
                 return [plan.Shard(shard.regions, shard.args, kind=plan.TALLY, weight=shard.weight)]
             for i in shard.regions:  # the data was read and its sum verified; the split is the index's
-                self.counts[i] += self._index_totals[i]
-                self._reached[i] += self._index_totals[i]
+                self.counts[i] += self._total(i)
+                self._reached[i] += self._total(i)
         else:
             count, again = self._add_tally(shard, outcome.tallies, what)
             log.debug(
@@ -834,7 +856,7 @@ class _Reducer:
         count = 0
         for name, i in names.items():
             reached, passed = tallies.get(name, (0, 0))
-            if reached == self._index_totals[i]:
+            if reached == self._total(i):
                 self.counts[i] += passed
                 self._reached[i] += reached
                 count += passed

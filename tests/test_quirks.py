@@ -417,3 +417,20 @@ def test_newer_samtools_accounts_with_saved_counts(
             commands = log.read_text().splitlines()
             counted = [line for line in commands if line.startswith("view") and "--save-counts" in line]
             assert counted and not [line for line in commands if " -U " in line and "-e" not in line]
+
+
+@pytest.mark.parametrize("filters", [(), ("-q", "20")])
+def test_an_index_without_its_count_of_unplaced_reads(
+    shared_bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], filters: tuple[str, ...]
+) -> None:
+    """n_no_coor is optional at a BAI's end (not every writer adds it): * is then counted but not checked."""
+    bam = tmp_path / "short.bam"
+    shutil.copy(shared_bam, bam)
+    Path(str(bam) + ".bai").write_bytes(Path(str(shared_bam) + ".bai").read_bytes()[:-8])
+    stats = subprocess.run([SAMTOOLS, "idxstats", str(bam)], capture_output=True, check=True, text=True).stdout
+    assert stats.splitlines()[-1] == "*\t0\t0\t0" and samtools_count(bam, "*") > 0
+    for _ in range(2):  # and again, with the proof that the first count left
+        document = run_json(capsys, bam, *filters)
+        names = [*header_names(bam), "*"]
+        assert rows(document) == {**oracle(shared_bam, names, filters), "total": samtools_count(bam, *filters)}
+        assert any("unplaced reads" in note for note in document["notes"])
