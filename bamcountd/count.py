@@ -103,7 +103,7 @@ class CountResult:
     shards: int
     index: Path | None
     seconds: float
-    verification: str = "index"  # see VERIFICATIONS
+    verification: str = "index"  # index, earlier, stream or none (README: Outputs)
     notes: tuple[str, ...] = ()  # what went differently from a plain count, and why
 
     def as_dict(self) -> dict[str, Any]:
@@ -123,16 +123,6 @@ class CountResult:
             "verification": self.verification,
             "notes": list(self.notes),
         }
-
-
-#: What the counts of whole references were checked against (``CountResult.verification``).
-VERIFICATIONS = {
-    "index": "every whole reference's records (counted, or with filters passed + failed) equal the index's count",
-    "earlier": "filtered counts are no larger than the index's; an earlier count of this BAM and index "
-    "set every record against the index",
-    "stream": "counted in one pass over the whole file, which has no index to compare with",
-    "none": "nothing to compare with: only ranges, or --method index",
-}
 
 
 @dataclass(frozen=True)
@@ -358,13 +348,13 @@ class _Job:
         if not self.request.build_index and not unsorted:
             raise IndexMissing(f"{self.bam}: {reason}; run `samtools index` on it, or drop --no-index-build")
         try:
-            return await self.fresh_index(reason)
+            return await self.fresh_index(reason, note=False)  # as before: no news to the user
         except NotCoordinateSorted:
             if streamable:
                 return None
             raise
 
-    async def fresh_index(self, reason: str) -> Path:
+    async def fresh_index(self, reason: str, *, note: bool = True) -> Path:
         """An index built by this samtools into the cache (or one it built there before).
 
         :raises IndexMissing: building is not allowed, or the cache is not usable
@@ -391,7 +381,7 @@ class _Job:
             self.log.info("building_index", reason=reason, index=str(out))
             await st.build_index(self.samtools, bam, out, csi=csi, threads=available_cores())
         self.built = out
-        if _worth_a_note(reason):
+        if note:
             self.notes.append(f"{reason}; counted through an index built into the cache ({out})")
         return out
 
@@ -721,11 +711,6 @@ def _named_failures(what: str, timeout: float | None) -> Iterator[None]:
         raise SamtoolsTimeout(f"{what}: samtools killed after the {timeout:g} s time limit") from None
     except OSError as error:
         raise SamtoolsFailed(f"{what}: cannot start samtools: {error}") from None
-
-
-def _worth_a_note(reason: str) -> bool:
-    """Whether building an index for this reason is news to the user (a missing index is not)."""
-    return not reason.startswith(("has no index", "has an index older"))
 
 
 def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[int | None]) -> list[int]:
