@@ -1,0 +1,314 @@
+"""``systemd/bamcountd.service`` under a real systemd (252, PID 1 of a container over this
+machine's root, see tests/service/machine.py), installed by the README's worker-VM steps:
+readiness, status, exact results, restart after ``kill -9``, a bad configuration, stop in the
+middle of counts, the watchdog, the sandbox, the journal.  Every count is checked against
+``samtools view -c`` on the host."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bams import header_names, oracle, samtools_count, tricky_bam
+from tests.service.helpers import wait_for
+from tests.service.machine import Machine, missing
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = "bamcountd.service"
+INCOMING = "/srv/bamcountd/incoming"
+RESULTS = "/srv/bamcountd/results"
+CONFIG = "/etc/bamcountd/bamcountd.toml"
+
+_MISSING = missing()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"no systemd container: {_MISSING}")
+
+# What the fixture writes as the site's configuration: the example, with test-sized waits.
+SETTINGS = {"settle": "1", "rescan_interval": "2", "drain_seconds": "2", "retry_delay": "1"}
+
+# A samtools that takes its time over every count and then runs the real one: so that a stop
+# finds counts running (fault injection only; the counts are samtools' own).
+SLOW_SAMTOOLS = """#!/bin/sh
+case " $* " in *" view "*" -c "*) sleep 3 ;; esac
+exec /usr/bin/samtools "$@"
+"""
+
+
+def install_steps() -> list[list[str]]:
+    """The README's "Install on a worker VM" steps, as the fixture runs them inside (samtools and
+    python3-venv are the host's; the wheels were built outside, where the package index is)."""
+    return [
+        ["useradd", "--system", "--home-dir", "/var/lib/bamcountd", "--shell", "/usr/sbin/nologin", "bamcountd"],
+        ["/usr/bin/python3", "-m", "venv", "/opt/bamcountd/venv"],
+        [
+            "/opt/bamcountd/venv/bin/pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            "/opt/test/wheels",
+            "bamcountd[service]",
+        ],
+        ["install", "-d", "-m", "0755", "/etc/bamcountd"],
+        ["install", "-m", "0644", "/opt/test/systemd/bamcountd.toml.example", CONFIG],
+        ["install", "-d", "-o", "bamcountd", "-g", "bamcountd", "-m", "0750", RESULTS],
+        ["install", "-d", "-m", "0755", INCOMING],
+        ["install", "-m", "0644", "/opt/test/systemd/bamcountd.service", "/etc/systemd/system/"],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", "bamcountd"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def bams(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("unit-bams")
+    return [tricky_bam(folder, reads=300 + 100 * i, unplaced=10 * i, seed=20 + i, name=f"s{i}.bam") for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def machine(tmp_path_factory: pytest.TempPathFactory, bams: list[Path]) -> Iterator[Machine]:
+    base = tmp_path_factory.mktemp("systemd")
+    payload = base / "payload"
+    wheels = payload / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--disable-pip-version-check",
+            "-w",
+            str(wheels),
+            f"{REPO}[service]",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    shutil.copytree(REPO / "systemd", payload / "systemd")
+    (payload / "bams").mkdir()
+    for bam in bams:
+        shutil.copy(bam, payload / "bams" / bam.name)
+    slow = payload / "slow-samtools"
+    slow.write_text(SLOW_SAMTOOLS)
+    slow.chmod(0o755)
+    box = Machine(base, payload)
+    box.start()
+    try:
+        _site_config(box)
+        for step in install_steps():
+            box.run(*step)
+        yield box
+    finally:
+        left = box.stop()
+    assert left == [], left
+
+
+def _site_config(box: Machine, **changes: str) -> None:
+    """The example configuration with the test's settings (the README says: "then edit it")."""
+    lines = (REPO / "systemd" / "bamcountd.toml.example").read_text().splitlines()
+    settings = {**SETTINGS, **changes}
+    edited = []
+    for line in lines:
+        key = line.split("=", 1)[0].strip().lstrip("# ")
+        if key in settings and "=" in line:
+            edited.append(f"{key} = {settings.pop(key)}")
+        else:
+            edited.append(line)
+    edited += [f"{key} = {value}" for key, value in settings.items()]
+    staged = box.payload / "site.toml"
+    staged.write_text("\n".join(edited) + "\n")
+    box.run("install", "-d", "-m", "0755", "/etc/bamcountd")
+    box.run("install", "-m", "0644", "/opt/test/site.toml", CONFIG)
+
+
+def _drop(box: Machine, *names: str) -> None:
+    """Copy BAMs into the watch folder the way an uploader should: a hidden name, then a rename."""
+    for name in names:
+        box.run("cp", f"/opt/test/bams/{name}", f"{INCOMING}/.{name}.part")
+        box.run("mv", f"{INCOMING}/.{name}.part", f"{INCOMING}/{name}")
+
+
+def _results(box: Machine) -> dict[str, dict[str, object]]:
+    listing = box.run("find", RESULTS, "-type", "f", "-printf", "%P\\n").stdout.split()
+    return {name: json.loads(box.run("cat", f"{RESULTS}/{name}").stdout) for name in listing}
+
+
+def _expected(bam: Path) -> dict[str, int]:
+    return {**oracle(bam, [*header_names(bam), "*"]), "total": samtools_count(bam)}
+
+
+def _counted(document: dict[str, object]) -> dict[str, int]:
+    regions = document["regions"]
+    assert isinstance(regions, list)
+    return {row["region"]: row["count"] for row in regions} | {"total": int(str(document["total"]))}
+
+
+def _reset(box: Machine) -> None:
+    """An empty watch folder, no results, a fresh ledger, the service running."""
+    box.run("systemctl", "stop", UNIT)
+    box.run("sh", "-c", f"rm -rf {INCOMING}/* {RESULTS}/* /var/lib/bamcountd/*")
+    _site_config(box)
+    box.run("systemctl", "reset-failed", UNIT, check=False)
+    box.run("systemctl", "start", UNIT)
+
+
+def _wait_results(box: Machine, names: list[str], timeout: float = 60) -> dict[str, dict[str, object]]:
+    wanted = {name.removesuffix(".bam") + ".counts.json" for name in names}
+    wait_for(
+        lambda: wanted <= set(_results(box)),
+        timeout=timeout,
+        what=f"results for {names}",
+        context=lambda: _journal(box),
+    )
+    return _results(box)
+
+
+def _journal(box: Machine) -> str:
+    return box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", check=False).stdout
+
+
+def test_enable_now_returns_ready_and_results_are_exact(machine: Machine, bams: list[Path]) -> None:
+    _reset(machine)  # `systemctl start` returns once the daemon said READY=1 (Type=notify)
+    state = machine.show(UNIT, "ActiveState", "SubState", "StatusText", "Type", "User", "NRestarts")
+    assert (state["ActiveState"], state["SubState"], state["Type"]) == ("active", "running", "notify"), state
+    assert state["StatusText"].startswith("0 queued, 0 running, 0 done"), state
+    names = [bam.name for bam in bams[:3]]
+    _drop(machine, *names)
+    results = _wait_results(machine, names)
+    assert set(results) == {name.removesuffix(".bam") + ".counts.json" for name in names}
+    for bam in bams[:3]:
+        assert _counted(results[bam.name.removesuffix(".bam") + ".counts.json"]) == _expected(bam)
+    wait_for(
+        lambda: machine.show(UNIT, "StatusText")["StatusText"].startswith("0 queued, 0 running, 3 done"),
+        timeout=10,
+        what="the status line to follow the queue",
+    )
+
+
+def test_kill_9_restarts_and_loses_or_repeats_nothing(machine: Machine, bams: list[Path]) -> None:
+    _reset(machine)
+    before = machine.show(UNIT, "MainPID", "NRestarts")
+    _drop(machine, *(bam.name for bam in bams))
+    machine.run("kill", "-9", before["MainPID"])
+    wait_for(
+        lambda: (
+            machine.show(UNIT, "NRestarts")["NRestarts"] == str(int(before["NRestarts"]) + 1)
+            and machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
+        ),
+        timeout=30,
+        what="systemd to restart the daemon",
+        context=lambda: _journal(machine),
+    )
+    assert machine.show(UNIT, "MainPID")["MainPID"] != before["MainPID"]
+    results = _wait_results(machine, [bam.name for bam in bams])
+    assert sorted(results) == sorted(bam.name.removesuffix(".bam") + ".counts.json" for bam in bams)
+    for bam in bams:
+        assert _counted(results[bam.name.removesuffix(".bam") + ".counts.json"]) == _expected(bam)
+
+
+def test_a_bad_configuration_exits_2_and_is_not_restarted(machine: Machine) -> None:
+    _reset(machine)
+    _site_config(machine, max_files="0")
+    machine.run("systemctl", "restart", UNIT, check=False)
+    state = machine.show(UNIT, "ActiveState", "ExecMainStatus", "NRestarts", "Result")
+    assert (state["ActiveState"], state["ExecMainStatus"]) == ("failed", "2"), state
+    time.sleep(6)  # past RestartSec=5s: no second try
+    assert machine.show(UNIT, "NRestarts", "ActiveState") == {"NRestarts": state["NRestarts"], "ActiveState": "failed"}
+    assert "max_files" in _journal(machine)
+    _reset(machine)
+
+
+def test_stop_mid_count_leaves_no_samtools_and_requeues(machine: Machine, bams: list[Path]) -> None:
+    _reset(machine)
+    _site_config(machine, samtools='"/opt/test/slow-samtools"')
+    machine.run("systemctl", "restart", UNIT)
+    names = [bam.name for bam in bams[:2]]
+    _drop(machine, *names)
+    wait_for(
+        lambda: machine.run("pgrep", "-f", "slow-samtools view", check=False).returncode == 0,
+        timeout=30,
+        what="a count to be running",
+    )
+    started = time.monotonic()
+    machine.run("systemctl", "stop", UNIT)
+    took = time.monotonic() - started
+    assert took < 60, took  # TimeoutStopSec
+    assert machine.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert machine.run("pgrep", "samtools", check=False).stdout == ""
+    assert _results(machine) == {}
+    journal = _journal(machine)
+    assert '"event": "cancelling"' in journal and '"event": "requeued"' in journal, journal[-3000:]
+    _site_config(machine)
+    machine.run("systemctl", "start", UNIT)
+    results = _wait_results(machine, names)
+    for bam in bams[:2]:
+        assert _counted(results[bam.name.removesuffix(".bam") + ".counts.json"]) == _expected(bam)
+
+
+def test_the_watchdog_restarts_a_stalled_daemon(machine: Machine) -> None:
+    _reset(machine)
+    dropin = "/etc/systemd/system/bamcountd.service.d"
+    machine.run("install", "-d", dropin)
+    machine.run("sh", "-c", f"printf '[Service]\\nWatchdogSec=3s\\n' > {dropin}/watchdog.conf")
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "restart", UNIT)
+    try:
+        before = machine.show(UNIT, "MainPID", "NRestarts")
+        machine.run("kill", "-STOP", before["MainPID"])  # a scheduler that stalls: no more WATCHDOG=1
+        wait_for(
+            lambda: (
+                machine.show(UNIT, "NRestarts")["NRestarts"] != before["NRestarts"]
+                and machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
+            ),
+            timeout=40,
+            what="the watchdog to restart the daemon",
+            context=lambda: _journal(machine),
+        )
+        assert "Watchdog timeout" in machine.run("journalctl", "--no-pager", "-o", "cat").stdout
+    finally:
+        machine.run("rm", "-rf", dropin)
+        machine.run("systemctl", "daemon-reload")
+        _reset(machine)
+
+
+def test_the_sandbox_holds_and_the_daemon_still_counts(machine: Machine, bams: list[Path]) -> None:
+    _reset(machine)
+    main = int(machine.show(UNIT, "MainPID")["MainPID"])
+    assert machine.run("ps", "-o", "user=", "-p", str(main)).stdout.strip() == "bamcountd"
+    for path in ("/etc/bamcountd/probe", "/opt/bamcountd/probe", "/var/tmp/../lib/probe", f"{INCOMING}/probe"):
+        denied = machine.enter(main, "touch", path, user="bamcountd")
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (path, denied.stderr)
+    assert machine.enter(main, "ls", "/root", user="bamcountd").returncode != 0  # ProtectHome
+    for path in (f"{RESULTS}/probe", "/var/lib/bamcountd/probe"):
+        allowed = machine.enter(main, "touch", path, user="bamcountd")
+        assert allowed.returncode == 0, (path, allowed.stderr)
+        machine.enter(main, "rm", path, user="bamcountd")
+    _drop(machine, bams[0].name)
+    results = _wait_results(machine, [bams[0].name])
+    assert _counted(results[bams[0].name.removesuffix(".bam") + ".counts.json"]) == _expected(bams[0])
+    security = machine.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security)
+    assert score is not None and float(score.group(1)) <= 2.0, security  # the running unit, as systemd rates it
+
+
+def test_the_journal_has_the_daemons_json_events(machine: Machine, bams: list[Path]) -> None:
+    _reset(machine)
+    _drop(machine, bams[1].name)
+    _wait_results(machine, [bams[1].name])
+    lines = machine.run("journalctl", "-u", UNIT, "--no-pager", "-o", "json").stdout.splitlines()
+    events = []
+    for line in lines:
+        message = json.loads(line).get("MESSAGE")
+        if isinstance(message, str) and message.startswith("{"):
+            events.append(json.loads(message))
+    done = [event for event in events if event.get("event") == "done"]
+    assert done and done[-1]["file"].endswith(bams[1].name) and done[-1]["total"] == samtools_count(bams[1])
+    assert any(event.get("event") == "ready" for event in events)
