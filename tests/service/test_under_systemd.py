@@ -6,6 +6,7 @@ middle of counts, the watchdog, the sandbox, the journal.  Every count is checke
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -87,12 +88,15 @@ def machine(tmp_path_factory: pytest.TempPathFactory, bams: list[Path]) -> Itera
             "--disable-pip-version-check",
             "-w",
             str(wheels),
-            f"{REPO}[service]",
+            f"{REPO}[service,dnanexus]",  # dx-watch's too
         ],
         check=True,
         capture_output=True,
     )
     shutil.copytree(REPO / "systemd", payload / "systemd")
+    (payload / "dx").mkdir()
+    for support in (REPO / "tests" / "dnanexus_emulator.py", Path(__file__).with_name("dx_platform.py")):
+        shutil.copy(support, payload / "dx" / support.name)
     (payload / "bams").mkdir()
     for bam in bams:
         shutil.copy(bam, payload / "bams" / bam.name)
@@ -195,9 +199,13 @@ def test_enable_now_returns_ready_and_results_are_exact(machine: Machine, bams: 
 
 def test_kill_9_restarts_and_loses_or_repeats_nothing(machine: Machine, bams: list[Path]) -> None:
     _reset(machine)
+    cursor = machine.run("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout.split("cursor: ")[-1].strip()
     before = machine.show(UNIT, "MainPID", "NRestarts")
     _drop(machine, *(bam.name for bam in bams))
-    machine.run("kill", "-9", before["MainPID"])
+    wait_for(
+        lambda: len(_results(machine)) >= 1, timeout=60, what="the first result", context=lambda: _journal(machine)
+    )
+    machine.run("kill", "-9", before["MainPID"])  # in the middle of the batch
     wait_for(
         lambda: (
             machine.show(UNIT, "NRestarts")["NRestarts"] == str(int(before["NRestarts"]) + 1)
@@ -212,6 +220,12 @@ def test_kill_9_restarts_and_loses_or_repeats_nothing(machine: Machine, bams: li
     assert sorted(results) == sorted(bam.name.removesuffix(".bam") + ".counts.json" for bam in bams)
     for bam in bams:
         assert _counted(results[bam.name.removesuffix(".bam") + ".counts.json"]) == _expected(bam)
+    # Each BAM's result written once: counted ("done") or, if the kill fell between its result
+    # and the ledger's commit, adopted after the restart; never both, never twice.
+    since = machine.run("journalctl", "-u", UNIT, "--after-cursor", cursor, "--no-pager", "-o", "cat").stdout
+    events = [json.loads(line) for line in since.splitlines() if line.startswith("{")]
+    settled = [e["file"] for e in events if e.get("event") in ("done", "result_adopted")]
+    assert sorted(Path(name).name for name in settled) == sorted(bam.name for bam in bams), settled
 
 
 def test_a_bad_configuration_exits_2_and_is_not_restarted(machine: Machine) -> None:
@@ -312,3 +326,77 @@ def test_the_journal_has_the_daemons_json_events(machine: Machine, bams: list[Pa
     done = [event for event in events if event.get("event") == "done"]
     assert done and done[-1]["file"].endswith(bams[1].name) and done[-1]["total"] == samtools_count(bams[1])
     assert any(event.get("event") == "ready" for event in events)
+
+
+def _seed_text(bam: Path) -> str:
+    names = [*header_names(bam), "*"]
+    counts = oracle(bam, names)
+    return "".join(f"Region {name}: {counts[name]}\n" for name in names) + f"Total reads: {samtools_count(bam)}"
+
+
+def test_the_dx_watch_unit_counts_a_project_folder_and_stops_cleanly(machine: Machine, bams: list[Path]) -> None:
+    """systemd/bamcountd-dx.service, installed as its comment says, against the emulator (on the
+    container's loopback), in --local mode: READY after the first poll, the seed-format count of
+    the folder's BAM uploaded, and SIGTERM an exit 0."""
+    dx_unit = "bamcountd-dx.service"
+    machine.run(
+        "/opt/bamcountd/venv/bin/pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        "/opt/test/wheels",
+        "bamcountd[dnanexus]",
+    )
+    machine.run("install", "-d", "-m", "0700", "/srv/dx-platform")
+    machine.run(
+        "systemd-run",
+        "--unit=dx-platform",
+        "--property=Type=exec",
+        sys.executable,
+        "/opt/test/dx/dx_platform.py",
+        "/srv/dx-platform",
+        f"/opt/test/bams/{bams[0].name}",
+    )
+    try:
+        wait_for(
+            lambda: machine.run("test", "-s", "/srv/dx-platform/platform.json", check=False).returncode == 0,
+            timeout=30,
+            what="the emulator to listen",
+            context=lambda: machine.run("journalctl", "-u", "dx-platform", "--no-pager", check=False).stdout,
+        )
+        reach = json.loads(machine.run("cat", "/srv/dx-platform/platform.json").stdout)
+        context = json.dumps(
+            {"auth_token_type": "Bearer", "auth_token": reach["token"]}
+        )  # as the unit's comment writes it
+        (machine.payload / "dx-watch.env").write_text(
+            f"DX_SECURITY_CONTEXT={context}\nDX_APISERVER_HOST=127.0.0.1\nDX_APISERVER_PORT={reach['port']}\n"
+            f"DX_APISERVER_PROTOCOL=http\nDX_WATCH_PROJECT={reach['project']}\nDX_WATCH_FOLDER=/incoming\n"
+            "DX_WATCH_RESULTS=/counts\nDX_WATCH_MODE=--local\n"
+        )
+        # The steps of the unit's own comment.
+        machine.run("install", "-m", "0644", "/opt/test/systemd/bamcountd-dx.service", "/etc/systemd/system/")
+        machine.run("install", "-d", "-m", "0700", "/etc/bamcountd")
+        machine.run("install", "-m", "0600", "-o", "root", "-g", "root", "/opt/test/dx-watch.env", "/etc/bamcountd/")
+        machine.run("systemctl", "daemon-reload")
+        machine.run("systemctl", "start", dx_unit)  # Type=notify: READY=1 after the first poll
+        state = machine.show(dx_unit, "ActiveState", "SubState", "StatusText")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+        wanted = bams[0].name.removesuffix(".bam") + "_count.txt"
+
+        def uploaded() -> dict[str, str]:
+            text = machine.run("cat", "/srv/dx-platform/counts.json", check=False).stdout
+            return json.loads(text) if text else {}
+
+        wait_for(
+            lambda: wanted in uploaded(),
+            timeout=60,
+            what="dx-watch to upload the count",
+            context=lambda: machine.run("journalctl", "-u", dx_unit, "--no-pager", "-o", "cat", check=False).stdout,
+        )
+        assert base64.b64decode(uploaded()[wanted]).decode() == _seed_text(bams[0])
+        machine.run("systemctl", "stop", dx_unit)
+        stopped = machine.show(dx_unit, "ActiveState", "Result", "ExecMainStatus")
+        assert stopped == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, stopped
+    finally:
+        machine.run("systemctl", "stop", "dx-platform", check=False)
