@@ -34,12 +34,25 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"no systemd contai
 # What the fixture writes as the site's configuration: the example, with test-sized waits.
 SETTINGS = {"settle": "1", "rescan_interval": "2", "drain_seconds": "2", "retry_delay": "1"}
 
-# A samtools that takes its time over every count and then runs the real one: so that a stop
-# finds counts running (fault injection only; the counts are samtools' own).
+# A samtools that takes its time over every count (far longer than drain_seconds) and then runs
+# the real one: so that a stop finds counts running (fault injection only).
 SLOW_SAMTOOLS = """#!/bin/sh
-case " $* " in *" view "*" -c "*) sleep 3 ;; esac
+case " $* " in *" view "*" -c "*) sleep 60 ;; esac
 exec /usr/bin/samtools "$@"
 """
+
+
+def pip_install(requirement: str) -> list[str]:
+    """The README's pip step: the venv's pip, the wheels built where the package index is."""
+    return [
+        "/opt/bamcountd/venv/bin/pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        "/opt/test/wheels",
+        requirement,
+    ]
 
 
 def install_steps() -> list[list[str]]:
@@ -48,15 +61,7 @@ def install_steps() -> list[list[str]]:
     return [
         ["useradd", "--system", "--home-dir", "/var/lib/bamcountd", "--shell", "/usr/sbin/nologin", "bamcountd"],
         ["/usr/bin/python3", "-m", "venv", "/opt/bamcountd/venv"],
-        [
-            "/opt/bamcountd/venv/bin/pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--find-links",
-            "/opt/test/wheels",
-            "bamcountd[service]",
-        ],
+        pip_install("bamcountd[service]"),
         ["install", "-d", "-m", "0755", "/etc/bamcountd"],
         ["install", "-m", "0644", "/opt/test/systemd/bamcountd.toml.example", CONFIG],
         ["install", "-d", "-o", "bamcountd", "-g", "bamcountd", "-m", "0750", RESULTS],
@@ -339,15 +344,7 @@ def test_the_dx_watch_unit_counts_a_project_folder_and_stops_cleanly(machine: Ma
     container's loopback), in --local mode: READY after the first poll, the seed-format count of
     the folder's BAM uploaded, and SIGTERM an exit 0."""
     dx_unit = "bamcountd-dx.service"
-    machine.run(
-        "/opt/bamcountd/venv/bin/pip",
-        "install",
-        "-q",
-        "--no-index",
-        "--find-links",
-        "/opt/test/wheels",
-        "bamcountd[dnanexus]",
-    )
+    machine.run(*pip_install("bamcountd[dnanexus]"))
     machine.run("install", "-d", "-m", "0700", "/srv/dx-platform")
     machine.run(
         "systemd-run",
