@@ -216,6 +216,10 @@ async def count_bam(
         limiter=limiter,
         progress=progress,
     )
+    if fresh is not None and header.sort_order in ("unsorted", "queryname"):
+        # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
+        job.notes.append(f"its index {fresh} cannot be this BAM's, which is not coordinate-sorted: it was not used")
+        fresh = early_stats = None
     index = fresh if fresh is not None else await job.index_for(lookup)
     if index is None and request.method == "index":
         raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
@@ -501,10 +505,19 @@ class _Job:
                     f"{bam}: region queries through the index built from it miss records ({unexplained}); "
                     "the BAM changed during the count"
                 )
-            fresh = await self.fresh_index(
+            reason = (
                 f"region queries through its index {index} miss records that the BAM and the index both hold "
                 f"({unexplained}), as through some indexes written by other tools"
             )
+            try:
+                fresh = await self.fresh_index(reason)
+            except NotCoordinateSorted:
+                if not all(region.whole for region in self.regions):
+                    raise
+                # An index next to a BAM that is not sorted (another file's): the pass has the counts.
+                self.notes.append(f"{reason}; the BAM is not coordinate-sorted, so they come from one pass over it")
+                self.index = None
+                return self._from_tallies(found), "stream", shards
             fresh_stats = {stat.name: stat for stat in await st.idxstats(self.samtools.executable, bam, fresh)}
             self.index = fresh
             again = await self._pass(fresh, fresh_stats, totals, account=self.request.filters.active)

@@ -434,3 +434,27 @@ def test_an_index_without_its_count_of_unplaced_reads(
         names = [*header_names(bam), "*"]
         assert rows(document) == {**oracle(shared_bam, names, filters), "total": samtools_count(bam, *filters)}
         assert any("unplaced reads" in note for note in document["notes"])
+
+
+def test_an_index_next_to_a_bam_that_is_not_sorted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A queryname-sorted BAM beside the index of its coordinate-sorted twin (same reads): the
+    index's counts hold, its offsets do not; whole references come from one pass."""
+    references = [Reference("chr1", 20_000), Reference("chr2", 10_000)]
+    records = list(random_records(references, 600, unplaced=30, read_length=50, seed=6))
+    twin = write_bam(tmp_path / "twin.bam", references, records)
+    bam = tmp_path / "name.bam"
+    subprocess.run([SAMTOOLS, "sort", "-n", "-o", str(bam), str(twin)], check=True, capture_output=True)
+    shutil.copy(str(twin) + ".bai", str(bam) + ".bai")  # newer than the BAM: not stale
+    names = [*header_names(twin), "*"]
+    for filters in ((), ("-q", "20")):
+        for regions in ((), ("-r", "chr1", "-r", "chr2")):
+            document = run_json(capsys, bam, *filters, *regions)
+            wanted = names if not regions else ["chr1", "chr2"]
+            expected = oracle(twin, wanted, filters)
+            assert rows(document) == {**expected, "total": sum(expected.values())}
+            assert samtools_count(bam, *filters) == samtools_count(twin, *filters)
+            assert (document["method"], document["index"]) == ("stream", None)
+            assert any("cannot be this BAM's" in note for note in document["notes"])
+    code, err = run_error(capsys, bam, "-r", "chr1:1-100")
+    assert code == 2
+    assert "not coordinate-sorted" in err
