@@ -1,7 +1,8 @@
 """The DNAnexus emulator as a process of its own, for the dx-watch unit under systemd: it serves
 on loopback inside the container, holds one BAM in /incoming, writes how to reach it to
 WORK/platform.json and, while it runs, the names and bytes of the files in /counts to
-WORK/counts.json.  Run as ``python dx_platform.py WORK BAM`` (dnanexus_emulator.py beside it)."""
+WORK/counts.json.  Run as ``python3 dx_platform.py WORK BAM``, with dnanexus_emulator.py beside
+it: the standard library is all the two need, so the system's Python runs them inside."""
 
 from __future__ import annotations
 

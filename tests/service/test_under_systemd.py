@@ -350,7 +350,7 @@ def test_the_dx_watch_unit_counts_a_project_folder_and_stops_cleanly(machine: Ma
         "systemd-run",
         "--unit=dx-platform",
         "--property=Type=exec",
-        sys.executable,
+        "/usr/bin/python3",  # the emulator needs no more than the standard library; this checkout may be hidden inside
         "/opt/test/dx/dx_platform.py",
         "/srv/dx-platform",
         f"/opt/test/bams/{bams[0].name}",
