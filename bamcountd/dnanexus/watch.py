@@ -537,6 +537,7 @@ def config_from_args(args: argparse.Namespace) -> WatchConfig:
                 ("--index", args.index),
                 ("-G/--exclude-all-flags", args.exclude_all_flags),
                 ("--method", args.method != "view"),
+                ("--verify", args.verify != "auto"),
             )
             if given
         ]

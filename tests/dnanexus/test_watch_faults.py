@@ -109,6 +109,9 @@ def test_options_the_applet_cannot_take_are_usage_errors(emulator: Emulator, app
     completed = run_watch(emulator, tmp_path, tmp_path / "state", "--applet", applet, "--once", "-r", "chr1")
     assert completed.returncode == 2
     assert "--region: not an input of the applet" in completed.stderr
+    completed = run_watch(emulator, tmp_path, tmp_path / "state", "--applet", applet, "--once", "--verify", "full")
+    assert completed.returncode == 2
+    assert "--verify: not an input of the applet" in completed.stderr
     assert emulator.run_requests == 0
 
 
