@@ -551,10 +551,12 @@ class _Job:
                     if self.whole_file
                     else f"{region.label} leaves such records out, as samtools does (the default rows count them)"
                 )
-                self.notes.append(
+                note = (
                     f"{_records(short)} of {region.reference} without a position (POS 0), which no region query "
                     f"returns: {where}"
                 )
+                if note not in self.notes:  # the second pass, through a fresh index, finds them again
+                    self.notes.append(note)
             else:
                 unexplained.append(f"{region.label}: {short} of {totals[i]}")
         return ", ".join(unexplained)
@@ -859,7 +861,7 @@ class _Reducer:
                 self._reached[i] += reached
                 count += passed
             else:
-                kind = plan.ACCOUNT if self._filtered and self._account else plan.COUNT
+                kind = plan.ACCOUNT if self._account else plan.COUNT
                 again.append(plan.Shard((i,), (self.regions[i].samtools_arg(),), kind=kind))
         if again:
             log.warning("group_recounted", bam=str(self.bam), references=len(again), of=len(shard.regions))

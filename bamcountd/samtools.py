@@ -267,6 +267,14 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
     )
 
 
+def _uncompressed_view(samtools: Samtools, filters: Filters, threads: int) -> list[str]:
+    """``samtools view -u [filters] [-@ N]``: records for a reader to count, nothing to deflate."""
+    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
+    if threads > 1:
+        view += ["-@", str(threads - 1)]
+    return view
+
+
 @dataclass(frozen=True)
 class Tally:
     """The commands of an accounted count: ``view`` and a reader on each of its outputs (the
@@ -311,9 +319,7 @@ async def run_tally(
     split = filters.active or expression is not None
     selected_read, selected_write = os.pipe()
     unselected_read, unselected_write = os.pipe() if split else (-1, -1)
-    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
-    if threads > 1:
-        view += ["-@", str(threads - 1)]
+    view = _uncompressed_view(samtools, filters, threads)
     if expression is not None:
         view += ["-e", expression]
     if bed is not None:
@@ -398,9 +404,7 @@ async def run_stream(
     started = time.monotonic()
     split = filters.active
     pipes = [os.pipe() for _ in range(2 if split else 1)]
-    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
-    if threads > 1:
-        view += ["-@", str(threads - 1)]
+    view = _uncompressed_view(samtools, filters, threads)
     if split:
         view += ["-U", f"/dev/fd/{pipes[1][1]}"]
     view.append(str(bam))
