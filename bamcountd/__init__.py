@@ -29,13 +29,13 @@ _HOMES = {
     "RegionCount": "bamcountd.count",
     "count_bam": "bamcountd.count",
     "count_bam_sync": "bamcountd.count",
-    "Filters": "bamcountd.samtools",
+    "Filters": "bamcountd.options",
 }
 
 if TYPE_CHECKING:
     from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam, count_bam_sync
     from bamcountd.errors import BamcountdError, InputError
-    from bamcountd.samtools import Filters
+    from bamcountd.options import Filters
 
 
 def __getattr__(name: str) -> Any:

@@ -9,18 +9,26 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from bamcountd import __version__, logs
-from bamcountd.count import DEFAULT_MIN_SHARD_READS
 from bamcountd.errors import BadOption, BamcountdError, InputError
+from bamcountd.options import (
+    APPEND,
+    OFF,
+    OPTIONS,
+    OR,
+    VALUE,
+    CountOptions,
+    Option,
+    OptionValueError,
+    from_values,
+    positive_int,
+)
 from bamcountd.report import FORMATS
-
-if TYPE_CHECKING:
-    from bamcountd.count import CountRequest
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -29,7 +37,8 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(command=words[0] if words and not words[0].startswith("-") else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse reports usage errors itself, with status 2
@@ -68,7 +77,9 @@ def _log_json(choice: str) -> bool | None:
     return None if choice == "auto" else choice == "json"
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the options of ``serve`` only when it is the command (they are the service's
+    table, and ``count`` does not pay for importing it)."""
     parser = argparse.ArgumentParser(
         prog="bamcountd",
         description="Exact, parallel read counts of BAM files per region, with samtools.",
@@ -99,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Count the reads of one coordinate-sorted BAM per region.",
     )
     count.add_argument("bam", type=Path, help="coordinate-sorted BAM file")
-    _add_count_options(count)
+    add_options(count, OPTIONS)
     count.add_argument(
         "--format",
         choices=FORMATS,
@@ -118,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=FORMATS, default="table")
     demo.add_argument("--samtools", help="samtools executable (default: samtools on PATH)")
     demo.set_defaults(handler=_run_demo, defer_logging=True)
-    _add_service_commands(commands, common)
+    _add_service_commands(commands, common, with_options=command == "serve")
     _add_dnanexus_commands(commands, common)
     return parser
 
@@ -127,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
 _Commands = Any
 
 
-def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
+def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser, *, with_options: bool) -> None:
     """``bamcountd serve``: the watch-folder daemon (bamcountd.service)."""
     serve = commands.add_parser(
         "serve",
@@ -138,37 +149,19 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser) 
         "KEY being the option name with _ for - (--region: regions; --no-split: split = false; "
         "--no-index-build: build_index = false); flags win over the environment, which wins over the file.",
     )
-    where = serve.add_argument_group("service")
-    where.add_argument("--config", type=Path, metavar="FILE", help="TOML file (default: $BAMCOUNTD_CONFIG if set)")
-    where.add_argument("--watch", action="append", metavar="DIR", help="folder to watch, recursively; repeat for more")
-    where.add_argument("--results", metavar="DIR", help="folder for the result files")
-    where.add_argument(
-        "--state", metavar="DIR", help="folder for the ledger and built indexes (default: $STATE_DIRECTORY)"
-    )
-    where.add_argument("--settle", metavar="SECONDS", help="a file is ready once unchanged this long (default 5)")
-    where.add_argument("--rescan-interval", metavar="SECONDS", help="seconds between full rescans (default 60)")
-    where.add_argument("--max-files", metavar="N", help="BAMs counted at once (default 2)")
-    where.add_argument("--retries", metavar="N", help="attempts before a BAM gets an error file (default 3)")
-    where.add_argument("--retry-delay", metavar="SECONDS", help="first retry delay, doubled each time (default 30)")
-    where.add_argument(
-        "--drain-seconds", metavar="SECONDS", help="on SIGTERM, time running counts get to finish (default 10)"
-    )
-    where.add_argument("--formats", metavar="LIST", help="extra result formats, comma-separated: tsv, seed")
-    where.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics and /healthz there")
-    service_actions = list(where._group_actions)
-    # Every serve option defaults to None ("not given"), so that the environment and the config
-    # file can fill in what the command line leaves out (bamcountd.service.config.load).
-    given_only = [action.dest for action in [*service_actions, *_add_count_options(serve)]]
-    serve.set_defaults(handler=_run_serve, quiet_log_level="info", **dict.fromkeys(given_only))
+    if with_options:
+        from bamcountd.service.config import CONFIG_FILE, SERVICE_OPTIONS
+
+        add_options(serve, [CONFIG_FILE, *SERVICE_OPTIONS])
+        add_options(serve, OPTIONS)
+    serve.set_defaults(handler=_run_serve, quiet_log_level="info")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from bamcountd.service.config import load
+    from bamcountd.service.config import CONFIG_FILE, SERVICE_OPTIONS, load
     from bamcountd.service.daemon import serve
 
-    if args.index is not None:
-        raise BadOption("--index names one index file; the daemon finds (or builds) each BAM's own")
-    flags = vars(args)
+    flags = _given(args, [CONFIG_FILE, *SERVICE_OPTIONS, *OPTIONS])
     config = load(flags)
     # journald reads stdout: JSON lines unless it is a terminal, one line at a time.
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -180,155 +173,49 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _flags(text: str) -> int:
-    from bamcountd.samtools import parse_flags
-
+def _positive_int(word: str) -> int:
     try:
-        return parse_flags(text)
+        return positive_int(word)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-class _OrFlags(argparse.Action):
-    """A repeated ``-f``/``-F``/``-G`` ORs its values, as samtools does (``-F 4 -F 16`` is ``-F 20``)."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
-    ) -> None:
-        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or 0) | int(values))
+def _help(row: Option) -> str:
+    shown = row.kind == VALUE and row.default not in (None, (), 0) and "default" not in row.help
+    return f"{row.help} (default {row.default})" if shown else row.help
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def add_options(parser: argparse.ArgumentParser, rows: Iterable[Option]) -> None:
+    """The rows of an options table as argparse options, which keep the words as given (a
+    repeated ``-F`` as a list, ORed by its converter).  None has a default here: what was not
+    given is absent from the namespace, so each runner applies its precedence, the table's
+    converters and its defaults, and names the flag in what it refuses."""
+    groups: dict[str, Any] = {}
+    for row in rows:
+        if row.group not in groups:
+            groups[row.group] = parser.add_argument_group(row.group)
+        where = groups[row.group]
+        common: dict[str, Any] = {"dest": row.name, "default": argparse.SUPPRESS, "help": _help(row)}
+        if row.kind == OFF:
+            where.add_argument(*row.flags, action="store_false", **common)
+            continue
+        action = "append" if row.kind in (APPEND, OR) else "store"
+        where.add_argument(*row.flags, action=action, metavar=row.metavar, choices=row.choices, **common)
 
 
-def _add_count_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The counting options, shared by every sub-command that counts; returns their actions."""
-    before = len(parser._actions)
-    where = parser.add_argument_group("regions")
-    where.add_argument(
-        "-r",
-        "--region",
-        action="append",
-        default=[],
-        metavar="REGION",
-        help="NAME, NAME:START-END or {NAME}:START-END; repeat for more (default: every "
-        "reference, then * for unplaced reads)",
-    )
-    where.add_argument("--regions-file", type=Path, metavar="BED", help="count each BED interval")
-    reads = parser.add_argument_group("read filters (samtools view's)")
-    reads.add_argument(
-        "-f",
-        "--require-flags",
-        action=_OrFlags,
-        type=_flags,
-        default=0,
-        metavar="FLAGS",
-        help="count only reads with all of FLAGS (e.g. 0x2 or PROPER_PAIR); repeated, ORed as by samtools",
-    )
-    reads.add_argument(
-        "-F",
-        "--exclude-flags",
-        action=_OrFlags,
-        type=_flags,
-        default=0,
-        metavar="FLAGS",
-        help="skip reads with any of FLAGS (e.g. 0x904); repeated, ORed as by samtools",
-    )
-    reads.add_argument(
-        "-G",
-        "--exclude-all-flags",
-        action=_OrFlags,
-        type=_flags,
-        default=0,
-        metavar="FLAGS",
-        help="skip reads with all of FLAGS; repeated, ORed",
-    )
-    reads.add_argument("-q", "--min-mapq", type=int, default=0, metavar="INT", help="skip reads with MAPQ below INT")
-    run = parser.add_argument_group("how to run")
-    run.add_argument(
-        "-j", "--jobs", type=_positive_int, default=10, help="most samtools processes at once (default 10)"
-    )
-    run.add_argument(
-        "--threads",
-        type=_positive_int,
-        metavar="N",
-        help="threads per samtools process, its own included: -@ N-1 (default: 1, more if --jobs leaves cores idle)",
-    )
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill and fail a samtools command after SECONDS")
-    run.add_argument(
-        "--method",
-        choices=["view", "index"],
-        default="view",
-        help="view: read every record (default); index: unfiltered totals from the index only, "
-        "without reading or verifying the data",
-    )
-    run.add_argument(
-        "--no-split",
-        dest="split",
-        action="store_false",
-        help="one samtools per region, as the seed applet did (no balanced shards)",
-    )
-    run.add_argument(
-        "--min-shard-reads",
-        type=_positive_int,
-        default=DEFAULT_MIN_SHARD_READS,
-        metavar="N",
-        help="do not cut shards smaller than N expected reads (default 200000)",
-    )
-    run.add_argument("--index", type=Path, metavar="FILE", help="index file (default: BAM.bai or BAM.csi)")
-    run.add_argument(
-        "--no-index-build",
-        dest="build_index",
-        action="store_false",
-        help="fail if the index is missing or older than the BAM instead of building one",
-    )
-    run.add_argument(
-        "--verify",
-        choices=["auto", "full"],
-        default="auto",
-        help="auto: a filtered count of a BAM and index that an earlier count proved record by record "
-        "trusts that proof (default); full: count the records the filters leave out every time",
-    )
-    run.add_argument(
-        "--index-cache",
-        type=Path,
-        metavar="DIR",
-        help="where built indexes go (default: $XDG_CACHE_HOME/bamcountd/index)",
-    )
-    run.add_argument("--samtools", metavar="PATH", help="samtools executable (default: samtools on PATH)")
-    return parser._actions[before:]  # argparse keeps no public list of a parser's actions
+def _given(args: argparse.Namespace, rows: Iterable[Option]) -> dict[str, Any]:
+    return {row.name: getattr(args, row.name) for row in rows if hasattr(args, row.name)}
 
 
-def request_from_args(args: argparse.Namespace, bam: Path) -> CountRequest:
-    from bamcountd.count import CountRequest
-    from bamcountd.samtools import Filters
+def count_options(args: argparse.Namespace) -> CountOptions:
+    """The count options given on the command line, the table's defaults for the rest.
 
-    return CountRequest(
-        bam=bam,
-        regions=tuple(args.region),
-        regions_file=args.regions_file,
-        filters=Filters(
-            require_flags=args.require_flags,
-            exclude_flags=args.exclude_flags,
-            exclude_all_flags=args.exclude_all_flags,
-            min_mapq=args.min_mapq,
-        ),
-        jobs=args.jobs,
-        threads=args.threads,
-        timeout=args.timeout,
-        index=args.index,
-        build_index=args.build_index,
-        index_cache=args.index_cache,
-        samtools=args.samtools,
-        method=args.method,
-        verify=args.verify,
-        split=args.split,
-        min_shard_reads=args.min_shard_reads,
-    )
+    :raises BadOption: a value its option's converter refused
+    """
+    try:
+        return from_values(_given(args, OPTIONS))
+    except OptionValueError as error:
+        raise BadOption(f"{error.option.flag}: {error}") from None
 
 
 def _output_format(args: argparse.Namespace) -> str:
@@ -340,14 +227,14 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def _run_count(args: argparse.Namespace) -> int:
-    from bamcountd.count import count_bam_sync
+    from bamcountd.count import CountRequest, count_bam_sync
     from bamcountd.report import render, write_atomic
 
     if args.output is not None and not os.access(args.output.parent if str(args.output.parent) else ".", os.W_OK):
         raise BadOption(f"{args.output}: cannot write there (folder missing or not writable)")
     fmt = _output_format(args)
     with _Progress(sys.stderr) as progress:
-        result = count_bam_sync(request_from_args(args, args.bam), progress=progress.update)
+        result = count_bam_sync(CountRequest.of(args.bam, count_options(args)), progress=progress.update)
     text = render(result, fmt)
     if args.output is not None:
         try:
@@ -441,12 +328,12 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
     watch.add_argument("--page-size", type=_positive_int, default=100, help="first result page size (100)")
     watch.add_argument("--once", action="store_true", help="poll once and exit (for cron and tests)")
     watch.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
-    _add_count_options(watch)
+    add_options(watch, OPTIONS)
     watch.set_defaults(handler=_run_dx_watch, quiet_log_level="info")
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:
     from bamcountd.dnanexus.watch import run_from_args
 
-    run_from_args(args)
+    run_from_args(args, count_options(args))
     return EXIT_OK

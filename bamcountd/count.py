@@ -9,13 +9,12 @@ cancels the other shards; cancellation kills their samtools processes (see
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,12 +43,10 @@ from bamcountd.inputs import (
     default_cache_dir,
     find_index,
 )
-from bamcountd.samtools import Filters
+from bamcountd.options import CountOptions, Filters, OptionValueError, check
 
 log = logs.get_logger("bamcountd")
 
-METHODS = ("view", "index")
-VERIFY = ("auto", "full")
 #: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.
 _BAI_MAX_LENGTH = (1 << 29) - 1
 
@@ -57,31 +54,17 @@ ProgressCallback = Callable[[int, int], None]
 #: How one shard runs: a ``view -c`` argument list and the file it saves its counts to (or its
 #: scratch folder), or None and where its tally works (its BED, or the scratch folder).
 _Command = tuple[list[str] | None, Path]
-#: Below this many expected reads, cutting a shard costs more in start-up than it saves.
-DEFAULT_MIN_SHARD_READS = 200_000
 
 
 @dataclass(frozen=True, kw_only=True)
-class CountRequest:
-    """What to count and how; every option has samtools' meaning where samtools has one."""
+class CountRequest(CountOptions):
+    """One input and the options to count it with."""
 
     bam: Path
-    regions: tuple[str, ...] = ()
-    regions_file: Path | None = None
-    filters: Filters = field(default_factory=Filters)
-    jobs: int = 10  # most samtools processes at once
-    threads: int | None = None  # threads per samtools process; None picks from the cores
-    timeout: float | None = None  # seconds per samtools command
-    index: Path | None = None
-    build_index: bool = True
-    index_cache: Path | None = None
-    samtools: str | None = None
-    method: str = "view"
-    split: bool = True  # balanced start-position shards for large references
-    min_shard_reads: int = DEFAULT_MIN_SHARD_READS  # no smaller shards (tests lower it to force splits)
-    # "auto": a filtered count of a BAM and index that an earlier count proved every record of
-    # (see inputs.Verdict) need not count the records its filters leave out; "full": always.
-    verify: str = "auto"
+
+    @classmethod
+    def of(cls, bam: Path, options: CountOptions) -> CountRequest:
+        return cls(bam=bam, **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
 
 
 @dataclass(frozen=True)
@@ -159,20 +142,12 @@ def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int,
 
 
 def _validate(request: CountRequest) -> None:
-    if request.jobs < 1:
-        raise BadOption(f"--jobs must be at least 1, not {request.jobs}")
-    if request.threads is not None and request.threads < 1:
-        raise BadOption(f"--threads must be at least 1, not {request.threads}")
-    if request.timeout is not None and not (math.isfinite(request.timeout) and request.timeout > 0):
-        raise BadOption(f"--timeout must be positive, not {request.timeout}")
-    if request.verify not in VERIFY:
-        raise BadOption(f"--verify must be one of {', '.join(VERIFY)}, not {request.verify!r}")
-    if request.method not in METHODS:
-        raise BadOption(f"--method must be one of {', '.join(METHODS)}, not {request.method!r}")
+    try:
+        check(request)
+    except OptionValueError as error:
+        raise BadOption(f"{error.option.flag}: {error}") from None
     if request.method == "index" and request.filters.active:
         raise BadOption("--method index reads only the index, so it cannot apply -f/-F/-G/-q filters")
-    if not 0 <= request.filters.min_mapq <= 255:
-        raise BadOption(f"--min-mapq must be between 0 and 255, not {request.filters.min_mapq}")
 
 
 async def count_bam(

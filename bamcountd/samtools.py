@@ -33,6 +33,7 @@ from bamcountd.errors import (
     SamtoolsNotFound,
     SamtoolsTimeout,
 )
+from bamcountd.options import Filters
 
 #: The oldest samtools whose region syntax (``{name}``) and ``FILE##idx##INDEX`` we rely on.
 MINIMUM_VERSION = (1, 10)
@@ -44,23 +45,6 @@ SAVE_COUNTS_VERSION = (1, 22)
 
 INSTALL_HINT = "install it (apt-get install samtools) or pass --samtools PATH"
 
-# SAM flag names as samtools spells them (sam_view.c / bam_str2flag).
-FLAG_NAMES = {
-    "PAIRED": 0x1,
-    "PROPER_PAIR": 0x2,
-    "UNMAP": 0x4,
-    "MUNMAP": 0x8,
-    "REVERSE": 0x10,
-    "MREVERSE": 0x20,
-    "READ1": 0x40,
-    "READ2": 0x80,
-    "SECONDARY": 0x100,
-    "QCFAIL": 0x200,
-    "DUP": 0x400,
-    "SUPPLEMENTARY": 0x800,
-}
-
-_FLAG_NUMBER = re.compile(r"\A(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
 # What ``samtools idxstats -`` says when it counts a stream, which has no index, by reading it.
 _IDXSTATS_STREAM_NOTES = (
     re.compile(r"\A\[E::idx_find_and_load\] Could not retrieve index file for '-'\Z"),
@@ -72,93 +56,6 @@ _IDXSTATS_RECORDS = re.compile(rb"^([^\t\n]+)\t[0-9]+\t([0-9]+)\t([0-9]+)$(?<!\t
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+\.[0-9]+(?:\.[0-9]+)?)")
 _VERSION_ONLY = re.compile(r"\A([0-9]+\.[0-9]+(?:\.[0-9]+)?)[^+\s]*\+htslib-")  # a build may add "-20-gabc"
-
-
-def parse_flags(text: str) -> int:
-    """Parse a flag value the way samtools does: decimal, ``0x`` hex, ``0`` octal or names."""
-    value = text.strip()
-    if not value:
-        raise ValueError("empty flag value")
-    if _FLAG_NUMBER.match(value):  # strtol's base 0: 0x hex, 0 octal, else decimal
-        if value[:2].lower() == "0x":
-            number = int(value[2:], 16)
-        else:
-            number = int(value, 8) if value.startswith("0") else int(value)
-    elif value[0].isdigit():
-        raise ValueError(f"cannot read flag value {text!r} (use decimal, 0x hex or names)")
-    else:
-        number = 0
-        for name in value.split(","):
-            key = name.strip().upper()
-            if key not in FLAG_NAMES:
-                raise ValueError(f"unknown flag name {name!r} (known: {', '.join(FLAG_NAMES)})")
-            number |= FLAG_NAMES[key]
-    if not 0 <= number <= 0xFFFF:
-        raise ValueError(f"flag value {text!r} is outside 0..0xFFFF")
-    return number
-
-
-def combine_flags(values: object) -> int:
-    """Several flag values ORed, as samtools ORs repeated ``-f``/``-F``/``-G`` options: a number,
-    a string of values separated by spaces (``"0x4 0x10"``, ``"UNMAP REVERSE"``), or a list of
-    either (a TOML array).  Each value is read by :func:`parse_flags`.
-
-    :raises ValueError: a value samtools would not read as flags
-    """
-    if isinstance(values, bool):
-        raise ValueError("must be a flag value such as 0x904 or DUP,SECONDARY")
-    if isinstance(values, int):
-        return parse_flags(str(values))
-    if isinstance(values, str):
-        parts = values.split()
-        if not parts:
-            raise ValueError("empty flag value")
-        combined = 0
-        for part in parts:
-            combined |= parse_flags(part)
-        return combined
-    if isinstance(values, list | tuple) and values:
-        combined = 0
-        for value in values:
-            if isinstance(value, list | tuple):
-                raise ValueError("must be a flag value or a list of them")
-            combined |= combine_flags(value)
-        return combined
-    raise ValueError("must be a flag value such as 0x904 or DUP,SECONDARY, or a list of them")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Filters:
-    """samtools view's own read filters, with samtools' meaning."""
-
-    require_flags: int = 0  # -f: count reads with all of these flags
-    exclude_flags: int = 0  # -F: skip reads with any of these flags
-    exclude_all_flags: int = 0  # -G: skip reads with all of these flags
-    min_mapq: int = 0  # -q
-
-    @property
-    def active(self) -> bool:
-        return any((self.require_flags, self.exclude_flags, self.exclude_all_flags, self.min_mapq))
-
-    def argv(self) -> list[str]:
-        args: list[str] = []
-        if self.require_flags:
-            args += ["-f", str(self.require_flags)]
-        if self.exclude_flags:
-            args += ["-F", str(self.exclude_flags)]
-        if self.exclude_all_flags:
-            args += ["-G", str(self.exclude_all_flags)]
-        if self.min_mapq:
-            args += ["-q", str(self.min_mapq)]
-        return args
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "require_flags": self.require_flags,
-            "exclude_flags": self.exclude_flags,
-            "exclude_all_flags": self.exclude_all_flags,
-            "min_mapq": self.min_mapq,
-        }
 
 
 @dataclass(frozen=True)

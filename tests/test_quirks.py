@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd.cli import main
-from bamcountd.samtools import combine_flags
+from bamcountd.options import combine_flags
 from bamcountd.service.config import load
 from bamcountd.synth import Reference, random_records, write_bam
 from tests.bams import (
@@ -207,9 +207,9 @@ def test_flag_lists_everywhere_options_are_read(tmp_path: Path) -> None:
     config.write_text(
         f'watch = ["{tmp_path}/w"]\nresults = "{tmp_path}/r"\nstate = "{tmp_path}/s"\nexclude_flags = ["0x4", "DUP"]\n'
     )
-    assert load({"config": config}, environ={}).count.exclude_flags == 0x404
+    assert load({"config": config}, environ={}).count.filters.exclude_flags == 0x404
     environ = {"BAMCOUNTD_REQUIRE_FLAGS": "1 0x40"}
-    assert load({"config": config}, environ=environ).count.require_flags == 0x41
+    assert load({"config": config}, environ=environ).count.filters.require_flags == 0x41
 
 
 # --- 4. the region "." ----------------------------------------------------------------------

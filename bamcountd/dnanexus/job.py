@@ -27,8 +27,8 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
+from bamcountd.options import Filters, combine_flags
 from bamcountd.report import render, write_atomic
-from bamcountd.samtools import Filters, combine_flags
 
 log = structlog.get_logger("bamcountd.dnanexus")
 

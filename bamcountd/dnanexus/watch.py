@@ -43,6 +43,7 @@ from bamcountd.errors import (
     IndexMismatch,
     InputError,
 )
+from bamcountd.options import OPTIONS, OR, CountOptions, value_of
 from bamcountd.report import render, write_atomic
 
 log = structlog.get_logger("bamcountd.dnanexus.watch")
@@ -514,10 +515,8 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def config_from_args(args: argparse.Namespace) -> WatchConfig:
+def config_from_args(args: argparse.Namespace, count: CountOptions) -> WatchConfig:
     """The runner's configuration from ``bamcountd dx-watch``'s options."""
-    from bamcountd.cli import request_from_args
-
     if args.poll <= 0:
         raise BadOption(f"--poll must be positive, not {args.poll}")
     for option, value in (("--folder", args.folder), ("--results-folder", args.results_folder)):
@@ -527,34 +526,13 @@ def config_from_args(args: argparse.Namespace) -> WatchConfig:
         raise BadOption(f"--project {args.project!r}: expected a project ID (project-…)")
     if args.applet is not None and not args.applet.startswith("applet-"):
         raise BadOption(f"--applet {args.applet!r}: expected an applet ID (applet-…)")
-    applet_input: Json = {"jobs": args.jobs}
-    if args.applet is not None:
-        unsupported = [
-            option
-            for option, given in (
-                ("--region", args.region),
-                ("--regions-file", args.regions_file),
-                ("--index", args.index),
-                ("-G/--exclude-all-flags", args.exclude_all_flags),
-                ("--method", args.method != "view"),
-                ("--verify", args.verify != "auto"),
-            )
-            if given
-        ]
-        if unsupported:
-            raise BadOption(f"{', '.join(unsupported)}: not an input of the applet; use --local for these")
-        if args.exclude_flags:
-            applet_input["exclude_flags"] = str(args.exclude_flags)
-        if args.require_flags:
-            applet_input["require_flags"] = str(args.require_flags)
-        if args.min_mapq:
-            applet_input["min_mapq"] = args.min_mapq
-    elif args.index is not None:
+    if count.index is not None:
         raise BadOption("--index: each BAM's index is found next to it in the project")
-    cache = args.index_cache if args.index_cache is not None else args.state / "index-cache"
+    applet_input = applet_inputs(count) if args.applet is not None else {}
+    cache = count.index_cache if count.index_cache is not None else args.state / "index-cache"
 
     def local_request(bam: Path, index: Path | None) -> CountRequest:
-        return replace(request_from_args(args, bam), index=index, index_cache=cache)
+        return CountRequest.of(bam, replace(count, index=index, index_cache=cache))
 
     return WatchConfig(
         project=args.project,
@@ -572,8 +550,29 @@ def config_from_args(args: argparse.Namespace) -> WatchConfig:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> None:
-    config = config_from_args(args)
+def applet_inputs(count: CountOptions) -> Json:
+    """The applet's inputs that carry ``count``'s options (the table's ``applet`` names); jobs
+    always, the others where they differ from their default.
+
+    :raises BadOption: an option set that the applet has no input for
+    """
+    inputs: Json = {}
+    unsupported: list[str] = []
+    for row in OPTIONS:
+        value = value_of(count, row)
+        if row.name == "index_cache" or (value == row.default and row.name != "jobs"):
+            continue  # where a worker caches its index is the worker's business
+        if row.applet is None:
+            unsupported.append(row.flag)
+        else:
+            inputs[row.applet] = str(value) if row.kind == OR else value
+    if unsupported:
+        raise BadOption(f"{', '.join(unsupported)}: not an input of the applet; use --local for these")
+    return inputs
+
+
+def run_from_args(args: argparse.Namespace, count: CountOptions) -> None:
+    config = config_from_args(args, count)
     install_redaction()
     ledger = Ledger(config.state / "dx-watch.sqlite")
     metrics = Metrics(args.metrics_port) if args.metrics_port is not None else None

@@ -17,9 +17,7 @@ Stopping: no new work; running counts get ``drain_seconds`` to finish, then are 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -28,7 +26,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from bamcountd import __version__, plan, samtools
-from bamcountd.count import count_bam
+from bamcountd.count import CountRequest, count_bam
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -182,17 +180,13 @@ class Daemon:
         fixed = [key for key in _RESTART_KEYS if getattr(new, key) != getattr(old, key)]
         if fixed:
             log.warning("reload_needs_restart", keys=fixed, action="keeping their running values")
-        count = argparse.Namespace(**vars(new.count))
-        if new.state != old.state:
-            count.index_cache = old.count.index_cache
+        count = new.count if new.state == old.state else replace(new.count, index_cache=old.count.index_cache)
         kept = {key: getattr(old, key) for key in _RESTART_KEYS}
-        new = dataclasses.replace(new, count=count, **kept)
-        changed = [
-            f.name
-            for f in dataclasses.fields(new)
-            if f.name != "count" and getattr(new, f.name) != getattr(old, f.name)
+        new = replace(new, count=count, **kept)
+        changed = [f.name for f in fields(new) if f.name != "count" and getattr(new, f.name) != getattr(old, f.name)]
+        changed += [
+            f"count.{spec.name}" for spec in fields(count) if getattr(old.count, spec.name) != getattr(count, spec.name)
         ]
-        changed += [f"count.{key}" for key, value in vars(count).items() if getattr(old.count, key, None) != value]
         self.config = new
         self.limiter.total_tokens = new.count.jobs
         log.info("config_reloaded", changed=changed)
@@ -326,8 +320,6 @@ class Daemon:
     # --- counting ------------------------------------------------------------------------
 
     async def _count(self, running: _Running) -> None:
-        from bamcountd.cli import request_from_args
-
         entry = running.entry
         path, identity = entry.path, entry.identity
         root = locate(self.roots, path) or next(r for r in self.roots if r.path == entry.root)
@@ -340,7 +332,7 @@ class Daemon:
                 started = time.monotonic()
                 try:
                     with running.scope:
-                        result = await count_bam(request_from_args(self.config.count, path), limiter=self.limiter)
+                        result = await count_bam(CountRequest.of(path, self.config.count), limiter=self.limiter)
                 except FATAL:
                     self.ledger.requeue(path, identity)
                     raise
@@ -409,8 +401,6 @@ class Daemon:
         """Why the result file at ``target`` is not this file's result under the current
         settings, or None if it is: same BAM (path, device, inode, size, mtime), same read
         filters, same regions, a well-formed count, and the extra formats in place."""
-        from bamcountd.cli import request_from_args
-
         try:
             document = json.loads(await anyio.Path(target).read_bytes())
         except FileNotFoundError:
@@ -423,7 +413,7 @@ class Daemon:
             for key in ("path", "device", "inode", "size", "mtime_ns"):
                 if source[key] != wanted[key]:
                     return f"the result is of another file (source {key} differs)"
-            request = request_from_args(self.config.count, entry.path)
+            request = CountRequest.of(entry.path, self.config.count)
             if document["filters"] != request.filters.as_dict():
                 return "the result was counted with other filters"
             counts = [region["count"] for region in document["regions"]]
@@ -455,7 +445,7 @@ class Daemon:
         """An index the daemon built into its own folder is no use once the BAM is done, nor is
         the proof that its queries reach every record (each BAM is counted once)."""
         own = self.config.state / "index"
-        if Path(self.config.count.index_cache) != own:
+        if self.config.count.index_cache != own:
             return
         if proof_of is not None:
             with contextlib.suppress(OSError):  # its name comes from both files' identities
@@ -509,7 +499,7 @@ def prune_indexes(config: ServiceConfig, ledger: Ledger) -> int:
     be counted can use: those of counted, replaced or deleted BAMs, and crash leftovers.  An
     ``index_cache`` set elsewhere may be shared, so it is left alone."""
     cache = config.state / "index"
-    if Path(config.count.index_cache) != cache or not cache.is_dir():
+    if config.count.index_cache != cache or not cache.is_dir():
         return 0
     keep: set[Path] = set()
     for entry in ledger.entries():

@@ -33,8 +33,8 @@ def test_precedence_flags_env_file_default(folders: Folders, tmp_path: Path) -> 
     assert config.max_files == 5  # environment
     assert config.settle == 7.0 and config.formats == ("tsv",)  # file
     assert config.drain_seconds == 10.0 and config.count.jobs == 10  # defaults
-    assert config.count.min_mapq == 20 and config.count.exclude_flags == 0x500
-    assert config.count.region == ["chr1", "chr1:weird"]
+    assert config.count.filters.min_mapq == 20 and config.count.filters.exclude_flags == 0x500
+    assert config.count.regions == ("chr1", "chr1:weird")
     assert config.count.index_cache == folders.state / "index"
     assert config.watch == (folders.watch,)
 
