@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BamcountdError",
     "CountRequest",
@@ -33,12 +31,26 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
+    __version__: str
     from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam, count_bam_sync
     from bamcountd.errors import BamcountdError, InputError
     from bamcountd.options import Filters
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bamcountd")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # importlib.metadata costs more than a count's own start-up
+        globals()[name] = _version()
+        return globals()[name]
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'bamcountd' has no attribute {name!r}")

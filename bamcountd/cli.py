@@ -4,6 +4,7 @@ codes (0 ok, 2 usage or input error, 1 data or tool failure, 130 interrupted).""
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import os
 import sys
@@ -14,8 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
-from bamcountd import __version__, logs
-from bamcountd.errors import BadOption, BamcountdError, InputError
+from bamcountd import logs
+from bamcountd.errors import BadOption, BamcountdError, InputError, MissingExtra
 from bamcountd.options import (
     APPEND,
     OFF,
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(level=_log_level(args), json=_log_json(args.log_format), defer=args.defer_logging)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        _require_extra(args.extra)
         return handler(args)
     except KeyboardInterrupt:
         print("bamcountd: interrupted", file=sys.stderr)
@@ -60,6 +62,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:  # the machine, not the input: a full disk, a folder in the way
         _print_error(error)
         return EXIT_FAILURE
+
+
+#: The optional dependencies of each extra, which the commands that need them check first.
+_EXTRAS = {"service": ("watchfiles", "prometheus_client"), "dnanexus": ("dxpy", "prometheus_client")}
+
+
+def _require_extra(extra: str | None) -> None:
+    """:raises MissingExtra: a module of the command's extra is not installed"""
+    for module in _EXTRAS.get(extra or "", ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtra(
+                f"{module} is not installed; this command needs it: pip install 'bamcountd[{extra}]'"
+            ) from None
 
 
 def _print_error(error: BaseException) -> None:
@@ -77,6 +94,15 @@ def _log_json(choice: str) -> bool | None:
     return None if choice == "auto" else choice == "json"
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        import bamcountd
+
+        parser.exit(message=f"bamcountd {bamcountd.__version__}\n")
+
+
 def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the options of ``serve`` only when it is the command (they are the service's
     table, and ``count`` does not pay for importing it)."""
@@ -84,7 +110,7 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
         prog="bamcountd",
         description="Exact, parallel read counts of BAM files per region, with samtools.",
     )
-    parser.add_argument("--version", action="version", version=f"bamcountd {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log at debug level (one event per region)")
     # No default here: a parent's actions are shared by every sub-parser, so each sub-command
@@ -94,7 +120,7 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="default: warning for count, info for the services",
     )
-    parser.set_defaults(quiet_log_level="warning", defer_logging=False)
+    parser.set_defaults(quiet_log_level="warning", defer_logging=False, extra=None)
     common.add_argument(
         "--log-format",
         default="auto",
@@ -154,7 +180,7 @@ def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser, 
 
         add_options(serve, [CONFIG_FILE, *SERVICE_OPTIONS])
         add_options(serve, OPTIONS)
-    serve.set_defaults(handler=_run_serve, quiet_log_level="info")
+    serve.set_defaults(handler=_run_serve, quiet_log_level="info", extra="service")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -329,7 +355,7 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
     watch.add_argument("--once", action="store_true", help="poll once and exit (for cron and tests)")
     watch.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
     add_options(watch, OPTIONS)
-    watch.set_defaults(handler=_run_dx_watch, quiet_log_level="info")
+    watch.set_defaults(handler=_run_dx_watch, quiet_log_level="info", extra="dnanexus")
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:

@@ -55,6 +55,10 @@ class BadOption(InputError):
     """An option value is out of range or contradicts another option."""
 
 
+class MissingExtra(InputError):
+    """The command needs an optional dependency (an extra) that is not installed."""
+
+
 # --- data errors: the file is not what it claims to be -------------------------------------
 
 

@@ -266,3 +266,33 @@ def test_count_does_not_import_structlogs_optional_extras(shared_bam: Path, tmp_
     argv = [sys.executable, "-c", "import structlog"]
     plain = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     assert "was imported" in plain.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "extra"),
+    [("serve", "watchfiles", "service"), ("serve", "prometheus_client", "service"), ("dx-watch", "dxpy", "dnanexus")],
+)
+def test_a_missing_extra_is_one_line_and_exit_2(command: str, module: str, extra: str, tmp_path: Path) -> None:
+    # As after `pip install .` without the extra: the module cannot be imported.
+    code = f"import sys; sys.modules[{module!r}] = None; from bamcountd.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--watch", str(tmp_path), "--results", str(tmp_path / "r"), "--state", str(tmp_path / "s")]
+    if command == "dx-watch":
+        args = [
+            "--project",
+            "project-x",
+            "--folder",
+            "/",
+            "--results-folder",
+            "/r",
+            "--state",
+            str(tmp_path),
+            "--local",
+        ]
+    completed = subprocess.run(
+        [sys.executable, "-c", code, command, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.splitlines() == [
+        f"bamcountd: error: {module} is not installed; this command needs it: pip install 'bamcountd[{extra}]'"
+    ]
+    assert not (tmp_path / "r").exists()
