@@ -19,8 +19,7 @@ import structlog
 
 from bamcountd.cli import main
 from bamcountd.service.config import load
-from bamcountd.service.daemon import Daemon as ServiceDaemon
-from bamcountd.service.daemon import serve
+from bamcountd.service.scheduler import Scheduler, serve
 from tests.service.helpers import (
     Daemon,
     Folders,
@@ -132,7 +131,7 @@ def test_disk_full_leaves_no_partial_result_and_requeues(
         },
         environ={},
     )
-    handle: list[ServiceDaemon] = []
+    handle: list[Scheduler] = []
     seen_states: list[list[str]] = []
 
     async def scenario() -> None:
