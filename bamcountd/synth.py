@@ -1,16 +1,19 @@
 """Synthetic BAMs for the demo, the tests and the benchmarks.
 
 SAM text is written straight into ``samtools view -b`` (or ``samtools sort``) and the result
-indexed with ``samtools index``: the files are made by the same samtools that counts them.
+indexed with ``samtools index`` (:func:`bamcountd.samtools.write_bam_sync`, :func:`~bamcountd.samtools.index_sync`):
+the files are made by the same samtools that counts them.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
-import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bamcountd.samtools import index_sync, write_bam_sync
 
 #: Flags drawn for random reads: plain, reverse, paired, secondary, supplementary, duplicate,
 #: QC-fail and placed-unmapped, weighted roughly like a real library.
@@ -92,26 +95,10 @@ def write_bam(
 ) -> Path:
     """Write SAM records (lines without newline) as a BAM; sort and index it unless told not to."""
     path = Path(path)
-    if sort:
-        argv = [samtools, "sort", "--no-PG", "-@", str(threads), "-o", str(path), "-"]
-    else:
-        argv = [samtools, "view", "--no-PG", "-b", "-@", str(threads), "-o", str(path), "-"]
-    with subprocess.Popen(argv, stdin=subprocess.PIPE) as process:
-        assert process.stdin is not None
-        process.stdin.write(sam_header(references, sort_order=sort_order).encode())
-        batch: list[str] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) >= 10_000:
-                process.stdin.write(("\n".join(batch) + "\n").encode())
-                batch.clear()
-        if batch:
-            process.stdin.write(("\n".join(batch) + "\n").encode())
-        process.stdin.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed with exit status {process.returncode}")
+    header = sam_header(references, sort_order=sort_order).splitlines()
+    write_bam_sync(samtools, itertools.chain(header, records), path, sort=sort, threads=threads)
     if index:
-        subprocess.run([samtools, "index", str(path)], check=True)
+        index_sync(samtools, path)
     return path
 
 
