@@ -594,3 +594,36 @@ def _without_stream_notes(completed: Completed) -> Completed:
     return Completed(
         completed.argv, completed.returncode, completed.stdout, "\n".join(lines).encode(), completed.seconds
     )
+
+
+# --- files for the demo, the tests and the benchmarks (synchronous, outside any count) ----------
+
+
+def write_bam_sync(samtools: str, sam_lines: Iterable[str], path: Path, *, sort: bool = True, threads: int = 1) -> None:
+    """Write SAM text (header then records, a line each without newline) to ``path`` as a BAM:
+    coordinate-sorted by ``samtools sort``, or as it comes by ``samtools view -b``."""
+    if sort:
+        argv = [samtools, "sort", "--no-PG", "-@", str(threads), "-o", str(path), "-"]
+    else:
+        argv = [samtools, "view", "--no-PG", "-b", "-@", str(threads), "-o", str(path), "-"]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE) as process:
+        assert process.stdin is not None
+        batch: list[str] = []
+        for line in sam_lines:
+            batch.append(line)
+            if len(batch) >= 10_000:
+                process.stdin.write(("\n".join(batch) + "\n").encode())
+                batch.clear()
+        if batch:
+            process.stdin.write(("\n".join(batch) + "\n").encode())
+        process.stdin.close()
+    if process.returncode != 0:
+        raise SamtoolsFailed(f"{' '.join(argv)} failed with exit status {process.returncode}")
+
+
+def index_sync(samtools: str, bam: Path) -> None:
+    """``samtools index BAM`` (the index next to it, as samtools names it)."""
+    argv = [samtools, "index", str(bam)]
+    code = subprocess.run(argv, check=False).returncode
+    if code != 0:
+        raise SamtoolsFailed(f"{' '.join(argv)} failed with exit status {code}")

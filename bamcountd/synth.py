@@ -1,16 +1,19 @@
 """Synthetic BAMs for the demo, the tests and the benchmarks.
 
 SAM text is written straight into ``samtools view -b`` (or ``samtools sort``) and the result
-indexed with ``samtools index``: the files are made by the same samtools that counts them.
+indexed with ``samtools index`` (:func:`bamcountd.samtools.write_bam_sync`, :func:`~bamcountd.samtools.index_sync`):
+the files are made by the same samtools that counts them.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
-import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bamcountd.samtools import index_sync, write_bam_sync
 
 #: Flags drawn for random reads: plain, reverse, paired, secondary, supplementary, duplicate,
 #: QC-fail and placed-unmapped, weighted roughly like a real library.
@@ -92,26 +95,10 @@ def write_bam(
 ) -> Path:
     """Write SAM records (lines without newline) as a BAM; sort and index it unless told not to."""
     path = Path(path)
-    if sort:
-        argv = [samtools, "sort", "--no-PG", "-@", str(threads), "-o", str(path), "-"]
-    else:
-        argv = [samtools, "view", "--no-PG", "-b", "-@", str(threads), "-o", str(path), "-"]
-    with subprocess.Popen(argv, stdin=subprocess.PIPE) as process:
-        assert process.stdin is not None
-        process.stdin.write(sam_header(references, sort_order=sort_order).encode())
-        batch: list[str] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) >= 10_000:
-                process.stdin.write(("\n".join(batch) + "\n").encode())
-                batch.clear()
-        if batch:
-            process.stdin.write(("\n".join(batch) + "\n").encode())
-        process.stdin.close()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed with exit status {process.returncode}")
+    header = sam_header(references, sort_order=sort_order).splitlines()
+    write_bam_sync(samtools, itertools.chain(header, records), path, sort=sort, threads=threads)
     if index:
-        subprocess.run([samtools, "index", str(path)], check=True)
+        index_sync(samtools, path)
     return path
 
 
@@ -158,15 +145,46 @@ def _random_bases(rng: random.Random, length: int) -> tuple[str, str]:
 def demo_bam(folder: Path, *, samtools: str = "samtools") -> Path:
     """A small BAM with the shapes that trip up naive counters: ':' and '*' in contig names,
     an empty reference, placed unmapped reads and unplaced reads."""
-    references = [
-        Reference("chr1", 200_000),
-        Reference("chr2", 120_000),
-        Reference("chrM", 16_569),
-        Reference("HLA-A*01:01:01:01", 3_503),
-        Reference("chr1:weird", 5_000),
-        Reference("chrUn_empty", 4_000),
-    ]
-    weights = [200_000, 120_000, 16_569, 3_503, 5_000, 0]
-    folder.mkdir(parents=True, exist_ok=True)
-    records = random_records(references, 5_000, unplaced=250, read_length=100, seed=7, weights=weights)
-    return write_bam(folder / "demo.bam", references, records, sort=False, samtools=samtools)
+    shape = (
+        (Reference("chr1", 200_000), 200_000),
+        (Reference("chr2", 120_000), 120_000),
+        (Reference("chrM", 16_569), 16_569),
+        (Reference("HLA-A*01:01:01:01", 3_503), 3_503),
+        (Reference("chr1:weird", 5_000), 5_000),
+        (Reference("chrUn_empty", 4_000), 0),
+    )
+    return _small_bam(folder / "demo.bam", shape, 5_000, unplaced=250, seed=7, sort=False, samtools=samtools)
+
+
+def tricky_bam(
+    folder: Path, *, reads: int = 3000, unplaced: int = 200, seed: int = 1, name: str = "tricky.bam"
+) -> Path:
+    """Several references, an empty one, ':' and '*' in names, every flag kind, unplaced reads;
+    sorted and indexed."""
+    shape = (
+        (Reference("chr1", 300_000), 300_000),
+        (Reference("chr2", 150_000), 150_000),
+        (Reference("chrEmpty", 10_000), 0),
+        (Reference("HLA-A*01:01:01:01", 3_503), 3_503),
+        (Reference("chr1:weird", 8_000), 8_000),
+        (Reference("chrM", 16_569), 16_569),
+    )
+    return _small_bam(folder / name, shape, reads, unplaced=unplaced, seed=seed, sort=True, samtools="samtools")
+
+
+def _small_bam(
+    path: Path,
+    shape: Sequence[tuple[Reference, float]],
+    reads: int,
+    *,
+    unplaced: int,
+    seed: int,
+    sort: bool,
+    samtools: str,
+) -> Path:
+    """100-base random reads spread over the references by weight (a weight of 0: empty)."""
+    references = [ref for ref, _ in shape]
+    weights = [weight for _, weight in shape]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = random_records(references, reads, unplaced=unplaced, read_length=100, seed=seed, weights=weights)
+    return write_bam(path, references, records, sort=sort, samtools=samtools)

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dxpy  # type: ignore[import-untyped]
 
 from bamcountd import logs
-from tests.bams import tricky_bam
-from tests.dnanexus.helpers import make_runner, settle
-from tests.dnanexus_emulator import Emulator
+from bamcountd.synth import tricky_bam
+from devtools.dnanexus_emulator import Emulator
+from devtools.dx_runner import make_runner, settle
 
 APPLET = Path(__file__).resolve().parents[1] / "dnanexus" / "bamcount"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bams import tricky_bam
+from bamcountd.synth import tricky_bam
 
 
 @pytest.fixture(scope="session")

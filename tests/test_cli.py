@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from bamcountd import CountRequest, Filters, count_bam_sync, logs
 from bamcountd.cli import main
 from bamcountd.report import format_seed, write_atomic
-from tests.bams import header_names, oracle, samtools_count
+from tests.support.bams import header_names, oracle, samtools_count
 
 
 def expected_rows(bam: Path, *filters: str) -> list[tuple[str, int]]:

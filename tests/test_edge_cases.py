@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd.cli import main
 from bamcountd.synth import Reference, write_bam
-from tests.bams import SAMTOOLS, header_names, oracle, samtools_count
+from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
 
 
 def read(name: str, ref: str, pos: int, flag: int = 0, mapq: int = 60) -> str:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd.count import available_cores
-from bamcountd.synth import Reference, write_bam
-from tests.bams import header_names, oracle, samtools_count, tricky_bam
+from bamcountd.synth import Reference, tricky_bam, write_bam
+from tests.support.bams import header_names, oracle, samtools_count
 
 FILTER_CASES = {
     "none": ((), Filters()),

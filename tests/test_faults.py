@@ -19,8 +19,9 @@ import pytest
 from bamcountd import CountRequest, count_bam
 from bamcountd.cli import main
 from bamcountd.errors import SamtoolsFailed
-from bamcountd.synth import Reference, write_bam
-from tests.bams import SAMTOOLS, bgzf_blocks, fake_samtools, processes_with, samtools_count, tricky_bam
+from bamcountd.synth import Reference, tricky_bam, write_bam
+from tests.support.bams import SAMTOOLS, bgzf_blocks, samtools_count
+from tests.support.fake_samtools import Fault, fake_samtools, processes_with
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -237,19 +238,13 @@ def test_samtools_missing(
 def _samtools_answering(folder: Path, version_only: str | None, version: str | None) -> Path:
     """A samtools that answers the version questions as told and runs the real one otherwise;
     None plays a samtools that does not know the option (exit status 1)."""
-    script = folder / "versioned-samtools"
-    lines = ["#!/bin/sh"]
-    for option, answer in (("--version-only", version_only), ("--version", version)):
-        if answer is None:
-            lines.append(
-                f'if [ "$1" = {option} ]; then echo "[main] unrecognized command \'{option}\'" >&2; exit 1; fi'
-            )
-        else:
-            lines.append(f'if [ "$1" = {option} ]; then printf "%s\\n" "{answer}"; exit 0; fi')
-    lines.append(f'exec {SAMTOOLS} "$@"')
-    script.write_text("\n".join(lines) + "\n")
-    script.chmod(0o755)
-    return script
+    faults = [
+        Fault(f"first:{option}", stderr=f"[main] unrecognized command '{option}'\n", end="exit:1")
+        if answer is None
+        else Fault(f"first:{option}", stdout=f"{answer}\n", end="exit:0")
+        for option, answer in (("--version-only", version_only), ("--version", version))
+    ]
+    return fake_samtools(folder, *faults, name="versioned-samtools")
 
 
 @pytest.mark.parametrize(
@@ -302,89 +297,86 @@ def test_samtools_version_too_old_or_unreadable(
 
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
-    token = f"{random.randrange(10_000, 99_999)}.{os.getpid()}"
-    monkeypatch.setenv("FAKE_REAL", SAMTOOLS)
-    monkeypatch.setenv("FAKE_TOKEN", token)
-    return fake_samtools(tmp_path), token
+def token() -> str:
+    """What a hanging fake's ``sleep`` has on its command line (and how long it sleeps)."""
+    return f"{random.randrange(10_000, 99_999)}.{os.getpid()}"
 
 
 @pytest.mark.parametrize(
-    ("mode", "args", "words"),
+    ("fault", "args", "words"),
     [
-        ("kill", (), "killed by SIGKILL"),
-        ("garbage", (), "instead of a count"),
+        (Fault("count", end="signal:SIGKILL"), (), "killed by SIGKILL"),
+        (Fault("count", stdout="lots of reads\n", end="exit:0"), (), "instead of a count"),
         # A filtered group is counted by `view -u -U | idxstats -` (twice): a failure of any of
         # them, or a stderr line beyond idxstats' two notes about reading a stream, is an error.
-        ("tally-crash", ("-q", "20"), "exit status 1: [E::fake] tally failure"),
-        ("tally-warn", ("-q", "20"), "[W::fake] something odd"),
+        (
+            Fault("tally", stderr="[E::fake] tally failure\n", end="exit:1"),
+            ("-q", "20"),
+            "exit status 1: [E::fake] tally failure",
+        ),
+        (Fault("tally", stderr_after="[W::fake] something odd\n"), ("-q", "20"), "[W::fake] something odd"),
     ],
 )
 def test_samtools_killed_garbage_or_stray_stderr(
     bam: Path,
-    fake: tuple[Path, str],
-    mode: str,
+    tmp_path: Path,
+    fault: Fault,
     args: tuple[str, ...],
     words: str,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("FAKE_MODE", mode)
-    code, out, err = run_cli(capsys, bam, *args, "--samtools", fake[0])
+    code, out, err = run_cli(capsys, bam, *args, "--samtools", fake_samtools(tmp_path, fault))
     assert_failed(code, 1, out, err, str(bam), words)
 
 
-def test_samtools_hang_past_timeout(
-    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("FAKE_MODE", "hang")
+def test_samtools_hang_past_timeout(bam: Path, tmp_path: Path, token: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = fake_samtools(tmp_path, Fault("count", hang=token))
     started = time.monotonic()
-    code, out, err = run_cli(capsys, bam, "--samtools", fake[0], "--timeout", "1")
+    code, out, err = run_cli(capsys, bam, "--samtools", fake, "--timeout", "1")
     assert_failed(code, 1, out, err, "time limit")
     assert time.monotonic() - started < 20
-    assert processes_with(fake[1]) == []
+    assert processes_with(token) == []
 
 
 def test_tally_pipeline_hang_is_killed_at_the_timeout(
-    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    bam: Path, tmp_path: Path, token: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("FAKE_MODE", "tally-hang")
-    code, out, err = run_cli(capsys, bam, "-q", "20", "--samtools", fake[0], "--timeout", "1")
+    fake = fake_samtools(tmp_path, Fault("tally", hang=token))
+    code, out, err = run_cli(capsys, bam, "-q", "20", "--samtools", fake, "--timeout", "1")
     assert_failed(code, 1, out, err, "time limit")
-    assert processes_with(fake[1]) == []
+    assert processes_with(token) == []
 
 
-def test_one_failure_cancels_the_rest_and_kills_them(
-    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FAKE_MODE", "crash-first-hang-rest")
-    monkeypatch.setenv("FAKE_FLAG", str(bam.parent / "crashed"))
+def test_one_failure_cancels_the_rest_and_kills_them(bam: Path, tmp_path: Path, token: str) -> None:
+    # The first `view -c` to get here fails after a moment; the others hang.
+    crash_first = Fault(
+        "count", once=str(bam.parent / "crashed"), delay=0.5, stderr="[E::fake] injected failure\n", end="exit:1"
+    )
+    fake = fake_samtools(tmp_path, crash_first, Fault("count", hang=token))
 
     async def attempt() -> None:
         with pytest.raises(SamtoolsFailed, match="injected failure"):
-            await count_bam(CountRequest(bam=bam, samtools=str(fake[0]), jobs=64, threads=1, split=False))
+            await count_bam(CountRequest(bam=bam, samtools=str(fake), jobs=64, threads=1, split=False))
 
     anyio.run(attempt)
     assert (bam.parent / "crashed").exists()
-    assert processes_with(fake[1]) == []
+    assert processes_with(token) == []
 
 
-def test_cancelling_a_count_kills_every_samtools(
-    bam: Path, fake: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FAKE_MODE", "hang")
+def test_cancelling_a_count_kills_every_samtools(bam: Path, tmp_path: Path, token: str) -> None:
+    fake = fake_samtools(tmp_path, Fault("count", hang=token))
 
     async def attempt() -> None:
         with anyio.move_on_after(3) as scope:
-            await count_bam(CountRequest(bam=bam, samtools=str(fake[0]), jobs=4, split=False))
+            await count_bam(CountRequest(bam=bam, samtools=str(fake), jobs=4, split=False))
         assert scope.cancelled_caught
 
     anyio.run(attempt)
-    assert processes_with(fake[1]) == []
+    assert processes_with(token) == []
 
 
-def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, fake: tuple[Path, str], tmp_path: Path) -> None:
-    env = {**os.environ, "FAKE_MODE": "hang"}
+def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, tmp_path: Path, token: str) -> None:
+    fake = fake_samtools(tmp_path, Fault("count", hang=token))
     argv = [
         sys.executable,
         "-m",
@@ -392,20 +384,20 @@ def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, fake: tuple[Path, st
         "count",
         str(bam),
         "--samtools",
-        str(fake[0]),
+        str(fake),
         "-o",
         str(tmp_path / "o.tsv"),
     ]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not processes_with(fake[1]) and time.monotonic() < deadline:
+    while not processes_with(token) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert processes_with(fake[1]), "samtools never started"
+    assert processes_with(token), "samtools never started"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert b"interrupted" in err
-    assert processes_with(fake[1]) == []
+    assert processes_with(token) == []
     assert not (tmp_path / "o.tsv").exists()
 
 

@@ -12,7 +12,7 @@ from bamcountd.count import choose_parallelism
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
 from bamcountd.plan import Region, ShardPolicy, parse_region, plan_shards, read_bed
 from bamcountd.synth import Reference, write_bam
-from tests.bams import SAMTOOLS, oracle, samtools_count
+from tests.support.bams import SAMTOOLS, oracle, samtools_count
 
 LENGTHS = {"chr1": 1000, "chr1:weird": 500, "HLA-A*01:01:01:01": 300, "c}x": 10}
 

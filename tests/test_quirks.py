@@ -21,7 +21,7 @@ from bamcountd.cli import main
 from bamcountd.options import combine_flags
 from bamcountd.service.config import load
 from bamcountd.synth import Reference, random_records, write_bam
-from tests.bams import (
+from tests.support.bams import (
     SAMTOOLS,
     bam_record,
     bam_records,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bamcountd import CountRequest, count_bam_sync
-from tests.bams import header_names, oracle, samtools_count
+from tests.support.bams import header_names, oracle, samtools_count
 
 
 def test_default_regions_match_samtools(shared_bam: Path) -> None:

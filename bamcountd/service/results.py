@@ -4,26 +4,35 @@
 ``bamcountd count --format json`` plus ``source`` (the BAM's path, size, mtime, inode) and
 ``bamcountd`` (the version).  A BAM that cannot be counted gets ``.error.json`` instead.
 Every file is written atomically (:func:`bamcountd.report.write_atomic`), and only inside
-the results folder.
+the results folder.  A result already in place for the same bytes and settings is adopted
+(:func:`adopt`) rather than counted again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bamcountd import __version__
-from bamcountd.count import CountResult
+import anyio
+import structlog
+
+from bamcountd import __version__, indexcache, plan, samtools
+from bamcountd.count import CountRequest, CountResult
+from bamcountd.errors import BamcountdError
+from bamcountd.inputs import cached_index_path
 from bamcountd.report import json_text, render, write_atomic
-from bamcountd.service.config import EXTRA_FORMATS
-from bamcountd.service.ledger import Identity
+from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
+from bamcountd.service.ledger import Entry, Identity, Ledger
 from bamcountd.service.watch import WatchRoot
+
+log = structlog.get_logger("bamcountd.service")
 
 COUNTS_SUFFIX = ".counts.json"
 ERROR_SUFFIX = ".error.json"
@@ -119,3 +128,80 @@ def sweep_temporaries(results: Path) -> int:
                 Path(folder, name).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+async def adopt(
+    entry: Entry,
+    base: Path,
+    config: ServiceConfig,
+    ledger: Ledger,
+    limiter: anyio.CapacityLimiter,
+    *,
+    changed: Callable[[Entry], bool],
+) -> bool:
+    """Mark the file done without counting it if its result is already in place: what a
+    crash between the result's rename and the ``done`` commit leaves (see ledger.py).
+    True if nothing is left to do (adopted, or the file changed meanwhile: ``changed``
+    checks and records that)."""
+    target = base.with_name(base.name + COUNTS_SUFFIX)
+    reason = await _not_adoptable(entry, target, config, limiter)
+    if reason is not None:
+        if reason != "no result":
+            log.info("result_not_adopted", result=os.fsdecode(target), reason=reason, action="counting it again")
+        return False
+    if changed(entry):
+        return True
+    ledger.finish(entry.path, entry.identity)
+    log.info("result_adopted", result=os.fsdecode(target), reason="this file's result is already in place")
+    own = config.state / "index"
+    for csi in (False, True):
+        with contextlib.suppress(OSError):
+            indexcache.drop_built(cached_index_path(entry.path, own, csi=csi), config.count.index_cache, own)
+    return True
+
+
+async def _not_adoptable(
+    entry: Entry, target: Path, config: ServiceConfig, limiter: anyio.CapacityLimiter
+) -> str | None:
+    """Why the result file at ``target`` is not this file's result under the current
+    settings, or None if it is: same BAM (path, device, inode, size, mtime), same read
+    filters, same regions, a well-formed count, and the extra formats in place."""
+    try:
+        document = json.loads(await anyio.Path(target).read_bytes())
+    except FileNotFoundError:
+        return "no result"
+    except (OSError, ValueError) as error:
+        return f"unreadable result ({error})"
+    try:
+        source = document["source"]
+        wanted = source_document(entry.path, entry.identity)
+        for key in ("path", "device", "inode", "size", "mtime_ns"):
+            if source[key] != wanted[key]:
+                return f"the result is of another file (source {key} differs)"
+        request = CountRequest.of(entry.path, config.count)
+        if document["filters"] != request.filters.as_dict():
+            return "the result was counted with other filters"
+        counts = [region["count"] for region in document["regions"]]
+        labels = [region["region"] for region in document["regions"]]
+        if not all(type(n) is int and n >= 0 for n in counts) or document["total"] != sum(counts):
+            return "the result's counts are malformed"
+    except (KeyError, TypeError) as error:
+        return f"the result is malformed ({type(error).__name__}: {error})"
+    for suffix in (EXTRA_FORMATS[fmt] for fmt in config.formats):
+        extra = target.with_name(target.name[: -len(COUNTS_SUFFIX)] + suffix)
+        try:
+            if os.lstat(extra).st_mtime_ns < entry.identity.mtime_ns:
+                return f"{extra.name} is older than the file"
+        except OSError:
+            return f"{extra.name} is missing"
+    # The regions the current settings give for this BAM (every reference and '*' by default).
+    try:
+        executable = samtools.find(request.samtools)
+        async with limiter:
+            header = await samtools.read_header(executable, entry.path)
+        regions = plan.resolve_regions(header, request.regions, request.regions_file)
+    except (BamcountdError, OSError) as error:
+        return f"cannot resolve the regions ({error})"
+    if [region.label for region in regions] != labels:
+        return "the result was counted over other regions"
+    return None

@@ -7,7 +7,7 @@ from pathlib import Path
 import dxpy  # type: ignore[import-untyped]
 import pytest
 
-from tests.dnanexus_emulator import Emulator
+from devtools.dnanexus_emulator import Emulator
 
 ROOT = Path(__file__).resolve().parents[2]
 APPLET_DIR = ROOT / "dnanexus" / "bamcount"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bams import samtools_count
+from tests.support.bams import samtools_count
 
 
 def test_count_command_does_not_import_dxpy(shared_bam: Path, tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 import dxpy  # type: ignore[import-untyped]
 
 from bamcountd.dnanexus import job as job_module
-from tests.bams import SAMTOOLS, header_names, oracle, samtools_count, tricky_bam
+from bamcountd.synth import tricky_bam
+from devtools.dnanexus_emulator import Emulator, Job
 from tests.dnanexus.conftest import APPLET_DIR
-from tests.dnanexus_emulator import Emulator, Job
+from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
+from tests.support.fake_samtools import Fault, fake_samtools
 
 
 def _seed_text(bam: Path, filters: tuple[str, ...] = ()) -> str:
@@ -118,14 +120,8 @@ def test_samtools_crash_is_an_app_internal_error(
 ) -> None:
     # A fake samtools only to inject the fault: it answers --version and quickcheck like the
     # real one, then dies on every counting command.
-    fake = tmp_path / "bin" / "samtools"
-    fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = view ]; then case " $* " in *" -H "*) ;; *) echo "samtools view: injected crash" >&2; kill -SEGV $$;; esac; fi\n'
-        f'exec {SAMTOOLS} "$@"\n'
-    )
-    fake.chmod(0o755)
+    crash = Fault("read", stderr="samtools view: injected crash\n", end="signal:SIGSEGV")
+    fake = fake_samtools(tmp_path / "bin", crash, name="samtools")
     emulator.job_env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
     bam_id = emulator.add_file("ok.bam", shared_bam.read_bytes())
     job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})

@@ -12,9 +12,12 @@ import dxpy  # type: ignore[import-untyped]
 
 from bamcountd.count import CountRequest
 from bamcountd.dnanexus.state import DONE, FAILED, RETRY, Ledger
-from tests.bams import SAMTOOLS, tricky_bam
-from tests.dnanexus.helpers import make_runner, seed_text, settle
-from tests.dnanexus_emulator import Emulator
+from bamcountd.synth import tricky_bam
+from devtools.dnanexus_emulator import Emulator
+from devtools.dx_runner import make_runner, settle
+from tests.dnanexus.helpers import seed_text
+from tests.support.bams import SAMTOOLS
+from tests.support.fake_samtools import Fault, fake_samtools
 
 
 def _bams(folder: Path, count: int) -> list[Path]:
@@ -170,14 +173,7 @@ def test_local_transient_failure_is_retried_then_marked_failed(
     emulator: Emulator, shared_bam: Path, tmp_path: Path
 ) -> None:
     # A fake samtools only to inject the fault: real for everything but counting views.
-    fake = tmp_path / "bin" / "samtools"
-    fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = view ]; then case " $* " in *" -H "*) ;; *) echo "injected crash" >&2; exit 1;; esac; fi\n'
-        f'exec {SAMTOOLS} "$@"\n'
-    )
-    fake.chmod(0o755)
+    fake = fake_samtools(tmp_path / "bin", Fault("read", stderr="injected crash\n", end="exit:1"), name="samtools")
     bam_id = emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
     state = tmp_path / "state"
     runner = make_runner(emulator, state, applet=None, max_attempts=2)

@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,10 @@ from structlog.testing import capture_logs
 from bamcountd import logs
 from bamcountd.dnanexus.state import DONE, Ledger
 from bamcountd.dnanexus.watch import Metrics, install_redaction
-from tests.dnanexus.helpers import make_runner, run_watch, seed_text, settle, watch_command, watch_env
-from tests.dnanexus_emulator import Emulator
+from devtools.dnanexus_emulator import Emulator
+from devtools.dx_runner import make_runner, settle
+from tests.dnanexus.helpers import run_watch, seed_text, watch_command, watch_env
+from tests.support.waiting import wait_for
 
 
 def test_api_500_and_503_with_retry_after_are_retried(
@@ -55,12 +56,6 @@ def test_unreachable_api_is_logged_and_the_runner_recovers(
     def serve() -> None:
         make_runner(emulator, state, applet=applet, api_retries=0).run(stop)
 
-    def wait_for(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.1)
-
     def done() -> bool:
         entry = Ledger(state / "dx-watch.sqlite").get(bam_id)
         return entry is not None and entry.status == DONE
@@ -69,9 +64,14 @@ def test_unreachable_api_is_logged_and_the_runner_recovers(
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            wait_for(lambda: sum(e["event"] == "poll_failed" for e in captured) >= 2)
+            wait_for(
+                lambda: sum(e["event"] == "poll_failed" for e in captured) >= 2,
+                timeout=60,
+                what="two failed polls",
+                interval=0.1,
+            )
             emulator.listen()
-            wait_for(done)
+            wait_for(done, timeout=60, what="the BAM done", interval=0.1)
         finally:
             stop.set()
             thread.join(timeout=30)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from tests.bams import tricky_bam
-from tests.service.helpers import Daemon, Folders
+from bamcountd.synth import tricky_bam
+from tests.support.daemon import Daemons, Folders
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +26,12 @@ def folders(tmp_path: Path) -> Folders:
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test started; any still running at the end are killed with their children."""
-    started: list[Daemon] = []
+def daemons(folders: Folders) -> Iterator[Daemons]:
+    """``daemons.start(extra, env)`` runs ``bamcountd serve`` on the test's folders; any still
+    running at the end are killed with their children."""
+    started = Daemons(folders)
     yield started
-    for daemon in started:
-        daemon.close()
+    started.close()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.service.helpers import wait_for
+from tests.support.waiting import wait_for
 
 # Runs in a private mount namespace: a tmpfs on /run (nspawn keeps its state there, and /run is
 # on disk on this machine kind), a cgroup of its own (so that nothing can be left behind

@@ -8,33 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import (
-    Daemon,
-    Folders,
-    assert_result_matches,
-    drop_by_rename,
-    fake_samtools,
-    pid_alive,
-    result_path,
-    results,
-    wait_for,
-)
+from tests.service.helpers import assert_result_matches, drop_by_rename, result_path, results
+from tests.support.daemon import Daemons, Folders
+from tests.support.fake_samtools import Fault, fake_samtools, pid_alive
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.timeout(90)
 def test_replaced_and_deleted_mid_count(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    samtools, env = fake_samtools(tmp_path)
     hold = tmp_path / "hold"
     hold.touch()
     pids = tmp_path / "pids"
     pids.mkdir()
-    daemon = Daemon(
-        folders, extra=["--samtools", str(samtools)], env={**env, "FAKE_HOLD": str(hold), "FAKE_PIDS": str(pids)}
-    )
-    daemons.append(daemon)
-    daemon.start()
+    samtools = fake_samtools(tmp_path, Fault("read", pids=str(pids), hold=str(hold)))
+    daemon = daemons.start(extra=["--samtools", str(samtools)])
     replaced = drop_by_rename(templates[0], folders.watch / "replaced.bam")
     deleted = drop_by_rename(templates[1], folders.watch / "deleted.bam")
 

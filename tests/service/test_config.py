@@ -11,7 +11,7 @@ import pytest
 
 from bamcountd.errors import ConfigError
 from bamcountd.service.config import load
-from tests.service.helpers import REPO, Folders
+from tests.support.daemon import REPO, Folders
 
 
 def _file(tmp_path: Path, text: str) -> Path:

@@ -17,19 +17,19 @@ from typing import Any
 
 import pytest
 
-from tests.service.helpers import Daemon, Folders, assert_result_matches, drop_by_rename, result_path, results, wait_for
+from tests.service.helpers import assert_result_matches, drop_by_rename, result_path, results
+from tests.support.daemon import Daemon, Daemons, Folders
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill9_during_a_batch_loses_and_duplicates_nothing(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
+    templates: list[Path], folders: Folders, daemons: Daemons
 ) -> None:
     rng = random.Random(20261126)
     sources = {f"batch/s{i:02d}.bam": templates[i % len(templates)] for i in range(36)}
-    daemon = Daemon(folders, extra=["--max-files", "3"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--max-files", "3"])
     (folders.watch / "batch").mkdir()
     for relative, template in sources.items():
         drop_by_rename(template, folders.watch / relative)
@@ -90,13 +90,11 @@ def _row(folders: Folders) -> tuple[str, int]:
         return row[0], row[1]
 
 
-def _counted_once(templates: list[Path], folders: Folders, daemons: list[Daemon], name: str) -> tuple[Path, Path]:
+def _counted_once(templates: list[Path], folders: Folders, daemons: Daemons, name: str) -> tuple[Path, Path]:
     """Count ``name`` (a copy of the first template) with a real daemon and stop it: a real
     result in place and a ``done`` row."""
     bam = drop_by_rename(templates[0], folders.watch / name)
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start()
     result = result_path(folders, name)
     wait_for(lambda: _states(folders) == {"done"}, timeout=30, what="the first count", context=daemon.log)
     assert daemon.stop() == 0
@@ -107,7 +105,7 @@ def _counted_once(templates: list[Path], folders: Folders, daemons: list[Daemon]
 @pytest.mark.parametrize("state", ["running", "queued"])
 @pytest.mark.timeout(60)
 def test_the_crash_window_between_result_and_done_row(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], state: str
+    templates: list[Path], folders: Folders, daemons: Daemons, state: str
 ) -> None:
     """The exact state a crash leaves after the result's rename and before the ``done`` commit
     (a real result in place, the row still ``running``; ``queued`` if the crash came after a
@@ -119,9 +117,7 @@ def test_the_crash_window_between_result_and_done_row(
     leftover = folders.results / ".window.counts.json.k3j2_x.tmp"
     leftover.write_text("half a result")
 
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start()
     wait_for(lambda: _states(folders) == {"done"}, timeout=30, what="the row done", context=daemon.log)
     wait_for(lambda: bool(_events(daemon, "result_adopted")), timeout=10, what="result_adopted", context=daemon.log)
     assert daemon.stop() == 0
@@ -152,7 +148,7 @@ def _tamper_regions(document: dict[str, Any]) -> None:
 @pytest.mark.parametrize("tamper", [_tamper_identity, _tamper_filters, _tamper_regions])
 @pytest.mark.timeout(60)
 def test_a_result_of_another_file_or_other_settings_is_not_adopted(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tamper: Callable[[dict[str, Any]], None]
+    templates: list[Path], folders: Folders, daemons: Daemons, tamper: Callable[[dict[str, Any]], None]
 ) -> None:
     """In the crash window, but the result in place is stale or was counted with other
     settings: the BAM is counted again and the result replaced with samtools' counts."""
@@ -162,9 +158,7 @@ def test_a_result_of_another_file_or_other_settings_is_not_adopted(
     result.write_text(json.dumps(document))
     _set_state(folders, "running")
 
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start()
     wait_for(lambda: bool(_events(daemon, "done")), timeout=30, what="the second count", context=daemon.log)
     assert daemon.stop() == 0
     assert _row(folders) == ("done", 0)

@@ -16,16 +16,15 @@ from typing import Any
 import pytest
 
 from tests.service.helpers import (
-    Daemon,
-    Folders,
     assert_result_matches,
     drop_by_rename,
     drop_slowly,
     expected_counts,
     result_path,
     results,
-    wait_for,
 )
+from tests.support.daemon import Daemon, Daemons, Folders
+from tests.support.waiting import wait_for
 
 
 def ledger_states(folders: Folders) -> dict[bytes, str]:
@@ -35,11 +34,9 @@ def ledger_states(folders: Folders) -> dict[bytes, str]:
 
 @pytest.mark.timeout(90)
 def test_slow_copy_rename_and_subfolders_are_counted_once(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
+    templates: list[Path], folders: Folders, daemons: Daemons
 ) -> None:
-    daemon = Daemon(folders, extra=["--formats", "tsv,seed"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--formats", "tsv,seed"])
     (folders.watch / "run 1" / "lane").mkdir(parents=True)
     slow = drop_slowly(templates[0], folders.watch / "slow.bam", chunks=8, pause=0.2)
     renamed = drop_by_rename(templates[1], folders.watch / "run 1" / "lane" / "renamed.bam")
@@ -104,11 +101,9 @@ def test_slow_copy_rename_and_subfolders_are_counted_once(
 
 @pytest.mark.timeout(90)
 def test_replaced_file_is_counted_again_and_restart_does_not_recount(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
+    templates: list[Path], folders: Folders, daemons: Daemons
 ) -> None:
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start()
     bam = drop_by_rename(templates[0], folders.watch / "sample.bam")
     result = result_path(folders, "sample.bam")
     wait_for(result.exists, timeout=30, what="first result", context=daemon.log)
@@ -146,12 +141,10 @@ def test_replaced_file_is_counted_again_and_restart_does_not_recount(
 
 
 @pytest.mark.timeout(90)
-def test_odd_file_names(templates: list[Path], folders: Folders, daemons: list[Daemon]) -> None:
+def test_odd_file_names(templates: list[Path], folders: Folders, daemons: Daemons) -> None:
     names = ["with space.bam", "new\nline.bam", "caf\u00e9 \u2013 ok.bam"]
     raw_name = b"latin1-\xe9.bam"  # not UTF-8
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start()
     bams = [drop_by_rename(templates[0], folders.watch / name) for name in names]
     raw_bam = Path(os.fsdecode(os.path.join(os.fsencode(folders.watch), raw_name)))
     shutil.copyfile(templates[0], raw_bam)
@@ -166,13 +159,11 @@ def test_odd_file_names(templates: list[Path], folders: Folders, daemons: list[D
 
 @pytest.mark.timeout(90)
 def test_sighup_reloads_what_can_change_and_survives_a_bad_file(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
     config = tmp_path / "bamcountd.toml"
     config.write_text("max_files = 2\n")
-    daemon = Daemon(folders, extra=["--config", str(config)])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--config", str(config)])
     drop_by_rename(templates[0], folders.watch / "before.bam")
     wait_for(result_path(folders, "before.bam").exists, timeout=30, what="first result", context=daemon.log)
     assert not (folders.results / "before.counts.tsv").exists()

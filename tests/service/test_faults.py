@@ -19,18 +19,11 @@ import structlog
 
 from bamcountd.cli import main
 from bamcountd.service.config import load
-from bamcountd.service.daemon import Daemon as ServiceDaemon
-from bamcountd.service.daemon import serve
-from tests.service.helpers import (
-    Daemon,
-    Folders,
-    assert_result_matches,
-    drop_by_rename,
-    fake_samtools,
-    result_path,
-    results,
-    wait_for,
-)
+from bamcountd.service.scheduler import Scheduler, serve
+from tests.service.helpers import assert_result_matches, drop_by_rename, result_path, results
+from tests.support.daemon import Daemons, Folders
+from tests.support.fake_samtools import Fault, fake_samtools
+from tests.support.waiting import wait_for
 
 
 def error_path(folders: Folders, relative: str) -> Path:
@@ -39,11 +32,9 @@ def error_path(folders: Folders, relative: str) -> Path:
 
 @pytest.mark.timeout(90)
 def test_corrupt_bam_gets_an_error_file_and_others_are_served(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    daemon = Daemon(folders, extra=["--retries", "3", "--retry-delay", "0.2"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--retries", "3", "--retry-delay", "0.2"])
     truncated = tmp_path / "truncated.bam"
     truncated.write_bytes(templates[0].read_bytes()[:-3000])
     drop_by_rename(truncated, folders.watch / "bad.bam")
@@ -68,16 +59,12 @@ def test_corrupt_bam_gets_an_error_file_and_others_are_served(
 
 @pytest.mark.timeout(90)
 def test_crashing_samtools_is_retried_then_gets_an_error_file(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    samtools, env = fake_samtools(tmp_path)
-    daemon = Daemon(
-        folders,
-        extra=["--samtools", str(samtools), "--retries", "3", "--retry-delay", "0.2"],
-        env={**env, "FAKE_CRASH": "crashme"},
+    samtools = fake_samtools(
+        tmp_path, Fault("read", contains="crashme", stderr="samtools: simulated crash\n", end="abort")
     )
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--samtools", str(samtools), "--retries", "3", "--retry-delay", "0.2"])
     drop_by_rename(templates[0], folders.watch / "crashme.bam")
     fine = drop_by_rename(templates[1], folders.watch / "fine.bam")
     wait_for(error_path(folders, "crashme.bam").exists, timeout=40, what="crashme.error.json", context=daemon.log)
@@ -132,7 +119,7 @@ def test_disk_full_leaves_no_partial_result_and_requeues(
         },
         environ={},
     )
-    handle: list[ServiceDaemon] = []
+    handle: list[Scheduler] = []
     seen_states: list[list[str]] = []
 
     async def scenario() -> None:
@@ -161,10 +148,8 @@ def test_disk_full_leaves_no_partial_result_and_requeues(
 
 
 @pytest.mark.timeout(60)
-def test_second_daemon_on_the_same_ledger_refuses_to_start(folders: Folders, daemons: list[Daemon]) -> None:
-    first = Daemon(folders)
-    daemons.append(first)
-    first.start()
+def test_second_daemon_on_the_same_ledger_refuses_to_start(folders: Folders, daemons: Daemons) -> None:
+    first = daemons.start()
     second = subprocess.run(
         [sys.executable, "-m", "bamcountd", *first.argv()[3:]], capture_output=True, text=True, timeout=30, check=False
     )
@@ -199,11 +184,9 @@ def test_bad_config_is_exit_2_naming_the_key(
 
 @pytest.mark.timeout(60)
 def test_an_option_no_bam_can_satisfy_stops_the_daemon_with_status_2(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
+    templates: list[Path], folders: Folders, daemons: Daemons
 ) -> None:
-    daemon = Daemon(folders, extra=["--method", "index", "--min-mapq", "20"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--method", "index", "--min-mapq", "20"])
     drop_by_rename(templates[0], folders.watch / "a.bam")
     assert daemon.process is not None
     assert daemon.process.wait(timeout=30) == 2
@@ -215,7 +198,7 @@ def test_an_option_no_bam_can_satisfy_stops_the_daemon_with_status_2(
 
 @pytest.mark.timeout(90)
 def test_an_unexpected_exception_in_one_count_fails_that_bam_and_the_daemon_serves_on(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
+    templates: list[Path], folders: Folders, daemons: Daemons
 ) -> None:
     """A fault no code path expects: a folder squats on the name of the index the daemon builds
     for one BAM, so the rename that puts the built index in place raises IsADirectoryError (an
@@ -227,9 +210,7 @@ def test_an_unexpected_exception_in_one_count_fails_that_bam_and_the_daemon_serv
     good = drop_by_rename(templates[1], folders.watch / "good.bam")
     squatter = cached_index_path(Path(os.path.realpath(bad)), folders.state / "index", csi=False)
     squatter.mkdir(parents=True)
-    daemon = Daemon(folders, extra=["--retries", "2", "--retry-delay", "0.2"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--retries", "2", "--retry-delay", "0.2"])
 
     wait_for(error_path(folders, "bad.bam").exists, timeout=40, what="bad.error.json", context=daemon.log)
     wait_for(result_path(folders, "good.bam").exists, timeout=30, what="good result", context=daemon.log)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from bamcountd.service.metrics import Metrics, MetricsServer
-from tests.service.helpers import Daemon, Folders, drop_by_rename, expected_counts, result_path, wait_for
+from tests.service.helpers import drop_by_rename, expected_counts, result_path
+from tests.support.daemon import Daemons, Folders
+from tests.support.waiting import wait_for
 
 
 def _free_port() -> int:
@@ -29,13 +31,9 @@ def _get(url: str) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(60)
-def test_metrics_and_healthz_of_a_running_daemon(
-    templates: list[Path], folders: Folders, daemons: list[Daemon]
-) -> None:
+def test_metrics_and_healthz_of_a_running_daemon(templates: list[Path], folders: Folders, daemons: Daemons) -> None:
     port = _free_port()
-    daemon = Daemon(folders, extra=["--metrics-addr", f"127.0.0.1:{port}"])
-    daemons.append(daemon)
-    daemon.start()
+    daemon = daemons.start(extra=["--metrics-addr", f"127.0.0.1:{port}"])
     drop_by_rename(templates[0], folders.watch / "m.bam")
     wait_for(result_path(folders, "m.bam").exists, timeout=30, what="a result", context=daemon.log)
     base = f"http://127.0.0.1:{port}"

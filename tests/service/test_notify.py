@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import Daemon, Folders, drop_by_rename, result_path, wait_for
+from tests.service.helpers import drop_by_rename, result_path
+from tests.support.daemon import Daemons, Folders
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.timeout(60)
-def test_ready_status_watchdog_stopping(templates: list[Path], folders: Folders, daemons: list[Daemon]) -> None:
-    daemon = Daemon(folders, env={"WATCHDOG_USEC": "400000"})
-    daemons.append(daemon)
-    daemon.start()  # waits for READY=1
+def test_ready_status_watchdog_stopping(templates: list[Path], folders: Folders, daemons: Daemons) -> None:
+    daemon = daemons.start(env={"WATCHDOG_USEC": "400000"})  # waits for READY=1
     assert daemon.notify is not None and daemon.process is not None
     first = daemon.notify.messages[0].split("\n")
     assert "READY=1" in first and f"MAINPID={daemon.process.pid}" in first

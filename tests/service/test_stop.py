@@ -11,34 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import (
-    Daemon,
-    Folders,
-    assert_result_matches,
-    drop_by_rename,
-    fake_samtools,
-    pid_alive,
-    result_path,
-    results,
-    wait_for,
-)
+from tests.service.helpers import assert_result_matches, drop_by_rename, result_path, results
+from tests.support.daemon import Daemons, Folders
+from tests.support.fake_samtools import Fault, fake_samtools, pid_alive
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.timeout(90)
 def test_sigterm_kills_hung_samtools_and_requeues(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    samtools, env = fake_samtools(tmp_path)
     pids = tmp_path / "pids"
     pids.mkdir()
     drain = 1.0
-    daemon = Daemon(
-        folders,
-        extra=["--samtools", str(samtools), "--drain-seconds", str(drain)],
-        env={**env, "FAKE_HANG": "1", "FAKE_PIDS": str(pids)},
-    )
-    daemons.append(daemon)
-    daemon.start()
+    samtools = fake_samtools(tmp_path, Fault("read", pids=str(pids), hang="3600"))
+    daemon = daemons.start(extra=["--samtools", str(samtools), "--drain-seconds", str(drain)])
     bam = drop_by_rename(templates[0], folders.watch / "hang.bam")
     wait_for(lambda: any(pids.iterdir()), timeout=30, what="a samtools count to start", context=daemon.log)
     time.sleep(0.3)
@@ -67,35 +54,25 @@ def test_sigterm_kills_hung_samtools_and_requeues(
 
 
 @pytest.mark.timeout(60)
-def test_sigint_when_idle_exits_zero_and_releases_the_ledger(folders: Folders, daemons: list[Daemon]) -> None:
-    daemon = Daemon(folders)
-    daemons.append(daemon)
-    daemon.start()
+def test_sigint_when_idle_exits_zero_and_releases_the_ledger(folders: Folders, daemons: Daemons) -> None:
+    daemon = daemons.start()
     daemon.signal(signal.SIGINT)
     assert daemon.process is not None
     assert daemon.process.wait(timeout=10) == 0
-    second = Daemon(folders)
-    daemons.append(second)
-    second.start()  # the lock went with the first daemon
+    second = daemons.start()  # the lock went with the first daemon
     assert second.stop() == 0
     assert os.path.exists(folders.state / "ledger.sqlite3")
 
 
 @pytest.mark.timeout(90)
 def test_a_count_that_finishes_within_the_drain_is_kept(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    samtools, env = fake_samtools(tmp_path)
     hold, pids = tmp_path / "hold", tmp_path / "pids"
     hold.touch()
     pids.mkdir()
-    daemon = Daemon(
-        folders,
-        extra=["--samtools", str(samtools), "--drain-seconds", "20"],
-        env={**env, "FAKE_HOLD": str(hold), "FAKE_PIDS": str(pids)},
-    )
-    daemons.append(daemon)
-    daemon.start()
+    samtools = fake_samtools(tmp_path, Fault("read", pids=str(pids), hold=str(hold)))
+    daemon = daemons.start(extra=["--samtools", str(samtools), "--drain-seconds", "20"])
     bam = drop_by_rename(templates[0], folders.watch / "drained.bam")
     wait_for(lambda: any(pids.iterdir()), timeout=30, what="a held count", context=daemon.log)
     daemon.signal(signal.SIGTERM)
@@ -111,18 +88,12 @@ def test_a_count_that_finishes_within_the_drain_is_kept(
 
 @pytest.mark.timeout(90)
 def test_a_second_sigterm_skips_the_drain(
-    templates: list[Path], folders: Folders, daemons: list[Daemon], tmp_path: Path
+    templates: list[Path], folders: Folders, daemons: Daemons, tmp_path: Path
 ) -> None:
-    samtools, env = fake_samtools(tmp_path)
     pids = tmp_path / "pids"
     pids.mkdir()
-    daemon = Daemon(
-        folders,
-        extra=["--samtools", str(samtools), "--drain-seconds", "60"],
-        env={**env, "FAKE_HANG": "1", "FAKE_PIDS": str(pids)},
-    )
-    daemons.append(daemon)
-    daemon.start()
+    samtools = fake_samtools(tmp_path, Fault("read", pids=str(pids), hang="3600"))
+    daemon = daemons.start(extra=["--samtools", str(samtools), "--drain-seconds", "60"])
     drop_by_rename(templates[0], folders.watch / "hang.bam")
     wait_for(lambda: any(pids.iterdir()), timeout=30, what="a hung count", context=daemon.log)
     daemon.signal(signal.SIGTERM)

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.bams import header_names, oracle, samtools_count, tricky_bam
-from tests.service.helpers import wait_for
+from bamcountd.synth import tricky_bam
 from tests.service.machine import Machine, missing
+from tests.support.bams import header_names, oracle, samtools_count
+from tests.support.fake_samtools import Fault, fake_samtools
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "bamcountd.service"
@@ -35,11 +37,9 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"no systemd contai
 SETTINGS = {"settle": "1", "rescan_interval": "2", "drain_seconds": "2", "retry_delay": "1"}
 
 # A samtools that takes its time over every count (far longer than drain_seconds) and then runs
-# the real one: so that a stop finds counts running (fault injection only).
-SLOW_SAMTOOLS = """#!/bin/sh
-case " $* " in *" view "*" -c "*) sleep 60 ;; esac
-exec /usr/bin/samtools "$@"
-"""
+# the real one: so that a stop finds counts running (fault injection only; the container's
+# python3 and samtools).
+SLOW_COUNT = Fault("count", delay=60)
 
 
 def pip_install(requirement: str) -> list[str]:
@@ -100,14 +100,12 @@ def machine(tmp_path_factory: pytest.TempPathFactory, bams: list[Path]) -> Itera
     )
     shutil.copytree(REPO / "systemd", payload / "systemd")
     (payload / "dx").mkdir()
-    for support in (REPO / "tests" / "dnanexus_emulator.py", Path(__file__).with_name("dx_platform.py")):
+    for support in (REPO / "devtools" / "dnanexus_emulator.py", Path(__file__).with_name("dx_platform.py")):
         shutil.copy(support, payload / "dx" / support.name)
     (payload / "bams").mkdir()
     for bam in bams:
         shutil.copy(bam, payload / "bams" / bam.name)
-    slow = payload / "slow-samtools"
-    slow.write_text(SLOW_SAMTOOLS)
-    slow.chmod(0o755)
+    fake_samtools(payload, SLOW_COUNT, name="slow-samtools", python="/usr/bin/python3", real="/usr/bin/samtools")
     box = Machine(base, payload)
     box.start()
     try:

@@ -1,4 +1,5 @@
-"""Test BAMs made with real samtools, and the oracle every asserted count is checked against."""
+"""Test BAMs made with real samtools (or byte by byte), and the oracle every asserted count is
+checked against.  The random BAMs themselves come from :mod:`bamcountd.synth`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from bamcountd.synth import Reference, random_records, write_bam
 
 SAMTOOLS = shutil.which("samtools") or "samtools"
 
@@ -56,24 +55,6 @@ def header_names(bam: Path) -> list[str]:
     ]
 
 
-def tricky_bam(
-    folder: Path, *, reads: int = 3000, unplaced: int = 200, seed: int = 1, name: str = "tricky.bam"
-) -> Path:
-    """Several references, an empty one, ':' and '*' in names, every flag kind, unplaced reads."""
-    references = [
-        Reference("chr1", 300_000),
-        Reference("chr2", 150_000),
-        Reference("chrEmpty", 10_000),
-        Reference("HLA-A*01:01:01:01", 3_503),
-        Reference("chr1:weird", 8_000),
-        Reference("chrM", 16_569),
-    ]
-    weights = [300_000, 150_000, 0, 3_503, 8_000, 16_569]
-    folder.mkdir(parents=True, exist_ok=True)
-    records = random_records(references, reads, unplaced=unplaced, read_length=100, seed=seed, weights=weights)
-    return write_bam(folder / name, references, records, sort=True)
-
-
 def bgzf_blocks(data: bytes) -> list[tuple[int, int]]:
     """(offset, size) of every BGZF block, the empty EOF block last."""
     blocks: list[tuple[int, int]] = []
@@ -83,64 +64,6 @@ def bgzf_blocks(data: bytes) -> list[tuple[int, int]]:
         blocks.append((offset, size))
         offset += size
     return blocks
-
-
-FAKE_SAMTOOLS = """#!{python}
-# A samtools stand-in that injects one fault into `view -c` or a tally's `idxstats -`, and runs the real samtools
-# for everything else. Never used to prove a count.
-import os, signal, sys, time
-real, mode, token = os.environ["FAKE_REAL"], os.environ.get("FAKE_MODE", ""), os.environ.get("FAKE_TOKEN", "0")
-args = sys.argv[1:]
-if args[:1] == ["view"] and "-c" in args:
-    if mode == "crash-first-hang-rest":
-        try:  # the first `view -c` to get here fails after a moment; the others hang
-            os.close(os.open(os.environ["FAKE_FLAG"], os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            os.execvp("sleep", ["sleep", token])
-        time.sleep(0.5)
-        sys.stderr.write("[E::fake] injected failure\\n")
-        sys.exit(1)
-    if mode == "hang":
-        os.execvp("sleep", ["sleep", token])
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "garbage":
-        print("lots of reads")
-        sys.exit(0)
-if args == ["idxstats", "-"]:  # the reading end of a tally pipeline (view -u | idxstats -)
-    if mode == "tally-hang":
-        os.execvp("sleep", ["sleep", token])
-    if mode == "tally-crash":
-        sys.stderr.write("[E::fake] tally failure\\n")
-        sys.exit(1)
-    if mode == "tally-warn":  # right numbers, and one line too many on stderr
-        import subprocess
-        code = subprocess.call([real, *args])
-        sys.stderr.write("[W::fake] something odd\\n")
-        sys.exit(code)
-os.execv(real, [real, *args])
-"""
-
-
-def fake_samtools(folder: Path) -> Path:
-    script = folder / "fake-samtools"
-    script.write_text(FAKE_SAMTOOLS.format(python=sys.executable))
-    script.chmod(0o755)
-    return script
-
-
-def processes_with(token: str) -> list[int]:
-    """Pids whose command line contains ``token`` (our fake samtools' hanging children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if token.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 # --- BAMs written byte by byte, for records no SAM text can express -----------------------------
