@@ -27,6 +27,7 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
+from bamcountd.plan import default_region
 from bamcountd.report import render, write_atomic
 from bamcountd.samtools import Filters, combine_flags
 
@@ -149,20 +150,22 @@ def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, pre
     if index_link is None:  # built here: share it so no worker builds it again
         index_link = dxpy.dxlink(dxpy.upload_local_file(str(totals.index)))
     bins = balance([(r.region, r.count) for r in totals.regions], scatter_jobs)
+    with _app_errors():  # a name samtools cannot address fails here as it would in a single job
+        texts = [[default_region(label).samtools_arg() for label in labels] for labels in bins]
     filters = request.filters.as_dict()
     subjobs = [
         dxpy.new_dxjob(
             fn_input={
                 "mappings_bam": bam_link,
                 "index_file": index_link,
-                "regions": [_samtools_region(name) for name in names],
+                "regions": regions,
                 "filters": filters,
                 "jobs": request.jobs,
             },
             fn_name="count_shards",
-            name=f"count {len(names)} references",
+            name=f"count {len(regions)} references",
         )
-        for names in bins
+        for regions in texts
     ]
     gather_job = dxpy.new_dxjob(
         fn_input={
@@ -193,11 +196,6 @@ def balance(weighted: list[tuple[str, int]], bins: int) -> list[list[str]]:
         load, names = loads[lightest]
         loads[lightest] = (load + weight, [*names, name])
     return [sorted(names, key=order.__getitem__) for _, names in loads if names]
-
-
-def _samtools_region(name: str) -> str:
-    # Braces keep names with ':' from being read as ranges (samtools' {name} syntax).
-    return name if name == "*" or "}" in name else "{" + name + "}"
 
 
 def count_shards(*, mappings_bam: Json, index_file: Json, regions: list[str], filters: Json, jobs: int) -> Json:
