@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from bamcountd.count import CountRequest
+from bamcountd.dnanexus.platform import Platform
 from bamcountd.dnanexus.state import LAUNCHED, RETRY, Ledger
 from bamcountd.dnanexus.watch import Runner, WatchConfig
 from tests.bams import header_names, oracle, samtools_count
@@ -36,7 +37,7 @@ def make_runner(emulator: Emulator, state: Path, *, applet: str | None, **option
         local_request=lambda bam, index: CountRequest(bam=bam, index=index, index_cache=state / "index-cache"),
         **settings,  # type: ignore[arg-type]
     )
-    return Runner(config, Ledger(state / "dx-watch.sqlite"))
+    return Runner(config, Ledger(state / "dx-watch.sqlite"), Platform(api_retries=config.api_retries))
 
 
 def settle(runner: Runner, emulator: Emulator, *, timeout: float = 100) -> None:

@@ -19,8 +19,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from bamcountd import logs
+from bamcountd.dnanexus.runtime import Metrics, install_redaction
 from bamcountd.dnanexus.state import DONE, Ledger
-from bamcountd.dnanexus.watch import Metrics, install_redaction
 from tests.dnanexus.helpers import make_runner, run_watch, seed_text, settle, watch_command, watch_env
 from tests.dnanexus_emulator import Emulator
 
