@@ -359,7 +359,20 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
 
 
 def _run_dx_watch(args: argparse.Namespace) -> int:
-    from bamcountd.dnanexus.watch import run_from_args
+    from bamcountd.dnanexus.watch import WatchConfig, run
 
-    run_from_args(args, count_options(args))
+    config = WatchConfig(
+        project=args.project,
+        folder=args.folder,
+        recurse=args.recurse,
+        results_folder=args.results_folder,
+        state=args.state,
+        applet=args.applet,
+        count=count_options(args),
+        poll=args.poll,
+        max_attempts=args.max_attempts,
+        api_retries=args.api_retries,
+        page_size=args.page_size,
+    )
+    run(config, once=args.once, metrics_port=args.metrics_port)
     return EXIT_OK

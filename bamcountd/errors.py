@@ -20,6 +20,12 @@ def leaf_exceptions(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+def one_line(error: BaseException) -> str:
+    """``Type: last line of the message``: what a log line or a status shows of an error."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
+
+
 # --- input errors: the user must change what they asked for -------------------------------
 
 
@@ -109,3 +115,8 @@ class DxAuthFailed(InputError):
 
 class DxAccessDenied(InputError):
     """The DNAnexus project, folder or applet does not exist or is not accessible."""
+
+
+class DxUnavailable(BamcountdError):
+    """A DNAnexus API call failed after dxpy's own retries, or the network is down: a later try
+    may succeed.  The message is the cause's :func:`one_line`."""

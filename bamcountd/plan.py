@@ -92,11 +92,24 @@ def addressable_range(name: str) -> bool:
     return True
 
 
+#: The label of a reference named ``.``: a bare ``.`` is htslib's (and bamcountd's) whole file.
+_DOT_LABEL = "{" + WHOLE_FILE + "}"
+
+
 def default_regions(header: Header) -> list[Region]:
     """Every @SQ reference in header order, then ``*``: their sum is the whole file.  A reference
     named ``.`` is labelled ``{.}``: a bare ``.`` is htslib's (and bamcountd's) whole file."""
-    rows = [Region("{.}" if ref.name == WHOLE_FILE else ref.name, ref.name) for ref in header.references]
+    rows = [Region(_DOT_LABEL if ref.name == WHOLE_FILE else ref.name, ref.name) for ref in header.references]
     return [*rows, Region(UNPLACED, None)]
+
+
+def default_region(label: str) -> Region:
+    """The region of :func:`default_regions` with this label (``*``, ``{.}`` or a reference's name);
+    its :meth:`Region.samtools_arg` is the one quoting rule for handing it on to samtools or to
+    another count (:func:`parse_region` reads it back as the same region)."""
+    if label == UNPLACED:
+        return Region(UNPLACED, None)
+    return Region(label, WHOLE_FILE if label == _DOT_LABEL else label)
 
 
 def parse_region(text: str, lengths: Mapping[str, int]) -> Region:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bamcountd.count import CountRequest
+from bamcountd.dnanexus.platform import Platform
 from bamcountd.dnanexus.state import LAUNCHED, RETRY, Ledger
 from bamcountd.dnanexus.watch import Runner, WatchConfig
+from bamcountd.options import CountOptions
 from devtools.dnanexus_emulator import Emulator
 
 
@@ -20,10 +21,10 @@ def make_runner(emulator: Emulator, state: Path, *, applet: str | None, **option
         results_folder="/counts",
         state=state,
         applet=applet,
-        local_request=lambda bam, index: CountRequest(bam=bam, index=index, index_cache=state / "index-cache"),
+        count=CountOptions(index_cache=state / "index-cache"),
         **settings,  # type: ignore[arg-type]
     )
-    return Runner(config, Ledger(state / "dx-watch.sqlite"))
+    return Runner(config, Ledger(state / "dx-watch.sqlite"), Platform(api_retries=config.api_retries))
 
 
 def settle(runner: Runner, emulator: Emulator, *, timeout: float = 100) -> None:

@@ -10,7 +10,9 @@ import pytest
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd.count import choose_parallelism
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
-from bamcountd.plan import Region, ShardPolicy, parse_region, plan_shards, read_bed
+from bamcountd.plan import Region, ShardPolicy, default_region, default_regions, parse_region, plan_shards, read_bed
+from bamcountd.samtools import Header
+from bamcountd.samtools import Reference as HeaderReference
 from bamcountd.synth import Reference, write_bam
 from tests.support.bams import SAMTOOLS, oracle, samtools_count
 
@@ -37,6 +39,16 @@ def test_parse_region(text: str, expected: Region, arg: str) -> None:
     region = parse_region(text, LENGTHS)
     assert region == expected
     assert region.samtools_arg() == arg
+
+
+@pytest.mark.parametrize("name", ["chr1", "chr1:weird", "chr1:5", ".", "c}x", "x}:y", "HLA-A*01:01:01:01"])
+def test_a_default_region_is_handed_on_as_the_same_region(name: str) -> None:
+    # dx scatter hands each reference's label to a subjob as text: it must come back the same.
+    lengths = {"chr1": 100, name: 50}
+    header = Header(tuple(HeaderReference(ref, length) for ref, length in lengths.items()), sort_order=None)
+    for region in default_regions(header):
+        assert default_region(region.label) == region
+        assert parse_region(region.samtools_arg(), lengths).reference == region.reference
 
 
 @pytest.mark.parametrize(

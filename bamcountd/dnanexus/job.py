@@ -6,8 +6,8 @@ across ``count_shards`` subjobs by the index's own totals and hands their output
 job-based object references, to a ``gather`` subjob; the platform runs the subjobs on their
 own workers and resolves the references, so DNAnexus is the distributed engine.
 
-Errors: bad input (not a BAM, truncated, unknown region, bad option) is ``dxpy.AppError``;
-a tool failure is ``dxpy.AppInternalError``; both carry the core's message, which quotes
+Errors: bad input (not a BAM, truncated, unknown region, bad option) is the platform's
+``AppError``; a tool failure is ``AppInternalError``; both carry the core's message, which quotes
 samtools' own words.
 """
 
@@ -21,13 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import dxpy  # type: ignore[import-untyped]
 import structlog
 
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
+from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
 from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
 from bamcountd.options import Filters, combine_flags
+from bamcountd.plan import default_region
 from bamcountd.report import render, write_atomic
 
 log = structlog.get_logger("bamcountd.dnanexus")
@@ -41,6 +42,9 @@ _DATA_ERRORS = (InputError, CorruptBam, IndexMismatch)
 
 Json = dict[str, Any]
 
+#: Inside a job: dxpy's defaults for retries (the platform's own settings for a job).
+_platform = Platform()
+
 
 @contextmanager
 def _app_errors() -> Iterator[None]:
@@ -48,9 +52,9 @@ def _app_errors() -> Iterator[None]:
     try:
         yield
     except _DATA_ERRORS as error:
-        raise dxpy.AppError(str(error)) from None
+        raise AppError(str(error)) from None
     except BamcountdError as error:
-        raise dxpy.AppInternalError(str(error)) from None
+        raise AppInternalError(str(error)) from None
 
 
 def _setup() -> Path:
@@ -66,20 +70,15 @@ def _filters(exclude_flags: str | None, require_flags: str | None, min_mapq: int
         try:
             return combine_flags(str(text))  # "0x4 0x10": ORed, as samtools ORs a repeated -F
         except ValueError as error:
-            raise dxpy.AppError(f"{name}: {error}") from None
+            raise AppError(f"{name}: {error}") from None
 
     if min_mapq is not None and min_mapq < 0:
-        raise dxpy.AppError(f"min_mapq must be 0 or more, not {min_mapq}")
+        raise AppError(f"min_mapq must be 0 or more, not {min_mapq}")
     return Filters(
         require_flags=flags("require_flags", require_flags),
         exclude_flags=flags("exclude_flags", exclude_flags),
         min_mapq=min_mapq or 0,
     )
-
-
-def _single(value: str | list[str]) -> str:
-    # download_all_inputs gives one-element lists for single files in current dxpy.
-    return value[0] if isinstance(value, list) else value
 
 
 def _prefix(name: str) -> str:
@@ -102,8 +101,8 @@ def _upload_results(result: CountResult, prefix: str, out: Path) -> Json:
     write_atomic(count_file, render(result, "seed").encode())
     write_atomic(counts_json, render(result, "json").encode())
     return {
-        "count_file": dxpy.dxlink(dxpy.upload_local_file(str(count_file))),
-        "counts_json": dxpy.dxlink(dxpy.upload_local_file(str(counts_json))),
+        "count_file": dxlink(_platform.upload(count_file)),
+        "counts_json": dxlink(_platform.upload(counts_json)),
         "total_reads": result.total,
     }
 
@@ -122,10 +121,10 @@ def main(
     home = _setup()
     filters = _filters(exclude_flags, require_flags, min_mapq)
     if jobs < 1 or scatter_jobs < 1:
-        raise dxpy.AppError(f"jobs and scatter_jobs must be at least 1, not {jobs} and {scatter_jobs}")
-    size = int(dxpy.DXFile(mappings_bam).describe(fields={"size": True})["size"])
+        raise AppError(f"jobs and scatter_jobs must be at least 1, not {jobs} and {scatter_jobs}")
+    size = _platform.file_size(mappings_bam)
     scattered = scatter if scatter is not None else size >= SCATTER_BYTES
-    inputs = {key: _single(value) for key, value in dxpy.download_all_inputs().items()}
+    inputs = _platform.download_inputs()
     bam = Path(inputs["mappings_bam_path"])
     index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
     prefix = inputs.get("mappings_bam_prefix") or _prefix(bam.name)
@@ -147,29 +146,32 @@ def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, pre
         )
     assert totals.index is not None  # --method index always counts through one
     if index_link is None:  # built here: share it so no worker builds it again
-        index_link = dxpy.dxlink(dxpy.upload_local_file(str(totals.index)))
+        index_link = dxlink(_platform.upload(totals.index))
     bins = balance([(r.region, r.count) for r in totals.regions], scatter_jobs)
+    with _app_errors():  # a name samtools cannot address fails here as it would in a single job
+        texts = [[default_region(label).samtools_arg() for label in labels] for labels in bins]
     filters = request.filters.as_dict()
     subjobs = [
-        dxpy.new_dxjob(
-            fn_input={
+        _platform.new_subjob(
+            "count_shards",
+            {
                 "mappings_bam": bam_link,
                 "index_file": index_link,
-                "regions": [_samtools_region(name) for name in names],
+                "regions": regions,
                 "filters": filters,
                 "jobs": request.jobs,
             },
-            fn_name="count_shards",
-            name=f"count {len(names)} references",
+            name=f"count {len(regions)} references",
         )
-        for names in bins
+        for regions in texts
     ]
-    gather_job = dxpy.new_dxjob(
-        fn_input={
+    gather_job = _platform.new_subjob(
+        "gather",
+        {
             "labels": bins,
             "order": [r.region for r in totals.regions],
-            "parts": [job.get_output_ref("counts") for job in subjobs],
-            "samtools": [job.get_output_ref("samtools") for job in subjobs],
+            "parts": [_platform.output_ref(job, "counts") for job in subjobs],
+            "samtools": [_platform.output_ref(job, "samtools") for job in subjobs],
             "prefix": prefix,
             "bam_name": request.bam.name,
             "index_name": request.index.name if request.index is not None else request.bam.name + totals.index.suffix,
@@ -177,11 +179,10 @@ def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, pre
             "jobs": request.jobs,
             "started": time.time(),
         },
-        fn_name="gather",
         name="gather counts",
     )
-    log.info("scattered", subjobs=len(subjobs), references=len(totals.regions), gather=gather_job.get_id())
-    return {field: gather_job.get_output_ref(field) for field in ("count_file", "counts_json", "total_reads")}
+    log.info("scattered", subjobs=len(subjobs), references=len(totals.regions), gather=gather_job)
+    return {field: _platform.output_ref(gather_job, field) for field in ("count_file", "counts_json", "total_reads")}
 
 
 def balance(weighted: list[tuple[str, int]], bins: int) -> list[list[str]]:
@@ -195,19 +196,14 @@ def balance(weighted: list[tuple[str, int]], bins: int) -> list[list[str]]:
     return [sorted(names, key=order.__getitem__) for _, names in loads if names]
 
 
-def _samtools_region(name: str) -> str:
-    # Braces keep names with ':' from being read as ranges (samtools' {name} syntax).
-    return name if name == "*" or "}" in name else "{" + name + "}"
-
-
 def count_shards(*, mappings_bam: Json, index_file: Json, regions: list[str], filters: Json, jobs: int) -> Json:
     home = _setup()
     work = home / "shard"
     work.mkdir(parents=True, exist_ok=True)
     bam = work / "input.bam"
     index = work / "input.bam.bai"
-    dxpy.download_dxfile(dxpy.get_handler(mappings_bam), str(bam))
-    dxpy.download_dxfile(dxpy.get_handler(index_file), str(index))
+    _platform.download(mappings_bam, bam)
+    _platform.download(index_file, index)
     csi = _index_kind(index)
     if csi:
         index = index.rename(work / "input.bam.csi")
@@ -244,10 +240,10 @@ def gather(
     counts: dict[str, int] = {}
     for names, numbers in zip(labels, parts, strict=True):
         if len(names) != len(numbers):
-            raise dxpy.AppInternalError(f"a subjob returned {len(numbers)} counts for {len(names)} regions")
+            raise AppInternalError(f"a subjob returned {len(numbers)} counts for {len(names)} regions")
         counts.update(zip(names, numbers, strict=True))
     if sorted(counts) != sorted(order):
-        raise dxpy.AppInternalError("the subjobs' regions do not cover the BAM's references exactly once")
+        raise AppInternalError("the subjobs' regions do not cover the BAM's references exactly once")
     result = CountResult(
         bam=Path(bam_name),
         total=sum(counts.values()),
@@ -267,5 +263,4 @@ def gather(
 
 ENTRY_POINTS: dict[str, Callable[..., Json]] = {"main": main, "count_shards": count_shards, "gather": gather}
 # dxpy.run() looks entry points up in its own table; the decorator form would hide the types.
-for _name, _function in ENTRY_POINTS.items():
-    dxpy.entry_point(_name)(_function)
+register_entry_points(ENTRY_POINTS)

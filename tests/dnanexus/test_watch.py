@@ -10,8 +10,8 @@ from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
 
-from bamcountd.count import CountRequest
 from bamcountd.dnanexus.state import DONE, FAILED, RETRY, Ledger
+from bamcountd.options import CountOptions
 from bamcountd.synth import tricky_bam
 from devtools.dnanexus_emulator import Emulator
 from devtools.dx_runner import make_runner, settle
@@ -177,12 +177,7 @@ def test_local_transient_failure_is_retried_then_marked_failed(
     bam_id = emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
     state = tmp_path / "state"
     runner = make_runner(emulator, state, applet=None, max_attempts=2)
-    runner.config = replace(
-        runner.config,
-        local_request=lambda bam, index: CountRequest(
-            bam=bam, index=index, index_cache=state / "cache", samtools=str(fake)
-        ),
-    )
+    runner.config = replace(runner.config, count=CountOptions(index_cache=state / "cache", samtools=str(fake)))
     runner.poll_once()
     entry = runner.ledger.get(bam_id)
     assert entry is not None and entry.status == RETRY and entry.attempts == 1

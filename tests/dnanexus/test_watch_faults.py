@@ -18,8 +18,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from bamcountd import logs
+from bamcountd.dnanexus.runtime import Metrics, install_redaction
 from bamcountd.dnanexus.state import DONE, Ledger
-from bamcountd.dnanexus.watch import Metrics, install_redaction
 from devtools.dnanexus_emulator import Emulator
 from devtools.dx_runner import make_runner, settle
 from tests.dnanexus.helpers import run_watch, seed_text, watch_command, watch_env
