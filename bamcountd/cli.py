@@ -28,6 +28,7 @@ from bamcountd.options import (
     OptionValueError,
     from_values,
     positive_int,
+    seconds,
 )
 from bamcountd.report import FORMATS
 
@@ -199,11 +200,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_int(word: str) -> int:
-    try:
-        return positive_int(word)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _argument(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A table converter as argparse's ``type=`` (for options outside the tables)."""
+
+    def argument(word: str) -> Any:
+        try:
+            return convert(word)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    argument.__name__ = convert.__name__
+    return argument
+
+
+_positive_int = _argument(positive_int)
+_seconds = _argument(seconds)
 
 
 def _help(row: Option) -> str:
@@ -351,6 +362,13 @@ def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser)
     watch.add_argument(
         "--api-retries", type=int, default=4, metavar="N", help="dxpy's retries per API call before a poll fails (4)"
     )
+    watch.add_argument(
+        "--retry-delay",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="--local: first retry of a failed count after SECONDS, doubled each time (30)",
+    )
     watch.add_argument("--page-size", type=_positive_int, default=100, help="first result page size (100)")
     watch.add_argument("--once", action="store_true", help="poll once and exit (for cron and tests)")
     watch.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -373,6 +391,7 @@ def _run_dx_watch(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         api_retries=args.api_retries,
         page_size=args.page_size,
+        retry_delay=args.retry_delay,
     )
     run(config, once=args.once, metrics_port=args.metrics_port)
     return EXIT_OK

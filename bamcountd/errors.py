@@ -120,3 +120,19 @@ class DxAccessDenied(InputError):
 class DxUnavailable(BamcountdError):
     """A DNAnexus API call failed after dxpy's own retries, or the network is down: a later try
     may succeed.  The message is the cause's :func:`one_line`."""
+
+
+# --- what a runner does about a failed count (the daemon, dx-watch --local, the applet job) ---
+
+PERMANENT = "permanent"  # the input is at fault: the same bytes fail the same way; never retried
+RETRY = "retry"  # a tool or the machine failed: worth another try
+FATAL = "fatal"  # the runner itself cannot work (a bad option, no samtools): no input can succeed
+
+
+def classify(error: BaseException) -> str:
+    """:data:`PERMANENT`, :data:`RETRY` or :data:`FATAL` for the error of one count."""
+    if isinstance(error, BadOption | SamtoolsNotFound | MissingExtra):
+        return FATAL
+    if isinstance(error, InputError | CorruptBam | IndexMismatch):
+        return PERMANENT
+    return RETRY

@@ -81,9 +81,19 @@ _INSERT = f"INSERT INTO items ({_COLUMNS}) VALUES ({', '.join('?' for _ in _COLU
 _DX_STATES = {"launched": "running", "done": "done", "failed": "quarantined", "retry": "failed"}
 
 
-def file_identity(info: os.stat_result) -> str:
+#: An item's key (or scope): bytes as they are, text as UTF-8, a path as the file system's bytes.
+Key = bytes | str | os.PathLike[str]
+
+
+def _bytes(key: Key) -> bytes:
+    if isinstance(key, bytes):
+        return key
+    return key.encode() if isinstance(key, str) else os.fsencode(key)
+
+
+def file_identity(*, dev: int, inode: int, size: int, mtime_ns: int) -> str:
     """The daemon's identity of a file: a replaced or rewritten file has another one."""
-    return _identity(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return f"{dev}:{inode}:{size}:{mtime_ns}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,16 @@ class Entry:
     def root(self) -> Path:
         """The daemon's scope as a path: the watch folder."""
         return Path(os.fsdecode(self.scope))
+
+    @property
+    def id(self) -> str:
+        """dx-watch's key as text: the file ID."""
+        return self.key.decode()
+
+    @property
+    def project(self) -> str:
+        """dx-watch's scope as text: the project ID."""
+        return self.scope.decode()
 
 
 class Ledger:
@@ -176,7 +196,7 @@ class Ledger:
     # --- guarded transitions (the daemon's) -----------------------------------------------
 
     def observe(
-        self, key: bytes, scope: bytes, identity: str, *, name: str = "", sort_key: int = 0, now: float | None = None
+        self, key: Key, scope: Key, identity: str, *, name: str = "", sort_key: int = 0, now: float | None = None
     ) -> bool:
         """Record that ``key`` exists with ``identity``; True if that is news (new or changed).
 
@@ -184,6 +204,7 @@ class Ledger:
         state (done, failed, quarantined): a replaced file is counted again.
         """
         now = _now() if now is None else now
+        key, scope = _bytes(key), _bytes(scope)
         row = self._db.execute("SELECT identity FROM items WHERE key = ?", (key,)).fetchone()
         if row is not None and row[0] == identity:
             return False
@@ -197,46 +218,46 @@ class Ledger:
         )
         return True
 
-    def forget(self, key: bytes) -> None:
+    def forget(self, key: Key) -> None:
         """The item is gone: drop its row (so it leaves the queue).  Its result, if any, stays."""
-        self._db.execute("DELETE FROM items WHERE key = ?", (key,))
+        self._db.execute("DELETE FROM items WHERE key = ?", (_bytes(key),))
 
-    def queue(self, key: bytes, identity: str) -> bool:
+    def queue(self, key: Key, identity: str) -> bool:
         """seen -> queued, once the file has settled; False if the file changed meanwhile."""
         return self._move(key, identity, ("seen",), "queued")
 
-    def start(self, key: bytes, identity: str) -> bool:
+    def start(self, key: Key, identity: str) -> bool:
         """queued/failed -> running."""
         return self._move(key, identity, WAITING, "running")
 
-    def finish(self, key: bytes, identity: str, *, result: str | None = None) -> bool:
+    def finish(self, key: Key, identity: str, *, result: str | None = None) -> bool:
         """running -> done.  Call only once the result is durably in place (see above)."""
         return self._move(key, identity, ("running",), "done", result=result)
 
-    def requeue(self, key: bytes, identity: str, *, not_before: float = 0.0, error: str | None = None) -> bool:
+    def requeue(self, key: Key, identity: str, *, not_before: float = 0.0, error: str | None = None) -> bool:
         """running -> queued without spending an attempt (a stop, or the results folder failed)."""
         return self._move(key, identity, ("running",), "queued", not_before=not_before, error=error)
 
-    def fail(self, key: bytes, identity: str, error: str, *, retry_at: float) -> int:
+    def fail(self, key: Key, identity: str, error: str, *, retry_at: float) -> int:
         """running -> failed (retried from ``retry_at``); returns the attempts so far."""
         return self._failed(key, identity, error, "failed", retry_at)
 
-    def quarantine(self, key: bytes, identity: str, error: str) -> int:
+    def quarantine(self, key: Key, identity: str, error: str) -> int:
         """running -> quarantined: not tried again until the file changes; returns the attempts."""
         return self._failed(key, identity, error, "quarantined", 0.0)
 
-    def _failed(self, key: bytes, identity: str, error: str, state: str, retry_at: float) -> int:
+    def _failed(self, key: Key, identity: str, error: str, state: str, retry_at: float) -> int:
         self._db.execute(
             """UPDATE items SET state = ?, attempts = attempts + 1, error = ?, not_before = ?, updated_at = ?
                WHERE key = ? AND state = 'running' AND identity = ?""",
-            (state, error, retry_at, _now(), key, identity),
+            (state, error, retry_at, _now(), _bytes(key), identity),
         )
         entry = self.get(key)
         return entry.attempts if entry is not None else 0
 
     def _move(
         self,
-        key: bytes,
+        key: Key,
         identity: str,
         sources: tuple[str, ...],
         target: str,
@@ -251,32 +272,32 @@ class Ledger:
                        error = CASE WHEN ? = 'done' THEN NULL ELSE COALESCE(?, error) END,
                        result = COALESCE(?, result)
                WHERE key = ? AND state IN ({marks}) AND identity = ?""",
-            (target, _now(), not_before, target, error, result, key, *sources, identity),
+            (target, _now(), not_before, target, error, result, _bytes(key), *sources, identity),
         )
         return cursor.rowcount == 1
 
     # --- upserts (dx-watch's: facts it did, or read from the platform) ---------------------
 
-    def record_launch(self, key: bytes, *, scope: bytes, name: str, handle: str, attempt: int) -> None:
+    def record_launch(self, key: Key, *, scope: Key, name: str, handle: str, attempt: int) -> None:
         """Job ``handle`` counts the item (its ``attempt``-th try): running, followed by handle."""
         self._record(key, scope, name, state="running", handle=handle, attempts=attempt)
 
-    def record_done(self, key: bytes, *, scope: bytes, name: str, result: str) -> None:
+    def record_done(self, key: Key, *, scope: Key, name: str, result: str) -> None:
         """Counted: ``result`` is the result file.  Keeps the attempts (and the job) so far."""
         self._record(key, scope, name, state="done", result=result)
 
-    def record_failed(self, key: bytes, *, scope: bytes, name: str, error: str, attempts: int) -> None:
+    def record_failed(self, key: Key, *, scope: Key, name: str, error: str, attempts: int) -> None:
         """Given up on: quarantined, not tried again."""
         self._record(key, scope, name, state="quarantined", error=error, attempts=attempts)
 
-    def record_retry(self, key: bytes, *, scope: bytes, name: str, error: str, attempts: int, retry_at: float) -> None:
+    def record_retry(self, key: Key, *, scope: Key, name: str, error: str, attempts: int, retry_at: float) -> None:
         """Failed for a reason a retry can fix: failed, waiting until ``retry_at``."""
         self._record(key, scope, name, state="failed", error=error, attempts=attempts, not_before=retry_at)
 
     def _record(
         self,
-        key: bytes,
-        scope: bytes,
+        key: Key,
+        scope: Key,
         name: str,
         *,
         state: str,
@@ -297,8 +318,8 @@ class Ledger:
                    not_before = excluded.not_before, updated_at = excluded.updated_at""",
             # The last value is for the update: where attempts is not given, the row keeps its own.
             (
-                key,
-                scope,
+                _bytes(key),
+                _bytes(scope),
                 _printable(name),
                 "",
                 0,
@@ -316,8 +337,8 @@ class Ledger:
 
     # --- queries -------------------------------------------------------------------------
 
-    def get(self, key: bytes) -> Entry | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM items WHERE key = ?", (key,)).fetchone()
+    def get(self, key: Key) -> Entry | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM items WHERE key = ?", (_bytes(key),)).fetchone()
         return Entry(*row) if row is not None else None
 
     def settled(self, *, seen_before: float) -> list[Entry]:
@@ -408,7 +429,7 @@ def _from_files(db: sqlite3.Connection) -> list[_Row]:
             path,
             root,
             _printable(os.fsdecode(os.path.basename(path))),
-            _identity(dev, inode, size, mtime_ns),
+            file_identity(dev=dev, inode=inode, size=size, mtime_ns=mtime_ns),
             mtime_ns,
             state,
             attempts,
@@ -445,10 +466,6 @@ def _from_bams(db: sqlite3.Connection) -> list[_Row]:
         )
         for file_id, project, name, status, job_id, result_id, attempts, reason, updated in rows.fetchall()
     ]
-
-
-def _identity(dev: int, inode: int, size: int, mtime_ns: int) -> str:
-    return f"{dev}:{inode}:{size}:{mtime_ns}"
 
 
 def _printable(name: str) -> str:

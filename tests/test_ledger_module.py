@@ -19,6 +19,7 @@ import pytest
 
 from bamcountd.errors import BamcountdError, LedgerLocked
 from bamcountd.ledger import STATES, Ledger, file_identity
+from bamcountd.service.watch import Identity
 
 DATA = Path(__file__).parent / "data"
 A, A2 = "1:10:100:1000", "1:11:100:2000"  # the same path, replaced
@@ -171,7 +172,15 @@ def test_non_utf8_paths_round_trip(ledger: Ledger, tmp_path: Path) -> None:
 def test_file_identity(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"abc")
     info = (tmp_path / "a").stat()
-    assert file_identity(info) == f"{info.st_dev}:{info.st_ino}:3:{info.st_mtime_ns}"
+    identity = Identity.of(info)
+    assert identity == f"{info.st_dev}:{info.st_ino}:3:{info.st_mtime_ns}"
+    assert (identity.stat.dev, identity.stat.inode, identity.stat.size, identity.stat.mtime_ns) == (
+        info.st_dev,
+        info.st_ino,
+        3,
+        info.st_mtime_ns,
+    )
+    assert file_identity(dev=1, inode=2, size=3, mtime_ns=4) == Identity(dev=1, inode=2, size=3, mtime_ns=4)
 
 
 def test_wal_full_and_busy_timeout(ledger: Ledger) -> None:

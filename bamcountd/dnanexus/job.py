@@ -26,7 +26,7 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
-from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
+from bamcountd.errors import PERMANENT, BamcountdError, InputError, classify
 from bamcountd.options import Filters, combine_flags
 from bamcountd.plan import default_region
 from bamcountd.report import render, write_atomic
@@ -37,8 +37,6 @@ log = structlog.get_logger("bamcountd.dnanexus")
 SCATTER_BYTES = 50 * 1024**3
 #: Most ``count_shards`` subjobs per BAM when ``scatter_jobs`` is not given.
 SCATTER_JOBS = 8
-#: Errors that no retry can fix: the file's content is at fault.
-_DATA_ERRORS = (InputError, CorruptBam, IndexMismatch)
 
 Json = dict[str, Any]
 
@@ -51,9 +49,10 @@ def _app_errors() -> Iterator[None]:
     """Re-raise bamcountd's errors as the platform's: AppError for bad data, else AppInternalError."""
     try:
         yield
-    except _DATA_ERRORS as error:
-        raise AppError(str(error)) from None
     except BamcountdError as error:
+        # The user's to fix (the data, or the job's inputs): AppError, which is never retried.
+        if classify(error) == PERMANENT or isinstance(error, InputError):
+            raise AppError(str(error)) from None
         raise AppInternalError(str(error)) from None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bamcountd.count import CountRequest, CountResult, count_bam_sync
-from bamcountd.errors import BamcountdError, CorruptBam, IndexMismatch, InputError
+from bamcountd.errors import PERMANENT, BamcountdError, classify
 from bamcountd.report import render, write_atomic
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def count_and_upload(
         try:
             result = count_bam_sync(request(local_bam, local_index))
         except BamcountdError as error:
-            permanent = isinstance(error, InputError | CorruptBam | IndexMismatch)
+            permanent = classify(error) == PERMANENT  # a fatal error, too, is retried, then fails the BAM
             return CountFailed(f"{type(error).__name__}: {_named(error, local_bam, bam.name)}", permanent)
         prefix = bam.name[:-4] if bam.name.endswith(".bam") else bam.name
         result = _renamed(result, bam.name)

@@ -1,13 +1,9 @@
-"""dx-watch as a service: systemd's notify socket, Prometheus metrics, token redaction, signals.
-
-Nothing here decides what to count; :mod:`.watch` does, and calls :func:`notify`.
-"""
+"""dx-watch as a service: token redaction and signals (systemd's notify socket and the metrics
+are the daemon's too: :mod:`bamcountd.notify`, :mod:`bamcountd.metrics`)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -16,56 +12,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
-    from bamcountd.dnanexus.model import Stats
+    pass
 
 log = structlog.get_logger("bamcountd.dnanexus.watch")
-
-
-def notify(message: str) -> None:
-    """sd_notify(3) without a library: one datagram to $NOTIFY_SOCKET, if systemd set it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        except OSError as error:
-            log.warning("notify_failed", error=str(error))
-
-
-class Metrics:
-    """Prometheus counters on ``--metrics-port`` (prometheus_client, imported only when asked)."""
-
-    def __init__(self, port: int, *, address: str = "127.0.0.1") -> None:
-        import prometheus_client
-
-        self.registry = prometheus_client.CollectorRegistry()
-        counter = prometheus_client.Counter
-        self.launched = counter("bamcountd_dx_jobs_launched", "Applet jobs launched", registry=self.registry)
-        self.counted = counter("bamcountd_dx_local_counts", "BAMs counted on this machine", registry=self.registry)
-        self.done = counter("bamcountd_dx_bams_done", "BAMs with a result", registry=self.registry)
-        self.failed = counter("bamcountd_dx_bams_failed", "BAMs marked failed", registry=self.registry)
-        self.retried = counter("bamcountd_dx_jobs_retried", "Failed jobs relaunched", registry=self.registry)
-        self.poll_errors = counter("bamcountd_dx_poll_errors", "Polls that failed", registry=self.registry)
-        self.last_poll = prometheus_client.Gauge(
-            "bamcountd_dx_last_poll_timestamp_seconds", "End of the last successful poll", registry=self.registry
-        )
-        self.server, self.thread = prometheus_client.start_http_server(port, addr=address, registry=self.registry)
-
-    def record(self, stats: Stats) -> None:
-        self.launched.inc(stats.launched)
-        self.counted.inc(stats.counted)
-        self.done.inc(stats.done + stats.counted)
-        self.failed.inc(stats.failed)
-        self.retried.inc(stats.retried)
-        self.last_poll.set_to_current_time()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def redact_token(token: str) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:

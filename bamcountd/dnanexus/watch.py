@@ -19,8 +19,9 @@ This module is the policy: it reaches DNAnexus only through a :class:`DxApi` (th
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,9 +31,10 @@ import structlog
 from bamcountd.count import CountRequest
 from bamcountd.dnanexus import local
 from bamcountd.dnanexus.model import DxApi, Json, SourceBam, Stats
-from bamcountd.dnanexus.runtime import Metrics, notify
-from bamcountd.dnanexus.state import DONE, FAILED, LAUNCHED, Entry, Ledger
 from bamcountd.errors import BadOption, BamcountdError, DxAccessDenied, DxAuthFailed, DxUnavailable, one_line
+from bamcountd.ledger import Entry, Ledger
+from bamcountd.metrics import MetricsServer, WatchMetrics
+from bamcountd.notify import Notifier
 from bamcountd.options import BY_NAME, OPTIONS, OR, CountOptions, value_of
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bamcountd.dnanexus.watch")
 
+#: dx-watch's ledger in its state folder (the name 0.1.0 used).
+LEDGER_FILE = "dx-watch.sqlite"
 PROPERTY_JOB = "bamcountd_job"
 PROPERTY_RESULT = "bamcountd_result"
 PROPERTY_FAILED = "bamcountd_failed"
@@ -66,6 +70,7 @@ class WatchConfig:
     max_attempts: int = 3
     api_retries: int = 4  # dxpy's own retries per API call (it waits 1, 2, 4, … s between them)
     page_size: int = 100
+    retry_delay: float = 30.0  # --local: seconds before a failed count is tried again, doubled each time
 
     def __post_init__(self) -> None:
         """:raises BadOption: a setting that cannot work (named as its flag)"""
@@ -95,7 +100,16 @@ class WatchConfig:
 
 
 class Runner:
-    def __init__(self, config: WatchConfig, ledger: Ledger, platform: DxApi, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: WatchConfig,
+        ledger: Ledger,
+        platform: DxApi,
+        *,
+        metrics: WatchMetrics | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.notifier = Notifier() if notifier is None else notifier
         self.config = config
         self.ledger = ledger
         self.platform = platform
@@ -122,7 +136,7 @@ class Runner:
             self._handle(bam, stats)
         log.info("polled", **vars(stats))
         if self.metrics is not None:
-            self.metrics.record(stats)
+            self.metrics.record(vars(stats))
         return stats
 
     def closed_bams(self) -> list[SourceBam]:
@@ -155,27 +169,25 @@ class Runner:
 
     def _handle(self, bam: SourceBam, stats: Stats) -> None:
         entry = self.ledger.get(bam.id)
-        if entry is not None and entry.status in (DONE, FAILED, LAUNCHED):
-            return  # launched jobs are followed by poll_once; RETRY rows fall through
+        if entry is not None and entry.state in ("done", "quarantined", "running"):
+            return  # launched jobs are followed by poll_once
+        if entry is not None and entry.state == "failed" and entry.not_before > time.time():
+            return  # a local count that failed waits out its back-off
         bound = log.bind(bam=bam.id, name=bam.name)
         # The platform's record wins: another runner (or this one before a crash) got there first.
         if PROPERTY_RESULT in bam.properties:
-            self.ledger.record_done(
-                file_id=bam.id, project=bam.project, name=bam.name, result_id=bam.properties[PROPERTY_RESULT]
-            )
+            self.ledger.record_done(bam.id, scope=bam.project, name=bam.name, result=bam.properties[PROPERTY_RESULT])
             bound.info("already_counted", result=bam.properties[PROPERTY_RESULT])
             return
         if PROPERTY_FAILED in bam.properties:
             self.ledger.record_failed(
-                file_id=bam.id, project=bam.project, name=bam.name, reason=bam.properties[PROPERTY_FAILED], attempts=0
+                bam.id, scope=bam.project, name=bam.name, error=bam.properties[PROPERTY_FAILED], attempts=0
             )
             return
         if PROPERTY_JOB in bam.properties:
             job_id = bam.properties[PROPERTY_JOB]
             attempt = int(bam.properties.get(PROPERTY_ATTEMPT, "1"))
-            self.ledger.record_launch(
-                file_id=bam.id, project=bam.project, name=bam.name, job_id=job_id, attempt=attempt
-            )
+            self.ledger.record_launch(bam.id, scope=bam.project, name=bam.name, handle=job_id, attempt=attempt)
             bound.info("adopted_job", job=job_id)
             return
         if self.config.applet is None:
@@ -202,20 +214,20 @@ class Runner:
             nonce=f"bamcountd-{bam.id}-{self.config.applet}-{attempt}",
         )
         self.platform.set_properties(bam.id, bam.project, {PROPERTY_JOB: job_id, PROPERTY_ATTEMPT: str(attempt)})
-        self.ledger.record_launch(file_id=bam.id, project=bam.project, name=bam.name, job_id=job_id, attempt=attempt)
+        self.ledger.record_launch(bam.id, scope=bam.project, name=bam.name, handle=job_id, attempt=attempt)
         stats.launched += 1
         log.info("launched", bam=bam.id, name=bam.name, job=job_id, attempt=attempt)
         return job_id
 
     def _follow(self, entry: Entry, stats: Stats) -> None:
-        assert entry.job_id is not None
-        job = self.platform.describe_job(entry.job_id)
+        assert entry.handle is not None
+        job = self.platform.describe_job(entry.handle)
         state = job.state
-        bound = log.bind(bam=entry.file_id, name=entry.name, job=entry.job_id)
+        bound = log.bind(bam=entry.id, name=entry.name, job=entry.handle)
         if state == "done":
             result_id = job.file_output("count_file")
-            self._set_bam_properties(entry, {PROPERTY_RESULT: result_id})
-            self.ledger.record_done(file_id=entry.file_id, project=entry.project, name=entry.name, result_id=result_id)
+            self.platform.set_properties(entry.id, entry.project, {PROPERTY_RESULT: result_id})
+            self.ledger.record_done(entry.id, scope=entry.project, name=entry.name, result=result_id)
             stats.done += 1
             bound.info("job_done", result=result_id, total=job.output.get("total_reads"))
             return
@@ -231,25 +243,20 @@ class Runner:
             source = self._source_of(entry)
             self._launch(source, attempt=entry.attempts + 1, stats=stats)
             return
-        self._fail(entry, message, stats)
+        self._fail(entry.id, entry.project, entry.name, message, attempts=entry.attempts, stats=stats)
 
     def _source_of(self, entry: Entry) -> SourceBam:
-        described = self.platform.describe_file(entry.file_id, entry.project)
+        described = self.platform.describe_file(entry.id, entry.project)
         for bam in self.closed_bams():
-            if bam.id == entry.file_id:
+            if bam.id == entry.id:
                 return bam
-        return SourceBam(entry.file_id, entry.project, described.name, described.folder, described.size, {}, None)
+        return SourceBam(entry.id, entry.project, described.name, described.folder, described.size, {}, None)
 
-    def _fail(self, entry: Entry, message: str, stats: Stats) -> None:
-        self._set_bam_properties(entry, {PROPERTY_FAILED: message[:1000]})
-        self.ledger.record_failed(
-            file_id=entry.file_id, project=entry.project, name=entry.name, reason=message, attempts=entry.attempts
-        )
+    def _fail(self, file_id: str, project: str, name: str, message: str, *, attempts: int, stats: Stats) -> None:
+        self.platform.set_properties(file_id, project, {PROPERTY_FAILED: message[:1000]})
+        self.ledger.record_failed(file_id, scope=project, name=name, error=message, attempts=attempts)
         stats.failed += 1
-        log.error("bam_failed", bam=entry.file_id, name=entry.name, reason=message, attempts=entry.attempts)
-
-    def _set_bam_properties(self, entry: Entry, properties: Mapping[str, str]) -> None:
-        self.platform.set_properties(entry.file_id, entry.project, properties)
+        log.error("bam_failed", bam=file_id, name=name, reason=message, attempts=attempts)
 
     # --- local mode ------------------------------------------------------------------------
 
@@ -275,12 +282,19 @@ class Runner:
         )
         if isinstance(outcome, local.CountFailed):
             if outcome.permanent or attempt >= self.config.max_attempts:
-                self._fail_local(bam, outcome.message, attempt, stats)
+                self._fail(bam.id, bam.project, bam.name, outcome.message, attempts=attempt, stats=stats)
             else:
+                # The daemon's back-off: the first retry after retry_delay, doubled each time.
+                delay = self.config.retry_delay * 2 ** (attempt - 1)
                 self.ledger.record_retry(
-                    file_id=bam.id, project=bam.project, name=bam.name, reason=outcome.message, attempts=attempt
+                    bam.id,
+                    scope=bam.project,
+                    name=bam.name,
+                    error=outcome.message,
+                    attempts=attempt,
+                    retry_at=time.time() + delay,
                 )
-                bound.warning("count_failed_retrying", reason=outcome.message, attempt=attempt)
+                bound.warning("count_failed_retrying", reason=outcome.message, attempt=attempt, retry_in=delay)
             return
         self._record_local_result(bam, outcome.result_id)
         stats.counted += 1
@@ -288,11 +302,7 @@ class Runner:
 
     def _record_local_result(self, bam: SourceBam, result_id: str) -> None:
         self.platform.set_properties(bam.id, bam.project, {PROPERTY_RESULT: result_id})
-        self.ledger.record_done(file_id=bam.id, project=bam.project, name=bam.name, result_id=result_id)
-
-    def _fail_local(self, bam: SourceBam, message: str, attempt: int, stats: Stats) -> None:
-        entry = Entry(bam.id, bam.project, bam.name, FAILED, None, None, attempt, message)
-        self._fail(entry, message, stats)
+        self.ledger.record_done(bam.id, scope=bam.project, name=bam.name, result=result_id)
 
     # --- the service loop ------------------------------------------------------------------
 
@@ -302,6 +312,7 @@ class Runner:
         systemd hears READY=1 after the first poll, successful or not (a platform outage is the
         runner's normal weather, not a start-up failure), and STOPPING=1 on the way out.
         """
+        notifier = self.notifier
         first = True
         while not stop.is_set():
             status = f"watching {self.config.project}:{self.config.folder}"
@@ -316,12 +327,18 @@ class Runner:
                 status = f"last poll failed: {_describe_error(error)}"
                 if self.metrics is not None:
                     self.metrics.poll_errors.inc()
-            notify(("READY=1\n" if first else "") + f"STATUS={status}")
+            if self.metrics is not None:
+                self.metrics.beat()  # the loop is alive, whatever the platform's weather
+            if first:
+                notifier.ready(status)
+            else:
+                notifier.status(status)
+            notifier.watchdog()
             first = False
             if once:
                 return
             stop.wait(self.config.poll)
-        notify("STOPPING=1")
+        notifier.stopping("stopping")
 
 
 def _describe_error(error: BaseException) -> str:
@@ -361,14 +378,23 @@ def run(config: WatchConfig, *, once: bool = False, metrics_port: int | None = N
     from bamcountd.dnanexus.runtime import install_redaction, stop_on_signals
 
     install_redaction()
-    ledger = Ledger(config.state / "dx-watch.sqlite")
-    metrics = Metrics(metrics_port) if metrics_port is not None else None
-    stop = threading.Event()
-    try:
+    with contextlib.ExitStack() as stack:
+        ledger = Ledger.open(config.state / LEDGER_FILE, lock=False)  # runners may share a state folder
+        stack.callback(ledger.close)
+        notifier = Notifier()
+        stack.callback(notifier.close)
+        metrics = None
+        if metrics_port is not None:
+            metrics = WatchMetrics()
+            try:  # /healthz: stalled after three polls without a beat
+                server = MetricsServer(metrics, "127.0.0.1", metrics_port, stale_after=max(3 * config.poll, 30.0))
+            except OSError as error:
+                raise BamcountdError(f"--metrics-port {metrics_port}: cannot listen ({error.strerror})") from None
+            server.start()
+            stack.callback(server.close)
+        stop = threading.Event()
         with stop_on_signals(stop):
-            runner = Runner(config, ledger, Platform(api_retries=config.api_retries), metrics=metrics)
+            runner = Runner(
+                config, ledger, Platform(api_retries=config.api_retries), metrics=metrics, notifier=notifier
+            )
             runner.run(stop, once=once)
-    finally:
-        ledger.close()
-        if metrics is not None:
-            metrics.close()

@@ -27,10 +27,10 @@ from bamcountd import __version__, indexcache, plan, samtools
 from bamcountd.count import CountRequest, CountResult
 from bamcountd.errors import BamcountdError
 from bamcountd.inputs import cached_index_path
+from bamcountd.ledger import Entry, Ledger
 from bamcountd.report import json_text, render, write_atomic
 from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
-from bamcountd.service.ledger import Entry, Identity, Ledger
-from bamcountd.service.watch import WatchRoot
+from bamcountd.service.watch import Identity, WatchRoot
 
 log = structlog.get_logger("bamcountd.service")
 
@@ -51,22 +51,23 @@ def result_base(results: Path, root: WatchRoot, bam: Path) -> Path:
     return results / root.prefix / stem if root.prefix else results / stem
 
 
-def source_document(bam: Path, identity: Identity) -> dict[str, Any]:
+def source_document(bam: Path, identity: str) -> dict[str, Any]:
+    identity = Identity(identity)
     return {
         "path": os.fsdecode(bam),
-        "size": identity.size,
-        "mtime": datetime.fromtimestamp(identity.mtime_ns / 1e9, UTC).isoformat(),
-        "mtime_ns": identity.mtime_ns,
-        "inode": identity.inode,
-        "device": identity.dev,
+        "size": identity.stat.size,
+        "mtime": datetime.fromtimestamp(identity.stat.mtime_ns / 1e9, UTC).isoformat(),
+        "mtime_ns": identity.stat.mtime_ns,
+        "inode": identity.stat.inode,
+        "device": identity.stat.dev,
     }
 
 
-def counts_document(result: CountResult, bam: Path, identity: Identity) -> dict[str, Any]:
+def counts_document(result: CountResult, bam: Path, identity: str) -> dict[str, Any]:
     return {**result.as_dict(), "source": source_document(bam, identity), "bamcountd": __version__}
 
 
-def error_document(bam: Path, identity: Identity, *, reason: str, attempts: int, kind: str) -> dict[str, Any]:
+def error_document(bam: Path, identity: str, *, reason: str, attempts: int, kind: str) -> dict[str, Any]:
     return {
         "error": reason,
         "kind": kind,
@@ -190,7 +191,7 @@ async def _not_adoptable(
     for suffix in (EXTRA_FORMATS[fmt] for fmt in config.formats):
         extra = target.with_name(target.name[: -len(COUNTS_SUFFIX)] + suffix)
         try:
-            if os.lstat(extra).st_mtime_ns < entry.identity.mtime_ns:
+            if os.lstat(extra).st_mtime_ns < Identity(entry.identity).stat.mtime_ns:
                 return f"{extra.name} is older than the file"
         except OSError:
             return f"{extra.name} is missing"

@@ -35,16 +35,18 @@ from anyio.abc import TaskGroup
 
 from bamcountd import __version__, indexcache, samtools
 from bamcountd.errors import BamcountdError, ConfigError, leaf_exceptions
+from bamcountd.ledger import Ledger
+from bamcountd.metrics import DaemonMetrics, MetricsServer
+from bamcountd.notify import Notifier
 from bamcountd.service import results as results_files
 from bamcountd.service.config import ServiceConfig
-from bamcountd.service.ledger import Ledger
-from bamcountd.service.metrics import Metrics, MetricsServer
-from bamcountd.service.notify import Notifier
 from bamcountd.service.watch import WatchRoot, events, locate, scan
 from bamcountd.service.worker import Running, Worker, current_identity, forget
 
 log = structlog.get_logger("bamcountd.service")
 
+#: The daemon's ledger in the state folder (the name 0.1.0 used).
+LEDGER_FILE = "ledger.sqlite3"
 TICK = 0.2
 
 #: Settings a reload cannot change: the daemon's folders and its listening socket.
@@ -64,7 +66,7 @@ class Scheduler:
         ledger: Ledger,
         *,
         notifier: Notifier,
-        metrics: Metrics,
+        metrics: DaemonMetrics,
         reload: Callable[[], ServiceConfig] | None = None,
     ) -> None:
         self.config = config
@@ -248,8 +250,8 @@ class Scheduler:
                 entry = self.ledger.get(path)
                 if entry is not None:
                     self._forget(path, entry.state)
-            elif self.ledger.observe(path, root.path, identity):
-                log.debug("seen", file=os.fsdecode(path), size=identity.size)
+            elif self.ledger.observe(path, root.path, identity, sort_key=identity.stat.mtime_ns):
+                log.debug("seen", file=os.fsdecode(path), size=identity.stat.size)
 
     # --- scheduling ----------------------------------------------------------------------
 
@@ -267,9 +269,11 @@ class Scheduler:
             if identity is None:
                 self._forget(entry.path, entry.state)
             elif identity != entry.identity:
-                self.ledger.observe(entry.path, entry.root, identity)  # still being written
+                self.ledger.observe(
+                    entry.path, entry.root, identity, sort_key=identity.stat.mtime_ns
+                )  # still being written
             elif self.ledger.queue(entry.path, identity):
-                log.info("queued", file=os.fsdecode(entry.path), size=identity.size)
+                log.info("queued", file=os.fsdecode(entry.path), size=identity.stat.size)
 
     def _dispatch(self, workers: TaskGroup) -> None:
         free = self.config.max_files - len(self._running)
@@ -280,7 +284,7 @@ class Scheduler:
             if identity is None:
                 self._forget(entry.path, entry.state)
             elif identity != entry.identity:
-                self.ledger.observe(entry.path, entry.root, identity)
+                self.ledger.observe(entry.path, entry.root, identity, sort_key=identity.stat.mtime_ns)
             elif self.ledger.start(entry.path, identity):
                 running = Running(entry, anyio.CancelScope())
                 self._running[entry.path] = running
@@ -335,10 +339,11 @@ async def serve(
     # Fail now, not at the first BAM, if there is no usable samtools (exit status 1).
     await samtools.locate(config.count.samtools)
     notifier = Notifier()
-    metrics = Metrics()
+    metrics = DaemonMetrics()
     async with AsyncExitStack() as stack:
-        ledger = Ledger.open(config.state)
+        ledger = Ledger.open(config.state / LEDGER_FILE, lock=True)
         stack.callback(ledger.close)
+        ledger.recover()  # counts a crash or a stop interrupted start again
         stack.callback(notifier.close)
         swept = results_files.sweep_temporaries(config.results)
         if swept:

@@ -17,11 +17,44 @@ import stat
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Self
 
 import anyio
 import structlog
 
+from bamcountd.ledger import file_identity
+
 log = structlog.get_logger("bamcountd.service")
+
+
+class FileStat(NamedTuple):
+    dev: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class Identity(str):
+    """What makes a watched file *this* file (device, inode, size, mtime): its ledger identity,
+    ``dev:inode:size:mtime_ns``.  A replaced or rewritten file has another identity."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, text: str | None = None, *, dev: int = 0, inode: int = 0, size: int = 0, mtime_ns: int = 0
+    ) -> Self:
+        return super().__new__(
+            cls, file_identity(dev=dev, inode=inode, size=size, mtime_ns=mtime_ns) if text is None else text
+        )
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> Identity:
+        return cls(dev=info.st_dev, inode=info.st_ino, size=info.st_size, mtime_ns=info.st_mtime_ns)
+
+    @property
+    def stat(self) -> FileStat:
+        """The numbers it is made of."""
+        return FileStat(*map(int, self.split(":")))
 
 
 @dataclass(frozen=True)

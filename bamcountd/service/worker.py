@@ -19,20 +19,18 @@ import structlog
 
 from bamcountd import indexcache
 from bamcountd.count import CountRequest, count_bam
-from bamcountd.errors import BadOption, BamcountdError, CorruptBam, IndexMismatch, InputError, SamtoolsNotFound
+from bamcountd.errors import FATAL, PERMANENT, BamcountdError, classify
+from bamcountd.ledger import Entry, Ledger
+from bamcountd.metrics import DaemonMetrics
 from bamcountd.service import results as results_files
 from bamcountd.service.config import ServiceConfig
-from bamcountd.service.ledger import Entry, Identity, Ledger
-from bamcountd.service.metrics import Metrics
-from bamcountd.service.watch import WatchRoot, locate
+from bamcountd.service.watch import Identity, WatchRoot, locate
 
 log = structlog.get_logger("bamcountd.service")
 
-#: Errors that are the same on every try for the same bytes: no retry until the file changes.
-PERMANENT = (InputError, CorruptBam, IndexMismatch)
-#: Errors that no BAM can fix: the daemon stops (exit 2 for a bad option, 1 without samtools).
-FATAL = (BadOption, SamtoolsNotFound)
-#: The error file's ``kind`` for an unexpected exception in one BAM's count (a bug, not the data).
+#: A permanent error (bamcountd.errors.classify: the same on every try for the same bytes) is not
+#: retried until the file changes; a fatal one (no BAM can fix it) stops the daemon (exit 2 for a
+#: bad option, 1 without samtools).  The error file's ``kind`` for an unexpected exception in one BAM's count (a bug, not the data).
 INTERNAL = "InternalError"
 
 
@@ -66,7 +64,7 @@ class Worker:
         config: ServiceConfig,
         ledger: Ledger,
         *,
-        metrics: Metrics,
+        metrics: DaemonMetrics,
         limiter: anyio.CapacityLimiter,
         roots: tuple[WatchRoot, ...],
         results: Path,
@@ -82,7 +80,7 @@ class Worker:
 
     async def count(self, running: Running) -> None:
         entry = running.entry
-        path, identity = entry.path, entry.identity
+        path, identity = entry.path, Identity(entry.identity)
         root = locate(self.roots, path) or next(r for r in self.roots if r.path == entry.root)
         base = results_files.result_base(self.results, root, path)
         with structlog.contextvars.bound_contextvars(file=os.fsdecode(path)):
@@ -91,19 +89,18 @@ class Worker:
                     entry, base, self.config, self.ledger, self.limiter, changed=self._changed
                 ):
                     return
-                log.info("counting", attempt=entry.attempts + 1, size=identity.size)
+                log.info("counting", attempt=entry.attempts + 1, size=identity.stat.size)
                 started = time.monotonic()
                 try:
                     with running.scope:
                         result = await count_bam(CountRequest.of(path, self.config.count), limiter=self.limiter)
-                except FATAL:
-                    self.ledger.requeue(path, identity)
-                    raise
                 except BamcountdError as error:
+                    if classify(error) == FATAL:
+                        self.ledger.requeue(path, identity)
+                        raise
                     if not self._changed(entry):
-                        await self._failed(
-                            entry, base, str(error), type(error).__name__, permanent=isinstance(error, PERMANENT)
-                        )
+                        permanent = classify(error) == PERMANENT
+                        await self._failed(entry, base, str(error), type(error).__name__, permanent=permanent)
                     return
                 except Exception as error:  # a bug somewhere in the count: this BAM fails, the daemon goes on
                     reason = f"internal error: {type(error).__name__}: {error}"
@@ -155,7 +152,7 @@ class Worker:
             forget(self.ledger, entry.path, "running")
         else:
             log.info("changed_during_count", action="counted again once it settles")
-            self.ledger.observe(entry.path, entry.root, identity)
+            self.ledger.observe(entry.path, entry.root, identity, sort_key=identity.stat.mtime_ns)
         return True
 
     async def _failed(self, entry: Entry, base: Path, reason: str, kind: str, *, permanent: bool) -> None:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,9 +18,9 @@ import pytest
 
 from bamcountd.dnanexus.model import DxApi
 from bamcountd.dnanexus.platform import DxFile, JobInfo, Platform
-from bamcountd.dnanexus.state import DONE, FAILED, LAUNCHED, RETRY, Ledger
 from bamcountd.dnanexus.watch import Runner, WatchConfig
 from bamcountd.errors import BamcountdError, DxAccessDenied, DxUnavailable
+from bamcountd.ledger import Ledger
 from bamcountd.options import CountOptions
 from tests.support.bams import header_names, oracle, samtools_count
 
@@ -192,9 +193,10 @@ def _runner(platform: DxApi, state: Path, *, applet: str | None = APPLET, **opti
         count=CountOptions(jobs=2, index_cache=state / "index-cache"),
         max_attempts=options.pop("max_attempts", 3),
         poll=0.01,
+        retry_delay=options.pop("retry_delay", 0.0),
         **options,
     )
-    return Runner(config, Ledger(state / "dx-watch.sqlite"), platform)
+    return Runner(config, Ledger.open(state / "dx-watch.sqlite", lock=False), platform)
 
 
 def test_the_real_platform_is_a_dxapi() -> None:
@@ -224,7 +226,7 @@ def test_each_closed_bam_is_launched_once_with_its_index(tmp_path: Path) -> None
     assert "index_file" not in platform.root_job(bare).input
     assert platform.files[bam].properties == {"bamcountd_job": job.id, "bamcountd_attempt": "1"}
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.job_id, entry.attempts) == (LAUNCHED, job.id, 1)
+    assert entry is not None and (entry.state, entry.handle, entry.attempts) == ("running", job.id, 1)
 
 
 def test_a_done_job_gives_the_bam_its_result(tmp_path: Path) -> None:
@@ -236,7 +238,7 @@ def test_a_done_job_gives_the_bam_its_result(tmp_path: Path) -> None:
     result = platform.finish(platform.root_job(bam).id)
     assert runner.poll_once().done == 1
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.result_id) == (DONE, result)
+    assert entry is not None and (entry.state, entry.result) == ("done", result)
     assert platform.files[bam].properties["bamcountd_result"] == result
     runner.poll_once()
     assert len(platform.run_requests) == 1
@@ -245,9 +247,9 @@ def test_a_done_job_gives_the_bam_its_result(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("properties", "status"),
     [
-        ({"bamcountd_job": "job-other", "bamcountd_attempt": "2"}, LAUNCHED),
-        ({"bamcountd_result": "file-result"}, DONE),
-        ({"bamcountd_failed": "AppError: not a BAM"}, FAILED),
+        ({"bamcountd_job": "job-other", "bamcountd_attempt": "2"}, "running"),
+        ({"bamcountd_result": "file-result"}, "done"),
+        ({"bamcountd_failed": "AppError: not a BAM"}, "quarantined"),
     ],
 )
 def test_the_bams_properties_are_adopted_not_relaunched(
@@ -260,13 +262,13 @@ def test_the_bams_properties_are_adopted_not_relaunched(
     runner.poll_once()
     assert platform.run_requests == []
     entry = runner.ledger.get(bam)
-    assert entry is not None and entry.status == status
-    if status == LAUNCHED:
-        assert (entry.job_id, entry.attempts) == ("job-other", 2)
-    if status == DONE:
-        assert entry.result_id == "file-result"
-    if status == FAILED:
-        assert entry.reason == "AppError: not a BAM"
+    assert entry is not None and entry.state == status
+    if status == "running":
+        assert (entry.handle, entry.attempts) == ("job-other", 2)
+    if status == "done":
+        assert entry.result == "file-result"
+    if status == "quarantined":
+        assert entry.error == "AppError: not a BAM"
 
 
 def test_a_failed_job_is_retried_up_to_max_attempts_with_a_nonce_per_attempt(tmp_path: Path) -> None:
@@ -281,8 +283,8 @@ def test_a_failed_job_is_retried_up_to_max_attempts_with_a_nonce_per_attempt(tmp
         assert stats.retried == (1 if attempt < 3 else 0)
     assert platform.run_requests == [f"bamcountd-{bam}-{APPLET}-{attempt}" for attempt in (1, 2, 3)]
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts) == (FAILED, 3)
-    assert entry.reason == "AppInternalError: worker lost"
+    assert entry is not None and (entry.state, entry.attempts) == ("quarantined", 3)
+    assert entry.error == "AppInternalError: worker lost"
     assert platform.files[bam].properties["bamcountd_failed"] == "AppInternalError: worker lost"
     assert platform.files[bam].properties["bamcountd_attempt"] == "3"
 
@@ -297,7 +299,7 @@ def test_a_retried_job_that_succeeds_is_done(tmp_path: Path) -> None:
     result = platform.finish(platform.nonces[f"bamcountd-{bam}-{APPLET}-2"])
     runner.poll_once()
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts, entry.result_id) == (DONE, 2, result)
+    assert entry is not None and (entry.state, entry.attempts, entry.result) == ("done", 2, result)
 
 
 @pytest.mark.parametrize(
@@ -320,7 +322,11 @@ def test_permanent_failures_and_terminations_are_not_retried(
     runner.poll_once()
     assert len(platform.run_requests) == 1
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts, entry.reason) == (FAILED, 1, f"{reason}: {message}")
+    assert entry is not None and (entry.state, entry.attempts, entry.error) == (
+        "quarantined",
+        1,
+        f"{reason}: {message}",
+    )
 
 
 def test_a_launch_repeated_after_a_crash_gets_the_first_job_back(tmp_path: Path) -> None:
@@ -340,7 +346,7 @@ def test_a_launch_repeated_after_a_crash_gets_the_first_job_back(tmp_path: Path)
     assert platform.files[bam].properties["bamcountd_job"] == job_id
     for ledger in (runner.ledger, second.ledger):
         entry = ledger.get(bam)
-        assert entry is not None and entry.job_id == job_id
+        assert entry is not None and entry.handle == job_id
 
 
 def _seed_text(bam: Path) -> str:
@@ -361,7 +367,7 @@ def test_local_mode_counts_uploads_and_records_once(tmp_path: Path, shared_bam: 
     assert count_file.properties == {"bamcountd_source": bam, "bamcountd_source_name": "s.bam"}
     assert platform.files[bam].properties == {"bamcountd_result": count_file.id}
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.result_id) == (DONE, count_file.id)
+    assert entry is not None and (entry.state, entry.result) == ("done", count_file.id)
     assert list((tmp_path / "state" / "scratch").iterdir()) == []
     runner.poll_once()
     assert platform.downloads == 1 and platform.run_requests == []
@@ -372,7 +378,26 @@ def test_local_mode_counts_uploads_and_records_once(tmp_path: Path, shared_bam: 
     again.poll_once()
     assert platform.downloads == 1
     entry = again.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.result_id) == (DONE, count_file.id)
+    assert entry is not None and (entry.state, entry.result) == ("done", count_file.id)
+
+
+def test_local_mode_waits_out_the_back_off_before_a_retry(tmp_path: Path, shared_bam: Path) -> None:
+    platform = FakePlatform()
+    bam = platform.add_file("s.bam", shared_bam.read_bytes())
+    runner = _runner(platform, tmp_path, applet=None, max_attempts=3, retry_delay=0.4)
+    runner.config = replace(runner.config, count=CountOptions(samtools=str(tmp_path / "no-samtools")))
+    runner.poll_once()
+    first = runner.ledger.get(bam)
+    assert first is not None and (first.state, first.attempts) == ("failed", 1)
+    assert first.not_before >= first.updated_at + 0.39
+    runner.poll_once()  # within the back-off: not tried again
+    entry = runner.ledger.get(bam)
+    assert entry is not None and (entry.state, entry.attempts) == ("failed", 1)
+    time.sleep(max(0.0, first.not_before - time.time()) + 0.05)
+    runner.poll_once()
+    second = runner.ledger.get(bam)
+    assert second is not None and (second.state, second.attempts) == ("failed", 2)
+    assert second.not_before >= second.updated_at + 0.79  # doubled, as the daemon's
 
 
 def test_local_mode_retries_a_tool_failure_then_marks_the_bam_failed(tmp_path: Path, shared_bam: Path) -> None:
@@ -382,12 +407,12 @@ def test_local_mode_retries_a_tool_failure_then_marks_the_bam_failed(tmp_path: P
     runner.config = replace(runner.config, count=CountOptions(samtools=str(tmp_path / "no-samtools")))
     runner.poll_once()
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts) == (RETRY, 1)
+    assert entry is not None and (entry.state, entry.attempts) == ("failed", 1)
     runner.poll_once()
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts) == (FAILED, 2)
-    assert entry.reason is not None and entry.reason.startswith("Samtools")
-    assert platform.files[bam].properties["bamcountd_failed"] == entry.reason
+    assert entry is not None and (entry.state, entry.attempts) == ("quarantined", 2)
+    assert entry.error is not None and entry.error.startswith("Samtools")
+    assert platform.files[bam].properties["bamcountd_failed"] == entry.error
     assert not any(f.folder == "/counts" for f in platform.files.values())
 
 
@@ -397,8 +422,8 @@ def test_local_mode_fails_a_bad_bam_at_once_naming_it(tmp_path: Path) -> None:
     runner = _runner(platform, tmp_path, applet=None)
     assert runner.poll_once().failed == 1
     entry = runner.ledger.get(bam)
-    assert entry is not None and (entry.status, entry.attempts) == (FAILED, 1)
-    assert entry.reason is not None and "junk.bam" in entry.reason and "input.bam" not in entry.reason
+    assert entry is not None and (entry.state, entry.attempts) == ("quarantined", 1)
+    assert entry.error is not None and "junk.bam" in entry.error and "input.bam" not in entry.error
     runner.poll_once()
     assert platform.downloads == 1
 

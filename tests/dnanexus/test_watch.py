@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
 
-from bamcountd.dnanexus.state import DONE, FAILED, RETRY, Ledger
+from bamcountd.ledger import Ledger
 from bamcountd.options import CountOptions
 from bamcountd.synth import tricky_bam
 from devtools.dnanexus_emulator import Emulator
@@ -52,7 +52,7 @@ def test_one_job_per_closed_bam_across_pages_restarts_and_runners(
         assert count_file.data.decode() == seed_text(bam)
         assert emulator.files[ids[bam.name]].properties["bamcountd_result"] == count_file.id
         assert json.loads(results[f"{bam.stem}.counts.json"].data)["total"] == int(seed_text(bam).rsplit(" ", 1)[1])
-    assert {entry.status for entry in runner.ledger.all()} == {DONE}
+    assert {entry.state for entry in runner.ledger.entries()} == {"done"}
 
     # The open BAM closes: counted on the next poll, and only then.
     assert all(job.input["mappings_bam"]["$dnanexus_link"]["id"] != growing for job in jobs)
@@ -70,7 +70,7 @@ def test_one_job_per_closed_bam_across_pages_restarts_and_runners(
     settle(other, emulator)
     assert len(emulator.root_jobs()) == 4
     assert emulator.run_requests == 4
-    assert {entry.status for entry in other.ledger.all()} == {DONE}
+    assert {entry.state for entry in other.ledger.entries()} == {"done"}
 
 
 def test_failed_job_is_retried_then_marked_failed(
@@ -81,8 +81,8 @@ def test_failed_job_is_retried_then_marked_failed(
     runner = make_runner(emulator, tmp_path / "state", applet=applet, max_attempts=3)
     settle(runner, emulator)
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == FAILED and entry.attempts == 3
-    assert entry.reason == "AppInternalError: worker lost"
+    assert entry is not None and entry.state == "quarantined" and entry.attempts == 3
+    assert entry.error == "AppInternalError: worker lost"
     assert emulator.files[bam_id].properties["bamcountd_failed"] == "AppInternalError: worker lost"
     assert len(emulator.root_jobs()) == 3
 
@@ -95,8 +95,8 @@ def test_failed_job_is_retried_until_it_succeeds(
     runner = make_runner(emulator, tmp_path / "state", applet=applet)
     settle(runner, emulator)
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == DONE and entry.attempts == 2
-    assert emulator.files[entry.result_id or ""].data.decode() == seed_text(shared_bam)
+    assert entry is not None and entry.state == "done" and entry.attempts == 2
+    assert emulator.files[entry.result or ""].data.decode() == seed_text(shared_bam)
 
 
 def test_job_terminated_by_a_person_is_not_relaunched(
@@ -107,8 +107,8 @@ def test_job_terminated_by_a_person_is_not_relaunched(
     runner = make_runner(emulator, tmp_path / "state", applet=applet)
     settle(runner, emulator)
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == FAILED
-    assert entry.reason == "Terminated: terminated by user-alice"
+    assert entry is not None and entry.state == "quarantined"
+    assert entry.error == "Terminated: terminated by user-alice"
     assert len(emulator.root_jobs()) == 1
 
 
@@ -117,8 +117,8 @@ def test_bad_bam_is_marked_failed_without_retry(emulator: Emulator, applet: str,
     runner = make_runner(emulator, tmp_path / "state", applet=applet)
     settle(runner, emulator)
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == FAILED and entry.attempts == 1
-    assert entry.reason is not None and entry.reason.startswith("AppError: ") and "junk.bam" in entry.reason
+    assert entry is not None and entry.state == "quarantined" and entry.attempts == 1
+    assert entry.error is not None and entry.error.startswith("AppError: ") and "junk.bam" in entry.error
     assert len(emulator.root_jobs()) == 1
 
 
@@ -135,8 +135,8 @@ def test_local_mode_counts_here_and_uploads_once(emulator: Emulator, tmp_path: P
         assert results[f"{bam.stem}_count.txt"].properties["bamcountd_source"] == ids[bam.name]
         assert json.loads(results[f"{bam.stem}.counts.json"].data)["bam"] == bam.name
     failed = runner.ledger.get(bad)
-    assert failed is not None and failed.status == FAILED
-    assert failed.reason is not None and "cut.bam" in failed.reason and "input.bam" not in failed.reason
+    assert failed is not None and failed.state == "quarantined"
+    assert failed.error is not None and "cut.bam" in failed.error and "input.bam" not in failed.error
     assert emulator.root_jobs() == []
 
     # Crash after the upload, before the BAM's property and the ledger: the result is found, not redone.
@@ -148,18 +148,18 @@ def test_local_mode_counts_here_and_uploads_once(emulator: Emulator, tmp_path: P
     settle(again, emulator)
     assert len(emulator.files_in("/counts")) == 4
     entry = again.ledger.get(ids["s1.bam"])
-    assert entry is not None and entry.status == DONE and entry.result_id == results["s1_count.txt"].id
+    assert entry is not None and entry.state == "done" and entry.result == results["s1_count.txt"].id
 
 
 def test_ledger_survives_reopening(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.record_launch(file_id="file-1", project="project-1", name="a.bam", job_id="job-1", attempt=1)
-    ledger.record_done(file_id="file-2", project="project-1", name="b.bam", result_id="file-9")
+    ledger = Ledger.open(tmp_path / "l.sqlite", lock=False)
+    ledger.record_launch("file-1", scope="project-1", name="a.bam", handle="job-1", attempt=1)
+    ledger.record_done("file-2", scope="project-1", name="b.bam", result="file-9")
     ledger.close()
-    reopened = Ledger(tmp_path / "l.sqlite")
-    assert [(e.file_id, e.status, e.job_id) for e in reopened.launched()] == [("file-1", "launched", "job-1")]
+    reopened = Ledger.open(tmp_path / "l.sqlite", lock=False)
+    assert [(e.id, e.state, e.handle) for e in reopened.launched()] == [("file-1", "running", "job-1")]
     entry = reopened.get("file-2")
-    assert entry is not None and entry.result_id == "file-9"
+    assert entry is not None and entry.result == "file-9"
 
 
 def test_properties_reach_the_platform(emulator: Emulator) -> None:
@@ -180,10 +180,10 @@ def test_local_transient_failure_is_retried_then_marked_failed(
     runner.config = replace(runner.config, count=CountOptions(index_cache=state / "cache", samtools=str(fake)))
     runner.poll_once()
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == RETRY and entry.attempts == 1
+    assert entry is not None and entry.state == "failed" and entry.attempts == 1
     runner.poll_once()
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == FAILED and entry.attempts == 2
-    assert entry.reason is not None and entry.reason.startswith("SamtoolsFailed: ") and "injected crash" in entry.reason
-    assert emulator.files[bam_id].properties["bamcountd_failed"] == entry.reason
+    assert entry is not None and entry.state == "quarantined" and entry.attempts == 2
+    assert entry.error is not None and entry.error.startswith("SamtoolsFailed: ") and "injected crash" in entry.error
+    assert emulator.files[bam_id].properties["bamcountd_failed"] == entry.error
     assert emulator.files_in("/counts") == []

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import structlog
 from structlog.testing import capture_logs
 
 from bamcountd import logs
-from bamcountd.dnanexus.runtime import Metrics, install_redaction
-from bamcountd.dnanexus.state import DONE, Ledger
+from bamcountd.dnanexus.runtime import install_redaction
+from bamcountd.ledger import Ledger
+from bamcountd.metrics import MetricsServer, WatchMetrics
 from devtools.dnanexus_emulator import Emulator
 from devtools.dx_runner import make_runner, settle
 from tests.dnanexus.helpers import run_watch, seed_text, watch_command, watch_env
@@ -39,9 +41,9 @@ def test_api_500_and_503_with_retry_after_are_retried(
     assert all(fault.remaining == 0 for fault in emulator.faults)
     settle(runner, emulator)
     entry = runner.ledger.get(bam_id)
-    assert entry is not None and entry.status == DONE
+    assert entry is not None and entry.state == "done"
     assert len(emulator.root_jobs()) == 1
-    assert emulator.files[entry.result_id or ""].data.decode() == seed_text(shared_bam)
+    assert emulator.files[entry.result or ""].data.decode() == seed_text(shared_bam)
 
 
 def test_unreachable_api_is_logged_and_the_runner_recovers(
@@ -57,8 +59,8 @@ def test_unreachable_api_is_logged_and_the_runner_recovers(
         make_runner(emulator, state, applet=applet, api_retries=0).run(stop)
 
     def done() -> bool:
-        entry = Ledger(state / "dx-watch.sqlite").get(bam_id)
-        return entry is not None and entry.status == DONE
+        entry = Ledger.open(state / "dx-watch.sqlite", lock=False).get(bam_id)
+        return entry is not None and entry.state == "done"
 
     with capture_logs() as captured:
         thread = threading.Thread(target=serve, daemon=True)
@@ -138,8 +140,8 @@ def test_killed_between_launch_and_record_launches_no_second_job(
     assert len(emulator.root_jobs()) == 1
     job = emulator.root_jobs()[0]
     assert emulator.files[bam_id].properties["bamcountd_job"] == job.id
-    entry = Ledger(state / "dx-watch.sqlite").get(bam_id)
-    assert entry is not None and entry.job_id == job.id
+    entry = Ledger.open(state / "dx-watch.sqlite", lock=False).get(bam_id)
+    assert entry is not None and entry.handle == job.id
 
 
 def test_two_runners_at_once_launch_one_job_per_bam(
@@ -163,7 +165,8 @@ def test_two_runners_at_once_launch_one_job_per_bam(
     assert second.returncode == 0, second.stderr
     assert emulator.run_requests == 2
     assert len(emulator.root_jobs()) == 1
-    job_ids = {Ledger(tmp_path / name / "dx-watch.sqlite").get(bam_id).job_id for name in ("one", "two")}  # type: ignore[union-attr]
+    entries = [Ledger.open(tmp_path / name / "dx-watch.sqlite", lock=False).get(bam_id) for name in ("one", "two")]
+    job_ids = {entry.handle for entry in entries if entry is not None}
     assert job_ids == {emulator.root_jobs()[0].id}
 
 
@@ -193,24 +196,31 @@ def test_sigterm_stops_the_service_cleanly_and_systemd_hears_of_it(
             while True:
                 messages.append(notify_socket.recv(4096).decode())
     assert process.returncode == 0, stderr
-    assert messages[-1] == "STOPPING=1"
+    assert messages[-1].splitlines()[0] == "STOPPING=1"  # the daemon's client: STOPPING=1, then STATUS=
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "stopping" in events and "polled" in events
 
 
 def test_metrics_count_launches(emulator: Emulator, applet: str, shared_bam: Path, tmp_path: Path) -> None:
     emulator.add_file("a.bam", shared_bam.read_bytes(), folder="/incoming")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     runner = make_runner(emulator, tmp_path / "state", applet=applet)
-    runner.metrics = Metrics(port)
+    runner.metrics = WatchMetrics()
+    server = MetricsServer(runner.metrics, "127.0.0.1", 0, stale_after=30.0)  # the daemon's server
+    server.start()
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+            pass
+    except urllib.error.HTTPError as error:
+        assert error.code == 503  # no poll yet
+    try:
+        runner.run(threading.Event(), once=True)  # one poll, as the service loop makes it
         settle(runner, emulator)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
             text = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+            assert response.status == 200
     finally:
-        runner.metrics.close()
+        server.close()
     assert "bamcountd_dx_jobs_launched_total 1.0" in text
     assert "bamcountd_dx_bams_done_total 1.0" in text
 

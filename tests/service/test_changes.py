@@ -51,4 +51,4 @@ def test_replaced_and_deleted_mid_count(
     done = [e for e in daemon.events() if e.get("event") == "done"]
     assert len(done) == 1
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state FROM files").fetchall() == [("done",)]
+        assert db.execute("SELECT state FROM items").fetchall() == [("done",)]

@@ -76,17 +76,17 @@ def test_kill9_during_a_batch_loses_and_duplicates_nothing(
 
 def _states(folders: Folders) -> set[str]:
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        return {state for (state,) in db.execute("SELECT state FROM files")}
+        return {state for (state,) in db.execute("SELECT state FROM items")}
 
 
 def _set_state(folders: Folders, state: str) -> None:
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        db.execute("UPDATE files SET state = ?", (state,))
+        db.execute("UPDATE items SET state = ?", (state,))
 
 
 def _row(folders: Folders) -> tuple[str, int]:
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        (row,) = db.execute("SELECT state, attempts FROM files").fetchall()
+        (row,) = db.execute("SELECT state, attempts FROM items").fetchall()
         return row[0], row[1]
 
 

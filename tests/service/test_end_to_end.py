@@ -29,7 +29,7 @@ from tests.support.waiting import wait_for
 
 def ledger_states(folders: Folders) -> dict[bytes, str]:
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        return {bytes(path): state for path, state in db.execute("SELECT path, state FROM files")}
+        return {bytes(path): state for path, state in db.execute("SELECT key, state FROM items")}
 
 
 @pytest.mark.timeout(90)

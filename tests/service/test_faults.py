@@ -76,7 +76,7 @@ def test_crashing_samtools_is_retried_then_gets_an_error_file(
     assert [e["attempts"] for e in failures] == [1, 2]
     assert daemon.stop() == 0
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        states = dict(db.execute("SELECT CAST(path AS TEXT), state FROM files"))
+        states = dict(db.execute("SELECT CAST(key AS TEXT), state FROM items"))
     assert sorted(states.values()) == ["done", "quarantined"]
 
 
@@ -144,7 +144,7 @@ def test_disk_full_leaves_no_partial_result_and_requeues(
     assert_result_matches(result_path(folders, "full.bam"), bam, templates[0])
     assert results(folders) == [result_path(folders, "full.bam")]
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state, attempts FROM files").fetchall() == [("done", 0)]
+        assert db.execute("SELECT state, attempts FROM items").fetchall() == [("done", 0)]
 
 
 @pytest.mark.timeout(60)
@@ -193,7 +193,7 @@ def test_an_option_no_bam_can_satisfy_stops_the_daemon_with_status_2(
     assert "bamcountd: error: --method index reads only the index" in daemon.log()
     assert not results(folders)
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
+        assert db.execute("SELECT state FROM items").fetchall() == [("queued",)]
 
 
 @pytest.mark.timeout(90)
@@ -232,5 +232,5 @@ def test_an_unexpected_exception_in_one_count_fails_that_bam_and_the_daemon_serv
     assert not daemon.exited()
     assert daemon.stop() == 0
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        states = dict(db.execute("SELECT CAST(path AS TEXT), state FROM files"))
+        states = dict(db.execute("SELECT CAST(key AS TEXT), state FROM items"))
     assert states == {str(os.path.realpath(p)): s for p, s in ((bad, "quarantined"), (good, "done"), (later, "done"))}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd.service.metrics import Metrics, MetricsServer
+from bamcountd.metrics import DaemonMetrics, MetricsServer
 from tests.service.helpers import drop_by_rename, expected_counts, result_path
 from tests.support.daemon import Daemons, Folders
 from tests.support.waiting import wait_for
@@ -52,7 +52,7 @@ def test_metrics_and_healthz_of_a_running_daemon(templates: list[Path], folders:
 
 
 def test_healthz_is_503_when_the_loop_stops_beating() -> None:
-    metrics = Metrics()
+    metrics = DaemonMetrics()
     server = MetricsServer(metrics, "127.0.0.1", 0, stale_after=0.3)
     server.start()
     try:

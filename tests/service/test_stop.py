@@ -40,7 +40,7 @@ def test_sigterm_kills_hung_samtools_and_requeues(
     assert not [pid for pid in running if pid_alive(pid)], "samtools outlived the daemon"
     assert not results(folders)
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
+        assert db.execute("SELECT state FROM items").fetchall() == [("queued",)]
     events = [e["event"] for e in daemon.events()]
     assert "requeued" in events and events[-1] == "stopped"
 
@@ -83,7 +83,7 @@ def test_a_count_that_finishes_within_the_drain_is_kept(
     assert daemon.process.wait(timeout=30) == 0
     assert_result_matches(result_path(folders, "drained.bam"), bam, templates[0])
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state FROM files").fetchall() == [("done",)]
+        assert db.execute("SELECT state FROM items").fetchall() == [("done",)]
 
 
 @pytest.mark.timeout(90)
@@ -105,4 +105,4 @@ def test_a_second_sigterm_skips_the_drain(
     assert time.monotonic() - started < 10
     assert not [pid for pid in (int(p.name) for p in pids.iterdir()) if pid_alive(pid)]
     with sqlite3.connect(folders.state / "ledger.sqlite3") as db:
-        assert db.execute("SELECT state FROM files").fetchall() == [("queued",)]
+        assert db.execute("SELECT state FROM items").fetchall() == [("queued",)]

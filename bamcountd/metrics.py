@@ -1,7 +1,9 @@
-"""Prometheus metrics and ``/healthz`` on ``--metrics-addr`` (prometheus-client, imported lazily).
+"""Prometheus metrics and ``/healthz`` for both runners (prometheus-client, imported lazily).
 
-``/healthz`` answers 200 only while the scheduler loop has beaten recently: a stuck loop
-turns it to 503, as systemd's watchdog would kill it.
+The daemon's (:class:`DaemonMetrics`, on ``--metrics-addr``) and dx-watch's
+(:class:`WatchMetrics`, on ``--metrics-port``) are served alike by :class:`MetricsServer`:
+``/metrics`` and ``/healthz``, which answers 200 only while the runner's loop has beaten
+recently: a stuck loop turns it to 503, as systemd's watchdog would kill it.
 """
 
 from __future__ import annotations
@@ -9,17 +11,28 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from bamcountd.ledger import STATES
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
-from bamcountd.service.ledger import STATES
+
+class _Beating:
+    """A registry and the heartbeat that ``/healthz`` reads."""
+
+    heartbeat = 0.0
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
 
 
-class Metrics:
+class DaemonMetrics(_Beating):
+    """``bamcountd serve``'s."""
+
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -39,15 +52,38 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
             registry=self.registry,
         )
-        self.heartbeat = 0.0
 
     def set_states(self, counts: dict[str, int]) -> None:
         for state in STATES:
             self.files.labels(state).set(counts.get(state, 0))
         self.queue_depth.set(counts.get("queued", 0) + counts.get("failed", 0))
 
-    def beat(self) -> None:
-        self.heartbeat = time.monotonic()
+
+class WatchMetrics(_Beating):
+    """``bamcountd dx-watch``'s: what its polls did."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.launched = Counter("bamcountd_dx_jobs_launched", "Applet jobs launched", registry=self.registry)
+        self.counted = Counter("bamcountd_dx_local_counts", "BAMs counted on this machine", registry=self.registry)
+        self.done = Counter("bamcountd_dx_bams_done", "BAMs with a result", registry=self.registry)
+        self.failed = Counter("bamcountd_dx_bams_failed", "BAMs marked failed", registry=self.registry)
+        self.retried = Counter("bamcountd_dx_jobs_retried", "Failed jobs relaunched", registry=self.registry)
+        self.poll_errors = Counter("bamcountd_dx_poll_errors", "Polls that failed", registry=self.registry)
+        self.last_poll = Gauge(
+            "bamcountd_dx_last_poll_timestamp_seconds", "End of the last successful poll", registry=self.registry
+        )
+
+    def record(self, poll: Mapping[str, int]) -> None:
+        """Add what one successful poll did (dx-watch's ``Stats``, as a mapping)."""
+        self.launched.inc(poll["launched"])
+        self.counted.inc(poll["counted"])
+        self.done.inc(poll["done"] + poll["counted"])
+        self.failed.inc(poll["failed"])
+        self.retried.inc(poll["retried"])
+        self.last_poll.set_to_current_time()
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -62,7 +98,7 @@ class _IPv6Server(WSGIServer):
 class MetricsServer:
     """``/metrics`` and ``/healthz`` in a background thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, *, stale_after: float) -> None:
+    def __init__(self, metrics: DaemonMetrics | WatchMetrics, host: str, port: int, *, stale_after: float) -> None:
         from prometheus_client import make_wsgi_app
 
         self._metrics = metrics
