@@ -58,3 +58,22 @@ def test_the_cli_the_daemon_and_the_applet_take_their_options_from_the_table() -
         if row.applet is not None:
             assert row.applet in inputs, row.name
             assert inputs[row.applet].get("default", row.default) == row.default, row.name
+
+
+def test_the_applet_inputs_go_both_ways_and_refuse_what_the_applet_lacks() -> None:
+    from bamcountd.dnanexus.applet import applet_inputs, options_from_inputs
+    from bamcountd.errors import BadOption
+
+    options = CountOptions(jobs=4, filters=Filters(exclude_flags=0x904, require_flags=0x2, min_mapq=20))
+    inputs = applet_inputs(options)
+    assert inputs == {"jobs": 4, "exclude_flags": "2308", "require_flags": "2", "min_mapq": 20}
+    assert options_from_inputs(inputs, base=CountOptions()) == options
+    assert options_from_inputs({"exclude_flags": "0x4 DUP", "min_mapq": None}, base=CountOptions()).filters == Filters(
+        exclude_flags=0x404
+    )
+    with pytest.raises(BadOption, match=r"--region, --verify: not an input of the applet"):
+        applet_inputs(CountOptions(regions=("chr1",), verify="full"))
+    with pytest.raises(BadOption, match=r"min_mapq: must be between 0 and 255"):
+        options_from_inputs({"min_mapq": -1}, base=CountOptions())
+    with pytest.raises(BadOption, match=r"exclude_flags: cannot read flag value '4,16'"):
+        options_from_inputs({"exclude_flags": "4,16"}, base=CountOptions())

@@ -25,9 +25,10 @@ import structlog
 
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
+from bamcountd.dnanexus.applet import options_from_inputs
 from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
-from bamcountd.errors import PERMANENT, BamcountdError, InputError, classify
-from bamcountd.options import Filters, combine_flags
+from bamcountd.errors import PERMANENT, BadOption, BamcountdError, InputError, classify
+from bamcountd.options import CountOptions, Filters
 from bamcountd.plan import default_region
 from bamcountd.report import render, write_atomic
 
@@ -62,24 +63,6 @@ def _setup() -> Path:
     return home
 
 
-def _filters(exclude_flags: str | None, require_flags: str | None, min_mapq: int | None) -> Filters:
-    def flags(name: str, text: str | None) -> int:
-        if text is None or text == "":
-            return 0
-        try:
-            return combine_flags(str(text))  # "0x4 0x10": ORed, as samtools ORs a repeated -F
-        except ValueError as error:
-            raise AppError(f"{name}: {error}") from None
-
-    if min_mapq is not None and min_mapq < 0:
-        raise AppError(f"min_mapq must be 0 or more, not {min_mapq}")
-    return Filters(
-        require_flags=flags("require_flags", require_flags),
-        exclude_flags=flags("exclude_flags", exclude_flags),
-        min_mapq=min_mapq or 0,
-    )
-
-
 def _prefix(name: str) -> str:
     return name[: -len(".bam")] if name.endswith(".bam") else name
 
@@ -110,17 +93,18 @@ def main(
     *,
     mappings_bam: Json,
     index_file: Json | None = None,
-    exclude_flags: str | None = None,
-    require_flags: str | None = None,
-    min_mapq: int | None = None,
-    jobs: int = 10,
     scatter: bool | None = None,
     scatter_jobs: int = SCATTER_JOBS,
+    **count_inputs: Any,
 ) -> Json:
+    """The count of one BAM; ``count_inputs`` are the options table's applet inputs (-F, -f, -q, -j)."""
     home = _setup()
-    filters = _filters(exclude_flags, require_flags, min_mapq)
-    if jobs < 1 or scatter_jobs < 1:
-        raise AppError(f"jobs and scatter_jobs must be at least 1, not {jobs} and {scatter_jobs}")
+    try:
+        options = options_from_inputs(count_inputs, base=CountOptions(index_cache=home / "index-cache"))
+    except BadOption as error:
+        raise AppError(str(error)) from None
+    if scatter_jobs < 1:
+        raise AppError(f"scatter_jobs must be at least 1, not {scatter_jobs}")
     size = _platform.file_size(mappings_bam)
     scattered = scatter if scatter is not None else size >= SCATTER_BYTES
     inputs = _platform.download_inputs()
@@ -128,7 +112,7 @@ def main(
     index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
     prefix = inputs.get("mappings_bam_prefix") or _prefix(bam.name)
     log.info("job_started", bam=bam.name, size=size, scatter=scattered, index=index is not None)
-    request = CountRequest(bam=bam, index=index, filters=filters, jobs=jobs, index_cache=home / "index-cache")
+    request = CountRequest.of(bam, replace(options, index=index))
     if not scattered:
         with _app_errors():
             result = count_bam_sync(request)

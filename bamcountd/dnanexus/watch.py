@@ -30,12 +30,13 @@ import structlog
 
 from bamcountd.count import CountRequest
 from bamcountd.dnanexus import local
+from bamcountd.dnanexus.applet import applet_inputs
 from bamcountd.dnanexus.model import DxApi, Json, SourceBam, Stats
 from bamcountd.errors import BadOption, BamcountdError, DxAccessDenied, DxAuthFailed, DxUnavailable, one_line
 from bamcountd.ledger import Entry, Ledger
 from bamcountd.metrics import MetricsServer, WatchMetrics
 from bamcountd.notify import Notifier
-from bamcountd.options import BY_NAME, OPTIONS, OR, CountOptions, value_of
+from bamcountd.options import BY_NAME, CountOptions
 
 if TYPE_CHECKING:
     pass
@@ -344,27 +345,6 @@ class Runner:
 def _describe_error(error: BaseException) -> str:
     # A DxUnavailable's message is already its cause's one line.
     return str(error) if isinstance(error, DxUnavailable) else one_line(error)
-
-
-def applet_inputs(count: CountOptions) -> Json:
-    """The applet's inputs that carry ``count``'s options (the table's ``applet`` names); jobs
-    always, the others where they differ from their default.
-
-    :raises BadOption: an option set that the applet has no input for
-    """
-    inputs: Json = {}
-    unsupported: list[str] = []
-    for row in OPTIONS:
-        value = value_of(count, row)
-        if row.name == "index_cache" or (value == row.default and row.name != "jobs"):
-            continue  # where a worker caches its index is the worker's business
-        if row.applet is None:
-            unsupported.append(row.flag)
-        else:
-            inputs[row.applet] = str(value) if row.kind == OR else value
-    if unsupported:
-        raise BadOption(f"{', '.join(unsupported)}: not an input of the applet; use --local for these")
-    return inputs
 
 
 def run(config: WatchConfig, *, once: bool = False, metrics_port: int | None = None) -> None:
