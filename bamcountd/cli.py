@@ -130,11 +130,12 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    count = commands.add_parser(
+    count = _command(
+        commands,
+        common,
         "count",
-        parents=[common],
-        help="count the reads of one BAM",
-        description="Count the reads of one coordinate-sorted BAM per region.",
+        "count the reads of one BAM",
+        "Count the reads of one coordinate-sorted BAM per region.",
     )
     count.add_argument("bam", type=Path, help="coordinate-sorted BAM file")
     add_options(count, OPTIONS)
@@ -146,11 +147,12 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
     count.add_argument("-o", "--output", type=Path, help="write the result to FILE atomically instead of stdout")
     count.set_defaults(handler=_run_count, defer_logging=True)
 
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
+        common,
         "demo",
-        parents=[common],
-        help="count a small generated BAM",
-        description="Generate a small BAM with tricky contig names and count it.",
+        "count a small generated BAM",
+        "Generate a small BAM with tricky contig names and count it.",
     )
     demo.add_argument("--dir", type=Path, help="where to write demo.bam (default: a temporary folder)")
     demo.add_argument("--format", choices=FORMATS, default="table")
@@ -165,13 +167,21 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
 _Commands = Any
 
 
+def _command(
+    commands: _Commands, common: argparse.ArgumentParser, name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, parents=[common], help=summary, description=description)
+    return parser
+
+
 def _add_service_commands(commands: _Commands, common: argparse.ArgumentParser, *, with_options: bool) -> None:
     """``bamcountd serve``: the watch-folder daemon (bamcountd.service)."""
-    serve = commands.add_parser(
+    serve = _command(
+        commands,
+        common,
         "serve",
-        parents=[common],
-        help="watch folders and count every BAM dropped there (the daemon)",
-        description="Watch folders for BAMs and write RESULTS/<relative path minus .bam>.counts.json for each "
+        "watch folders and count every BAM dropped there (the daemon)",
+        "Watch folders for BAMs and write RESULTS/<relative path minus .bam>.counts.json for each "
         "one, exactly once. Every option can also be set as BAMCOUNTD_<KEY> or in the TOML --config file, "
         "KEY being the option name with _ for - (--region: regions; --no-split: split = false; "
         "--no-index-build: build_index = false); flags win over the environment, which wins over the file.",
@@ -339,11 +349,12 @@ class _Progress:
 
 def _add_dnanexus_commands(commands: _Commands, common: argparse.ArgumentParser) -> None:
     """``bamcountd dx-watch``: the DNAnexus project-folder runner (bamcountd.dnanexus)."""
-    watch = commands.add_parser(
+    watch = _command(
+        commands,
+        common,
         "dx-watch",
-        parents=[common],
-        help="count every closed BAM that appears in a DNAnexus project folder, once",
-        description="Poll a DNAnexus project folder for closed BAMs and count each once: by launching the "
+        "count every closed BAM that appears in a DNAnexus project folder, once",
+        "Poll a DNAnexus project folder for closed BAMs and count each once: by launching the "
         "bamcount applet (--applet) or on this machine (--local). Credentials come from dxpy's own "
         "configuration (DX_SECURITY_CONTEXT, DX_APISERVER_*, or `dx login`).",
     )

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -180,11 +180,11 @@ async def count_bam(
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     job = _Job(
-        samtools,
-        bam,
-        header,
-        request,
-        regions,
+        samtools=samtools,
+        bam=bam,
+        header=header,
+        request=request,
+        regions=regions,
         whole_file=not request.regions and request.regions_file is None,
         processes=processes,
         threads=threads,
@@ -277,39 +277,29 @@ class _Pass(NamedTuple):
     shards: int
 
 
+@dataclass(kw_only=True)
 class _Job:
     """One count's state: what is asked, and how far the verification has got."""
 
-    def __init__(
-        self,
-        samtools: st.Samtools,
-        bam: Path,
-        header: st.Header,
-        request: CountRequest,
-        regions: Sequence[plan.Region],
-        *,
-        whole_file: bool,
-        processes: int,
-        threads: int,
-        limiter: anyio.CapacityLimiter | None,
-        progress: ProgressCallback | None,
-    ) -> None:
-        self.samtools = samtools
-        self.bam = bam
-        self.header = header
-        self.request = request
-        self.regions = regions
-        self.whole_file = whole_file  # the default rows: every reference, then *
-        self.processes = processes
-        self.threads = threads
-        self.limiter = limiter
-        self.progress = progress
-        self.lengths = {ref.name: ref.length for ref in header.references}
+    samtools: st.Samtools
+    bam: Path
+    header: st.Header
+    request: CountRequest
+    regions: Sequence[plan.Region]
+    whole_file: bool  # the default rows: every reference, then *
+    processes: int
+    threads: int
+    limiter: anyio.CapacityLimiter | None
+    progress: ProgressCallback | None
+    notes: list[str] = field(default_factory=list)
+    index: Path | None = None
+    built: Path | None = None  # an index this count built (or found in its cache)
+
+    def __post_init__(self) -> None:
+        self.lengths = {ref.name: ref.length for ref in self.header.references}
+        request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
-        self.notes: list[str] = []
-        self.index: Path | None = None
-        self.built: Path | None = None  # an index this count built (or found in its cache)
-        self.log = log.bind(bam=str(bam))
+        self.log = log.bind(bam=str(self.bam))
 
     # --- the index ---------------------------------------------------------------------
 

@@ -145,14 +145,7 @@ def _random_bases(rng: random.Random, length: int) -> tuple[str, str]:
 def demo_bam(folder: Path, *, samtools: str = "samtools") -> Path:
     """A small BAM with the shapes that trip up naive counters: ':' and '*' in contig names,
     an empty reference, placed unmapped reads and unplaced reads."""
-    shape = (
-        (Reference("chr1", 200_000), 200_000),
-        (Reference("chr2", 120_000), 120_000),
-        (Reference("chrM", 16_569), 16_569),
-        (Reference("HLA-A*01:01:01:01", 3_503), 3_503),
-        (Reference("chr1:weird", 5_000), 5_000),
-        (Reference("chrUn_empty", 4_000), 0),
-    )
+    shape = "chr1=200000 chr2=120000 chrM=16569 HLA-A*01:01:01:01=3503 chr1:weird=5000 chrUn_empty=4000/empty"
     return _small_bam(folder / "demo.bam", shape, 5_000, unplaced=250, seed=7, sort=False, samtools=samtools)
 
 
@@ -161,20 +154,13 @@ def tricky_bam(
 ) -> Path:
     """Several references, an empty one, ':' and '*' in names, every flag kind, unplaced reads;
     sorted and indexed."""
-    shape = (
-        (Reference("chr1", 300_000), 300_000),
-        (Reference("chr2", 150_000), 150_000),
-        (Reference("chrEmpty", 10_000), 0),
-        (Reference("HLA-A*01:01:01:01", 3_503), 3_503),
-        (Reference("chr1:weird", 8_000), 8_000),
-        (Reference("chrM", 16_569), 16_569),
-    )
+    shape = "chr1=300000 chr2=150000 chrEmpty=10000/empty HLA-A*01:01:01:01=3503 chr1:weird=8000 chrM=16569"
     return _small_bam(folder / name, shape, reads, unplaced=unplaced, seed=seed, sort=True, samtools="samtools")
 
 
 def _small_bam(
     path: Path,
-    shape: Sequence[tuple[Reference, float]],
+    shape: str,
     reads: int,
     *,
     unplaced: int,
@@ -182,9 +168,15 @@ def _small_bam(
     sort: bool,
     samtools: str,
 ) -> Path:
-    """100-base random reads spread over the references by weight (a weight of 0: empty)."""
-    references = [ref for ref, _ in shape]
-    weights = [weight for _, weight in shape]
+    """100-base random reads spread over the references by length; ``shape`` is ``NAME=LENGTH``
+    words (names may hold ':' and '*'), ``/empty`` after one that gets no reads."""
+    references: list[Reference] = []
+    weights: list[float] = []
+    for word in shape.split():
+        name, _, size = word.rpartition("=")
+        length, _, empty = size.partition("/")
+        references.append(Reference(name, int(length)))
+        weights.append(0 if empty else int(length))
     path.parent.mkdir(parents=True, exist_ok=True)
     records = random_records(references, reads, unplaced=unplaced, read_length=100, seed=seed, weights=weights)
     return write_bam(path, references, records, sort=sort, samtools=samtools)

@@ -26,6 +26,7 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.dnanexus.applet import options_from_inputs
+from bamcountd.dnanexus.model import Json
 from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
 from bamcountd.errors import PERMANENT, BadOption, BamcountdError, InputError, classify
 from bamcountd.options import CountOptions, Filters
@@ -39,7 +40,6 @@ SCATTER_BYTES = 50 * 1024**3
 #: Most ``count_shards`` subjobs per BAM when ``scatter_jobs`` is not given.
 SCATTER_JOBS = 8
 
-Json = dict[str, Any]
 
 #: Inside a job: dxpy's defaults for retries (the platform's own settings for a job).
 _platform = Platform()

@@ -19,7 +19,8 @@ from bamcountd.errors import PERMANENT, BamcountdError, classify
 from bamcountd.report import render, write_atomic
 
 if TYPE_CHECKING:
-    from bamcountd.dnanexus.model import DxApi, SourceBam
+    from bamcountd.dnanexus.model import SourceBam
+    from bamcountd.dnanexus.platform import Platform
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class CountFailed:
 
 
 def count_and_upload(
-    platform: DxApi,
+    platform: Platform,
     bam: SourceBam,
     request: Callable[[Path, Path | None], CountRequest],
     *,

@@ -15,31 +15,17 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dxpy  # type: ignore[import-untyped]
 import urllib3
 
+from bamcountd.dnanexus.model import DxFile, Json
 from bamcountd.errors import DxAccessDenied, DxAuthFailed, DxUnavailable, one_line
-
-Json = dict[str, Any]
 
 #: A job's failure for bad input (the job fails with reason ``AppError``).
 AppError: type[Exception] = dxpy.AppError
 #: A job's failure for anything else (reason ``AppInternalError``).
 AppInternalError: type[Exception] = dxpy.AppInternalError
-
-
-@dataclass(frozen=True)
-class DxFile:
-    """A file as a search or a describe call sees it."""
-
-    id: str
-    project: str
-    name: str
-    folder: str
-    size: int
-    properties: Mapping[str, str]
 
 
 @dataclass(frozen=True)

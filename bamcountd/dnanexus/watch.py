@@ -13,8 +13,10 @@ repeated after a crash (or by a second runner) gets the platform's first job bac
 a new one.  Launched jobs are followed to ``done``/``failed``; a job that failed for a
 reason a retry can fix is relaunched up to ``max_attempts`` times, then marked failed.
 
-This module is the policy: it reaches DNAnexus only through a :class:`DxApi` (the real one is
-:class:`bamcountd.dnanexus.platform.Platform`) and never imports dxpy.
+This module is the policy: it reaches DNAnexus only through the
+:class:`~bamcountd.dnanexus.platform.Platform` it is given (the tests give it an in-memory
+one), and never imports dxpy: the platform module is imported for its type only, and by
+:func:`run` when the runner starts.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import structlog
 from bamcountd.count import CountRequest
 from bamcountd.dnanexus import local
 from bamcountd.dnanexus.applet import applet_inputs
-from bamcountd.dnanexus.model import DxApi, Json, SourceBam, Stats
+from bamcountd.dnanexus.model import Json, SourceBam, Stats
 from bamcountd.errors import BadOption, BamcountdError, DxAccessDenied, DxAuthFailed, DxUnavailable, one_line
 from bamcountd.ledger import Entry, Ledger
 from bamcountd.metrics import MetricsServer, WatchMetrics
@@ -39,7 +41,7 @@ from bamcountd.notify import Notifier
 from bamcountd.options import BY_NAME, CountOptions
 
 if TYPE_CHECKING:
-    pass
+    from bamcountd.dnanexus.platform import Platform
 
 log = structlog.get_logger("bamcountd.dnanexus.watch")
 
@@ -105,7 +107,7 @@ class Runner:
         self,
         config: WatchConfig,
         ledger: Ledger,
-        platform: DxApi,
+        platform: Platform,
         *,
         metrics: WatchMetrics | None = None,
         notifier: Notifier | None = None,

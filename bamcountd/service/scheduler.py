@@ -80,13 +80,13 @@ class Scheduler:
         self._observed: set[Path] = set()
         self._running: dict[Path, Running] = {}
         self.worker = Worker(
-            config,
-            ledger,
+            config=config,
+            ledger=ledger,
             metrics=metrics,
             limiter=self.limiter,
             roots=self.roots,
             results=self.results,
-            running=self._running,
+            in_progress=self._running,
         )
         self._stop = anyio.Event()
         self._rescan_now = anyio.Event()

@@ -55,28 +55,18 @@ def forget(ledger: Ledger, path: Path, state: str) -> None:
         log.info("dropped", file=os.fsdecode(path), reason="the file is gone", state=state)
 
 
+@dataclass(kw_only=True)
 class Worker:
     """What every count shares: the settings (the scheduler replaces ``config`` on a reload),
     the ledger, the metrics, the samtools limiter, and the counts in progress."""
 
-    def __init__(
-        self,
-        config: ServiceConfig,
-        ledger: Ledger,
-        *,
-        metrics: DaemonMetrics,
-        limiter: anyio.CapacityLimiter,
-        roots: tuple[WatchRoot, ...],
-        results: Path,
-        running: dict[Path, Running],
-    ) -> None:
-        self.config = config
-        self.ledger = ledger
-        self.metrics = metrics
-        self.limiter = limiter
-        self.roots = roots
-        self.results = results
-        self._running = running
+    config: ServiceConfig
+    ledger: Ledger
+    metrics: DaemonMetrics
+    limiter: anyio.CapacityLimiter
+    roots: tuple[WatchRoot, ...]
+    results: Path
+    in_progress: dict[Path, Running]  # the scheduler's: a count removes itself when it ends
 
     async def count(self, running: Running) -> None:
         entry = running.entry
@@ -135,7 +125,7 @@ class Worker:
                 log.info("requeued", reason="stopping")
                 raise
             finally:
-                self._running.pop(path, None)
+                self.in_progress.pop(path, None)
 
     def _drop_built_index(self, index: Path, *, proof_of: tuple[Path, str] | None = None) -> None:
         """An index the daemon built into its own folder is no use once the BAM is done, nor is
