@@ -144,7 +144,8 @@ def _drop(box: Machine, *names: str) -> None:
 
 
 def _results(box: Machine) -> dict[str, dict[str, object]]:
-    listing = box.run("find", RESULTS, "-type", "f", "-printf", "%P\\n").stdout.split()
+    # Not the hidden temp files of a write in progress (.NAME.*.tmp), which may be gone by the cat.
+    listing = box.run("find", RESULTS, "-type", "f", "-not", "-name", ".*", "-printf", "%P\\n").stdout.split()
     return {name: json.loads(box.run("cat", f"{RESULTS}/{name}").stdout) for name in listing}
 
 
