@@ -201,20 +201,7 @@ async def count_bam(
     if index is None:
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
-        stats = early_stats if early_stats is not None else await st.idxstats(executable, bam, index)
-        placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
-        if not placed and _lacks_statistics(index):
-            index = await job.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
-            stats = await st.idxstats(executable, bam, index)
-        _check_index_names(bam, header, stats)
-        method = request.method
-        if method == "index":
-            _check_whole(bam, regions)
-            by_name = {stat.name: stat for stat in stats}
-            counts, verification, shard_count = [_index_total(r, by_name) for r in regions], "none", 0
-        else:
-            counts, verification, shard_count = await job.view(index, stats)
-            index = job.index
+        counts, method, verification, shard_count, index = await job.through(index, early_stats)
     result = CountResult(
         bam=bam,
         total=sum(counts),
@@ -277,6 +264,14 @@ class _Pass(NamedTuple):
     shards: int
 
 
+class _Counted(NamedTuple):
+    counts: list[int]
+    method: str  # view or index
+    verification: str
+    shards: int
+    through: Path | None  # the index it counted through (one it rebuilt, if it had to)
+
+
 @dataclass(kw_only=True)
 class _Job:
     """One count's state: what is asked, and how far the verification has got."""
@@ -300,6 +295,23 @@ class _Job:
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
+
+    async def through(self, index: Path, stats: list[st.IndexStat] | None) -> _Counted:
+        """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
+        are its idxstats if they were read already."""
+        if stats is None:
+            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+        placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
+        if not placed and _lacks_statistics(index):
+            index = await self.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
+            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+        _check_index_names(self.bam, self.header, stats)
+        if self.request.method == "index":
+            _check_whole(self.bam, self.regions)
+            by_name = {stat.name: stat for stat in stats}
+            return _Counted([_index_total(r, by_name) for r in self.regions], "index", "none", 0, index)
+        counts, verification, shards = await self.view(index, stats)
+        return _Counted(counts, "view", verification, shards, self.index)
 
     # --- the index ---------------------------------------------------------------------
 
