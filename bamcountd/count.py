@@ -579,77 +579,78 @@ class _Job:
     # --- shards ----------------------------------------------------------------------------
 
     async def _run_shards(self, index: Path, shards: Sequence[plan.Shard], reducer: _Reducer) -> None:
+        """Every shard under the limiters, each result streamed to ``reducer`` as it comes; the
+        extra shards the reducer asks for (to explain a mismatch) run the same way."""
         if not shards:
             return
-        bam, request, samtools, threads = self.bam, self.request, self.samtools, self.threads
         local = anyio.CapacityLimiter(self.processes)
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
-        limiter, progress = self.limiter, self.progress
-
-        async def run_one(shard: plan.Shard, how: _Command, results: ObjectSendStream[_Outcome]) -> None:
-            """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally."""
-            async with results, local:
-                with _named_failures(f"{bam}: region {shard.label}", request.timeout):
-                    async with limiter if limiter is not None else nullcontext():
-                        argv, where = how
-                        if argv is None:
-                            outcome = await self._tally(index, shard, where)
-                        else:
-                            completed = await st.run(argv, timeout=request.timeout)
-                            if shard.kind == plan.ACCOUNT:
-                                what = f"{bam}: region {shard.label}"
-                                tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
-                                outcome = _Outcome(shard, completed, tallies)
-                            else:
-                                outcome = _Outcome(shard, completed)
-                await results.send(outcome)
-
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
-
-            def command(number: int, shard: plan.Shard) -> _Command:
-                if shard.kind == plan.ACCOUNT:
-                    # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
-                    # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
-                    if not samtools.supports_save_counts or shard.expression is not None:
-                        return None, scratch
-                    saved = scratch / f"counts{number}.json"
-                    argv = st.count_argv(
-                        samtools, bam, index, shard.args, filters=request.filters, threads=threads, save_counts=saved
-                    )
-                    return argv, saved
-                if not shard.bed:
-                    argv = st.count_argv(
-                        samtools,
-                        bam,
-                        index,
-                        shard.args,
-                        filters=request.filters,
-                        threads=threads,
-                        expression=shard.expression,
-                    )
-                    return argv, scratch
-                bed = _write_bed(scratch / f"group{number}.bed", shard.args, self.lengths)
-                if shard.kind == plan.TALLY:
-                    return None, bed
-                # An unfiltered group's total is checked against the index (see _Reducer.add).
-                argv = st.count_argv(samtools, bam, index, (), filters=request.filters, threads=threads, bed=bed)
-                return argv, scratch
-
             started = len(shards)
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
                         for number, shard in enumerate(shards):
-                            group.start_soon(run_one, shard, command(number, shard), send.clone())
+                            how = self._command(index, number, shard, scratch)
+                            group.start_soon(self._run_one, index, shard, how, send.clone(), local)
                         while reducer.done < started:
                             for extra in reducer.add(await receive.receive()):
-                                group.start_soon(run_one, extra, command(started, extra), send.clone())
+                                how = self._command(index, started, extra, scratch)
+                                group.start_soon(self._run_one, index, extra, how, send.clone(), local)
                                 started += 1
-                            if progress is not None:
-                                progress(reducer.done, started)
+                            if self.progress is not None:
+                                self.progress(reducer.done, started)
             except BaseExceptionGroup as group_error:
                 raise _first_error(group_error) from None
+
+    async def _run_one(
+        self,
+        index: Path,
+        shard: plan.Shard,
+        how: _Command,
+        results: ObjectSendStream[_Outcome],
+        local: anyio.CapacityLimiter,
+    ) -> None:
+        """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally."""
+        async with results, local:
+            with _named_failures(f"{self.bam}: region {shard.label}", self.request.timeout):
+                async with self.limiter if self.limiter is not None else nullcontext():
+                    argv, where = how
+                    if argv is None:
+                        outcome = await self._tally(index, shard, where)
+                    else:
+                        completed = await st.run(argv, timeout=self.request.timeout)
+                        if shard.kind == plan.ACCOUNT:
+                            what = f"{self.bam}: region {shard.label}"
+                            tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
+                            outcome = _Outcome(shard, completed, tallies)
+                        else:
+                            outcome = _Outcome(shard, completed)
+            await results.send(outcome)
+
+    def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
+        """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
+        samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
+        if shard.kind == plan.ACCOUNT:
+            # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
+            # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
+            if not samtools.supports_save_counts or shard.expression is not None:
+                return None, scratch
+            saved = scratch / f"counts{number}.json"
+            argv = st.count_argv(samtools, bam, index, shard.args, filters=filters, threads=threads, save_counts=saved)
+            return argv, saved
+        if not shard.bed:
+            expression = shard.expression
+            argv = st.count_argv(
+                samtools, bam, index, shard.args, filters=filters, threads=threads, expression=expression
+            )
+            return argv, scratch
+        bed = _write_bed(scratch / f"group{number}.bed", shard.args, self.lengths)
+        if shard.kind == plan.TALLY:
+            return None, bed
+        # An unfiltered group's total is checked against the index (see _Reducer.add).
+        return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
     async def _tally(self, index: Path, shard: plan.Shard, where: Path) -> _Outcome:
         """A shard counted with the records its filters leave out: a group by its BED (per
