@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, BamNotFound, UnknownRegion
+from bamcountd.options import DEFAULT_MIN_SHARD_READS
 from bamcountd.samtools import Header, IndexStat
 
 UNPLACED = "*"
@@ -284,7 +285,7 @@ class ShardPolicy:
 
     slots: int  # samtools processes that run at once
     pieces_per_slot: int = 3
-    min_reads: int = 200_000  # below this a split costs more in start-up than it saves
+    min_reads: int = DEFAULT_MIN_SHARD_READS  # below this a split costs more in start-up than it saves
     split: bool = True  # cut large references into start-position shards (needs ``view -e``)
     group: bool = True  # count small references together instead of one process each
     filtered: bool = False  # filters make a group's per-reference counts need a tally
