@@ -10,6 +10,7 @@ cancels the other shards; cancellation kills their samtools processes (see
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from anyio.abc import ObjectSendStream
 
 from bamcountd import logs, plan
 from bamcountd import samtools as st
+from bamcountd.bamstream import write_intervals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -71,6 +73,12 @@ class CountRequest(CountOptions):
 class RegionCount:
     region: str
     count: int
+    name: str | None = None  # a BED line's name (its 4th column)
+
+    @property
+    def row(self) -> str:
+        """The row's label in a table: the BED name if there is one, else the region."""
+        return self.region if self.name is None else self.name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +102,12 @@ class CountResult:
         return {
             "bam": str(self.bam),
             "total": self.total,
-            "regions": [{"region": r.region, "count": r.count} for r in self.regions],
+            "regions": [
+                {"region": r.region, "count": r.count}
+                if r.name is None
+                else {"region": r.region, "name": r.name, "count": r.count}
+                for r in self.regions
+            ],
             "filters": self.filters.as_dict(),
             "samtools": self.samtools_version,
             "jobs": self.jobs,
@@ -113,6 +126,7 @@ class _Outcome:
     shard: plan.Shard
     completed: st.Completed
     tallies: dict[bytes, tuple[int, int]] | None = None  # tallies: (records reached, passing) per reference
+    counts: list[int] | None = None  # a sweep's: one per region of the shard, in its order
 
 
 def available_cores() -> int:
@@ -205,7 +219,7 @@ async def count_bam(
     result = CountResult(
         bam=bam,
         total=sum(counts),
-        regions=tuple(RegionCount(r.label, c) for r, c in zip(regions, counts, strict=True)),
+        regions=tuple(RegionCount(r.label, c, r.name) for r, c in zip(regions, counts, strict=True)),
         filters=request.filters,
         samtools_version=samtools.version,
         jobs=request.jobs,
@@ -309,7 +323,7 @@ class _Job:
         if self.request.method == "index":
             _check_whole(self.bam, self.regions)
             by_name = {stat.name: stat for stat in stats}
-            return _Counted([_index_total(r, by_name) for r in self.regions], "index", "none", 0, index)
+            return _Counted([_index_total(r, by_name) or 0 for r in self.regions], "index", "none", 0, index)
         counts, verification, shards = await self.view(index, stats)
         return _Counted(counts, "view", verification, shards, self.index)
 
@@ -408,7 +422,10 @@ class _Job:
         )
         weights = plan.region_weights(self.regions, stats, self.lengths)
         index_empty = not any(stat.reads for stat in stats.values())
-        shards = plan.plan_shards(self.regions, weights, self.lengths, policy, index_empty=index_empty)
+        densities = plan.densities(stats, self.lengths)
+        shards = plan.plan_shards(
+            self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities
+        )
         self.log.debug(
             "planned", regions=len(self.regions), shards=len(shards), processes=self.processes, threads=self.threads
         )
@@ -617,7 +634,9 @@ class _Job:
             with _named_failures(f"{self.bam}: region {shard.label}", self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
                     argv, where = how
-                    if argv is None:
+                    if shard.kind == plan.SWEEP:
+                        outcome = await self._sweep(index, shard, where)
+                    elif argv is None:
                         outcome = await self._tally(index, shard, where)
                     else:
                         completed = await st.run(argv, timeout=self.request.timeout)
@@ -632,6 +651,15 @@ class _Job:
     def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
         """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
         samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
+        if shard.kind == plan.SWEEP:
+            regions = self.regions
+            rows = (
+                (regions[i].reference or "", (regions[i].start or 1) - 1, regions[i].end or 0) for i in shard.regions
+            )
+            intervals = scratch / f"sweep{number}.intervals"
+            intervals.write_bytes(write_intervals(rows))
+            (scratch / f"sweep{number}.bed").write_bytes(write_intervals(shard.stretches))
+            return None, intervals
         if shard.kind == plan.ACCOUNT:
             # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
             # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
@@ -651,6 +679,22 @@ class _Job:
             return None, bed
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
+
+    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path) -> _Outcome:
+        """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
+        (bamstream), which credits each read to every one of the shard's ranges it overlaps."""
+        tally = await st.run_tally(
+            self.samtools,
+            st.with_index(self.bam, index),
+            bed=intervals.with_suffix(".bed"),
+            filters=self.request.filters,
+            readers=[sys.executable, "-m", "bamcountd.bamstream", str(intervals)],
+            threads=self.threads,
+            cwd=intervals.parent,
+            timeout=self.request.timeout,
+        )
+        counts = st.parse_sweep(tally, len(shard.regions), f"{self.bam}: region {shard.label}")
+        return _Outcome(shard, tally.view, counts=counts)
 
     async def _tally(self, index: Path, shard: plan.Shard, where: Path) -> _Outcome:
         """A shard counted with the records its filters leave out: a group by its BED (per
@@ -736,7 +780,10 @@ def _check_whole(bam: Path, regions: Sequence[plan.Region]) -> None:
             raise BadOption(f"{bam}: --method index counts whole references only, not {region.label!r}")
 
 
-def _index_total(region: plan.Region, stats: dict[str, st.IndexStat]) -> int:
+def _index_total(region: plan.Region, stats: dict[str, st.IndexStat]) -> int | None:
+    """The index's records for a whole region (None for a range: the index cannot say)."""
+    if region.start is not None or region.end is not None:
+        return None
     if region.everything:
         return sum(stat.reads if stat.name != plan.UNPLACED else stat.unmapped for stat in stats.values())
     if region.reference is None:
@@ -799,6 +846,12 @@ class _Reducer:
             reached, count = outcome.tallies.get(st.WHOLE_STREAM, (0, 0))
             self.counts[shard.regions[0]] += shard.sign * count
             self._reached[shard.regions[0]] += shard.sign * reached
+        elif shard.kind == plan.SWEEP:
+            assert outcome.counts is not None
+            for i, found in zip(shard.regions, outcome.counts, strict=True):
+                self.counts[i] += found
+                self._unknown.add(i)  # ranges: nothing to set them against
+            count = sum(outcome.counts)
         elif shard.kind == plan.SUM:
             count = st.parse_count(completed, what)
             if count != sum(self._total(i) for i in shard.regions):

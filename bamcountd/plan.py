@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, BamNotFound, UnknownRegion
 from bamcountd.options import DEFAULT_MIN_SHARD_READS
@@ -36,14 +37,14 @@ _DIGITS = re.compile(r"\A[0-9]+\Z")
 _RANGE = re.compile(r"\A([0-9][0-9,]*)?(?:(-)([0-9][0-9,]*)?)?\Z")
 
 
-@dataclass(frozen=True)
-class Region:
-    """One row of the output."""
+class Region(NamedTuple):
+    """One row of the output (a named tuple: a BED file makes hundreds of thousands)."""
 
     label: str
     reference: str | None  # None for ``*`` and for ``.``
     start: int | None = None  # 1-based, inclusive
     end: int | None = None  # 1-based, inclusive; None runs to the end of the reference
+    name: str | None = None  # a BED line's 4th column: the row's name in the output
 
     @property
     def whole(self) -> bool:
@@ -177,8 +178,10 @@ def _known(lengths: Mapping[str, int]) -> str:
 
 def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
     """Regions from a BED file (0-based, half-open; plain or gzip/BGZF-compressed), labelled
-    1-based like samtools regions.  ``#``, ``track`` and ``browser`` lines are headers unless
-    they are an interval on a reference of the BAM (a contig may be called ``track``)."""
+    1-based like samtools regions, in the file's order (duplicates too).  Columns after the
+    third are ignored but the 4th, the row's name.  ``#``, ``track`` and ``browser`` lines are
+    headers unless they are an interval on a reference of the BAM (a contig may be called
+    ``track``); blank lines are skipped."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -187,31 +190,42 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
         raise BamNotFound(f"{path}: cannot read regions file ({error.strerror})") from None
     if data[:2] == b"\x1f\x8b":
         data = _gunzipped(path, data)
+    binary = _BINARY.search(data)
+    if binary is not None:
+        number = data.count(b"\n", 0, binary.start()) + 1
+        raise BadRegionsFile(f"{path}:{number}: not a text BED file (binary data; compressed other than with gzip?)")
     regions: list[Region] = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if _BINARY.search(raw):
-            raise BadRegionsFile(
-                f"{path}:{number}: not a text BED file (binary data; compressed other than with gzip?)"
-            )
-        line = os.fsdecode(raw.rstrip(b"\r"))
-        fields = [field.strip() for field in line.split("\t")] if "\t" in line else line.split()
-        if not fields:
-            continue
-        interval = len(fields) >= 3 and bool(_DIGITS.match(fields[1])) and bool(_DIGITS.match(fields[2]))
-        header = line.startswith("#") or fields[0] in ("track", "browser")
-        if header and not (interval and fields[0] in lengths):
-            continue
+    append = regions.append
+    for number, raw in enumerate(os.fsdecode(data).split("\n"), start=1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if "\t" not in line:
+            fields = line.split()
+        elif " " in line:
+            fields = [field.strip() for field in line.split("\t")]
+        else:
+            fields = line.split("\t")
+        if len(fields) < 3:
+            if not fields or not fields[0]:
+                continue
+            fields += ["", ""]
+        first, second, third = fields[0], fields[1], fields[2]
+        interval = second.isdigit() and third.isdigit() and second.isascii() and third.isascii()
+        if (line.startswith("#") or first in ("track", "browser")) and not (interval and first in lengths):
+            continue  # a header line
         if not interval:
             raise BadRegionsFile(f"{path}:{number}: expected 'chrom<TAB>start<TAB>end', got {line[:80]!r}")
-        name, start0, end = fields[0], int(fields[1]), int(fields[2])
-        if name not in lengths:
-            raise BadRegionsFile(f"{path}:{number}: reference {name!r} is not in the BAM header{_known(lengths)}")
+        start0, end = int(second), int(third)
+        length = lengths.get(first)
+        if length is None:
+            raise BadRegionsFile(f"{path}:{number}: reference {first!r} is not in the BAM header{_known(lengths)}")
         if end <= start0:
             raise BadRegionsFile(f"{path}:{number}: end {end} is not after start {start0}")
-        try:
-            regions.append(_checked_range(f"{name}:{start0 + 1}-{end}", name, start0 + 1, end, lengths[name]))
-        except UnknownRegion as error:
-            raise BadRegionsFile(f"{path}:{number}: {error}") from None
+        if start0 >= length:
+            raise BadRegionsFile(
+                f"{path}:{number}: region {first}:{start0 + 1}-{end}: starts past the end of {first} (length {length})"
+            )
+        name = fields[3] if len(fields) > 3 and fields[3] else None
+        append(Region(f"{first}:{start0 + 1}-{end}", first, start0 + 1, end, name))
     if not regions:
         raise BadRegionsFile(f"{path}: no regions in the file")
     return regions
@@ -254,6 +268,8 @@ TALLY = "tally"  # records passing the filters and not, per reference (small ref
 #                  together they must equal the index's counts
 SUM = "sum"  # ``view -c`` over several whole references: must equal the index's sum for them,
 #              and each reference then gets the index's own count (small references, unfiltered)
+SWEEP = "sweep"  # many ranges at once: ``view -u [filters] -M`` of the stretches that hold them,
+#                  each read credited to every range it overlaps (bamstream.count_overlaps)
 
 
 @dataclass(frozen=True)
@@ -266,6 +282,7 @@ class Shard:
     kind: str = COUNT
     sign: int = 1  # -1 for a boundary correction, whose count is subtracted
     weight: float = 0.0  # expected records, from the index
+    stretches: tuple[tuple[str, int, int], ...] = ()  # a sweep's: (reference, start0, end) to read
 
     @property
     def bed(self) -> bool:
@@ -292,6 +309,7 @@ class ShardPolicy:
     account: bool = False  # whole references' shards are ACCOUNT shards (see there)
     small_reads: int = 20_000  # references with fewer expected records are grouped
     group_reads: int = 400_000  # at most this many expected records per group
+    sweep_from: int = 16  # from this many ranges on, they are swept (see SWEEP), else one command each
 
 
 def region_weights(
@@ -319,17 +337,23 @@ def plan_shards(
     policy: ShardPolicy,
     *,
     index_empty: bool = False,
+    densities: Mapping[str, float] | None = None,
 ) -> list[Shard]:
     """Cut regions into shards of similar size, biggest first.
 
     ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
+    ``densities``: expected records per base of each reference, for sweeps.
     """
-    total = sum(weights)
+    densities = densities if densities is not None else {}
+    swept = set(swept_regions(regions, policy))
+    total = sum(weight for i, weight in enumerate(weights) if i not in swept)
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
-    shards: list[Shard] = []
+    shards: list[Shard] = _sweeps(regions, sorted(swept), lengths, densities, policy) if swept else []
     small: list[int] = []
     uses = Counter(r.reference for r in regions)
     for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
+        if index in swept:
+            continue
         kind = ACCOUNT if policy.account and region.whole else COUNT
         if region.everything or (region.reference is None and index_empty):
             # ``.`` is the whole file in file order, which needs no index.  htslib cannot seek
@@ -413,3 +437,107 @@ def _groups(
         load += weights[index]
     close()
     return groups
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+#: Two stretches of a sweep closer than this many expected reads are read as one: samtools'
+#: seek to the next costs about as much as reading that many records.
+SWEEP_GAP_READS = 1_000
+#: At most this many stretches (region arguments) per sweep command.
+SWEEP_STRETCHES = 256
+
+
+def swept_regions(regions: Sequence[Region], policy: ShardPolicy) -> list[int]:
+    """The regions that sweeps count: ranges with an end, once there are ``sweep_from`` of them
+    (below that, one ``view -c`` each is as fast); none with ``--no-split``.  A sweep hands its
+    stretches to samtools as a BED file (its multi-region iterator reads no ``{name}``), so a
+    range on a reference that a BED cannot name is counted on its own."""
+    ranges = [
+        i
+        for i, region in enumerate(regions)
+        if region.reference is not None
+        and region.start is not None
+        and region.end is not None
+        and _bed_safe(region.reference)
+    ]
+    return ranges if policy.split and policy.group and len(ranges) >= policy.sweep_from else []
+
+
+def densities(stats: Mapping[str, IndexStat], lengths: Mapping[str, int]) -> dict[str, float]:
+    """Expected records per base of each reference, from the index."""
+    return {name: (stats[name].reads if name in stats else 0) / max(length, 1) for name, length in lengths.items()}
+
+
+def _sweeps(
+    regions: Sequence[Region],
+    swept: Sequence[int],
+    lengths: Mapping[str, int],
+    densities: Mapping[str, float],
+    policy: ShardPolicy,
+) -> list[Shard]:
+    """Sweep shards: per reference in header order, the ranges by start, joined into stretches
+    (a gap worth fewer than SWEEP_GAP_READS expected reads is read through), the stretches cut
+    into shards of similar expected reads.  A shard credits each read only to its own ranges,
+    so a read that reaches into two shards' stretches is counted once for each range it
+    overlaps, whichever shard holds the range."""
+    by_reference: dict[str, list[int]] = {}
+    for i in swept:
+        by_reference.setdefault(regions[i].reference or "", []).append(i)
+    order = {name: k for k, name in enumerate(lengths)}
+    spans: list[tuple[str, list[tuple[int, int, int]]]] = []  # a reference, its ranges (start0, end, index)
+    total = 0.0
+    for name in sorted(by_reference, key=lambda n: order.get(n, len(order))):
+        density = densities.get(name, 0.0)
+        gap = SWEEP_GAP_READS / density if density > 0 else float("inf")
+        members = sorted(((regions[i].start or 1) - 1, regions[i].end or 0, i) for i in by_reference[name])
+        low = high = -1
+        for start, end, i in members:
+            if low >= 0 and start - high <= gap:
+                high = max(high, end)
+                spans[-1][1].append((start, end, i))
+            else:
+                total += density * (high - low) if low >= 0 else 0.0
+                low, high = start, end
+                spans.append((name, [(start, end, i)]))
+        total += density * (high - low) if low >= 0 else 0.0
+    target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
+    shards: list[Shard] = []
+    members_now: list[int] = []
+    args: list[tuple[str, int, int]] = []
+    load = 0.0
+
+    def close() -> None:
+        nonlocal members_now, args, load
+        if members_now:
+            shown = tuple(_stretch(*stretch) for stretch in args)
+            shards.append(Shard(tuple(members_now), shown, kind=SWEEP, weight=load, stretches=tuple(args)))
+        members_now, args, load = [], [], 0.0
+
+    for name, members in spans:
+        density = densities.get(name, 0.0)
+        # A stretch heavier than a shard is cut between its ranges: each piece's stretch then
+        # starts at its first range, and the pieces' stretches may overlap.
+        low = high = -1
+        for start, end, i in members:
+            grown = density * (max(end, high) - (start if low < 0 else low))
+            if members_now and (load + grown > target or (low < 0 and len(args) >= SWEEP_STRETCHES)):
+                if low >= 0:
+                    args.append((name, low, high))
+                    load += density * (high - low)
+                    low = high = -1
+                close()
+            if low < 0:
+                low, high = start, end
+            else:
+                high = max(high, end)
+            members_now.append(i)
+        if low >= 0:
+            args.append((name, low, high))
+            load += density * (high - low)
+    close()
+    return shards
+
+
+def _stretch(name: str, start0: int, end: int) -> str:
+    return f"{_quoted(name, ranged=True)}:{start0 + 1}-{end}"

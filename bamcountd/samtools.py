@@ -197,7 +197,7 @@ async def run_tally(
     bed: Path | None = None,
     filters: Filters,
     expression: str | None = None,
-    readers: str = PER_REFERENCE,
+    readers: str | Sequence[str] = PER_REFERENCE,
     threads: int = 1,
     cwd: Path,
     timeout: float | None = None,
@@ -210,10 +210,11 @@ async def run_tally(
     the same ``-e`` so that the records the expression left out are not counted as reached.
     Passed + failed is what the query reached, which must equal the index's count for a whole
     reference.  On cancellation or timeout every process is killed.  ``cwd`` is private:
-    idxstats looks for ``-.bai`` there, which must not exist.
+    idxstats looks for ``-.bai`` there, which must not exist.  ``readers`` may also be a
+    command line of its own (the interval sweep), which then reads the passing records alone.
     """
     started = time.monotonic()
-    split = filters.active or expression is not None
+    split = (filters.active or expression is not None) and readers in (PER_REFERENCE, TOTAL)
     selected_read, selected_write = os.pipe()
     unselected_read, unselected_write = os.pipe() if split else (-1, -1)
     view = _uncompressed_view(samtools, filters, threads)
@@ -223,8 +224,12 @@ async def run_tally(
         view += ["-M", "-L", str(bed)]
     if split:
         view += ["-U", f"/dev/fd/{unselected_write}"]
+    if len(regions) > 1:
+        view.append("-M")  # the multi-region iterator: each record once, however many regions it overlaps
     view += [source, *regions]
-    if readers == PER_REFERENCE:
+    if not isinstance(readers, str):
+        reader = unselected_reader = list(readers)
+    elif readers == PER_REFERENCE:
         reader = [samtools.executable, "idxstats", "-"]
         unselected_reader = reader
     else:
@@ -587,6 +592,33 @@ def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
             name, mapped, unmapped = match.groups()
             found.setdefault(name, [0, 0])[column] += int(mapped) + int(unmapped)
     return {name: (passed + failed, passed) for name, (passed, failed) in found.items()}
+
+
+_SWEEP_OUTPUT = re.compile(rb"\A((?:[0-9]+\n)*)records ([0-9]+)\n\Z")
+
+
+def parse_sweep(tally: Tally, intervals: int, what: str) -> list[int]:
+    """Each interval's count from a :func:`run_tally` whose reader was the interval sweep
+    (``python -m bamcountd.bamstream``), after checking both commands: one count per interval,
+    then the records it read."""
+    reader = tally.selected
+    if tally.view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in tally.view.stderr_lines):
+        _checked_reader(reader, what)  # the reader gave up first: its words say why
+    _checked(tally.view, what)
+    _checked_reader(reader, what)
+    match = _SWEEP_OUTPUT.match(reader.stdout)
+    counts = [int(line) for line in match.group(1).split()] if match is not None else []
+    if match is None or len(counts) != intervals:
+        raise SamtoolsBadOutput(
+            f"{what}: the interval sweep printed {reader.stdout[-200:]!r} for {intervals} intervals"
+        )
+    return counts
+
+
+def _checked_reader(completed: Completed, what: str) -> None:
+    failure = completed.describe_failure()
+    if failure is not None:
+        raise SamtoolsBadOutput(f"{what}: the interval sweep over samtools' output failed ({failure})")
 
 
 def _without_stream_notes(completed: Completed) -> Completed:
