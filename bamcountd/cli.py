@@ -7,6 +7,7 @@ import argparse
 import importlib
 import io
 import os
+import re
 import sys
 import tempfile
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bamcountd import logs
-from bamcountd.errors import BadOption, BamcountdError, InputError, MissingExtra
+from bamcountd.errors import BadOption, BamcountdError, CohortFailed, InputError, MissingExtra
 from bamcountd.options import (
     APPEND,
     OFF,
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bamcountd: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except CohortFailed as error:  # each BAM's own line, then the status of the worst
+        for _, failure in error.failures:
+            _print_error(failure)
+        return EXIT_USAGE if error.input_only else EXIT_FAILURE
     except InputError as error:
         _print_error(error)
         return EXIT_USAGE
@@ -134,10 +139,12 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
         commands,
         common,
         "count",
-        "count the reads of one BAM",
-        "Count the reads of one coordinate-sorted BAM per region.",
+        "count the reads of BAMs per region",
+        "Count the reads of coordinate-sorted BAMs per region; several BAMs make a matrix (a row per "
+        "region, a column per sample) or, with --format json, a list of the per-BAM results.",
     )
-    count.add_argument("bam", type=Path, help="coordinate-sorted BAM file")
+    count.add_argument("bam", type=Path, nargs="*", help="coordinate-sorted BAM file(s)")
+    count.add_argument("--bams-from", type=Path, metavar="FILE", help="more BAMs: one path a line")
     add_options(count, OPTIONS)
     count.add_argument(
         "--format",
@@ -273,6 +280,31 @@ def _output_format(args: argparse.Namespace) -> str:
     return "table" if sys.stdout.isatty() else "tsv"
 
 
+def _bams(args: argparse.Namespace) -> list[Path]:
+    """The BAMs named on the command line, then those of ``--bams-from`` (blank lines and
+    ``#`` comments skipped).
+
+    :raises BadOption: none given, an unreadable list, or a URL (not counted: download it first)
+    """
+    bams: list[Path] = list(args.bam)
+    if args.bams_from is not None:
+        try:
+            lines = args.bams_from.read_bytes().splitlines()
+        except OSError as error:
+            raise BadOption(f"{args.bams_from}: cannot read the list of BAMs ({error.strerror})") from None
+        for number, raw in enumerate(lines, start=1):
+            line = os.fsdecode(raw).strip()
+            if not line or line.startswith("#"):
+                continue
+            if "://" in line:
+                shown = re.sub(r"//[^/@]*@", "//", line.split("?")[0])  # no credentials, no signature
+                raise BadOption(f"{args.bams_from}:{number}: {shown}: URLs are not counted; download it first")
+            bams.append(Path(line))
+    if not bams:
+        raise BadOption("count: give a BAM, or --bams-from FILE")
+    return bams
+
+
 def _run_count(args: argparse.Namespace) -> int:
     from bamcountd.count import CountRequest, count_bam_sync
     from bamcountd.report import render, write_atomic
@@ -280,9 +312,14 @@ def _run_count(args: argparse.Namespace) -> int:
     if args.output is not None and not os.access(args.output.parent if str(args.output.parent) else ".", os.W_OK):
         raise BadOption(f"{args.output}: cannot write there (folder missing or not writable)")
     fmt = _output_format(args)
-    with _Progress(sys.stderr) as progress:
-        result = count_bam_sync(CountRequest.of(args.bam, count_options(args)), progress=progress.update)
-    text = render(result, fmt)
+    bams = _bams(args)
+    options = count_options(args)
+    if len(bams) > 1 or args.bams_from is not None:
+        text = _count_cohort(bams, options, fmt)
+    else:
+        with _Progress(sys.stderr) as progress:
+            result = count_bam_sync(CountRequest.of(bams[0], options), progress=progress.regions)
+        text = render(result, fmt)
     if args.output is not None:
         try:
             write_atomic(args.output, text.encode("utf-8", "surrogateescape"))  # names are header bytes
@@ -291,6 +328,21 @@ def _run_count(args: argparse.Namespace) -> int:
     else:
         _write_stdout(text)
     return EXIT_OK
+
+
+def _count_cohort(bams: Sequence[Path], options: CountOptions, fmt: str) -> str:
+    """Many BAMs at once; nothing is rendered unless every one was counted.
+
+    :raises CohortFailed: one or more BAMs failed
+    """
+    from bamcountd.count import CountRequest, count_bams_sync
+    from bamcountd.report import COHORT_FORMATS, render_cohort
+
+    if fmt not in COHORT_FORMATS:
+        raise BadOption(f"--format {fmt}: one BAM's format; many BAMs are {', '.join(COHORT_FORMATS)}")
+    with _Progress(sys.stderr) as progress:
+        results = count_bams_sync([CountRequest.of(bam, options) for bam in bams], progress=progress.bams)
+    return render_cohort(results, fmt)
 
 
 def _write_stdout(text: str) -> None:
@@ -320,7 +372,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """``done/total shards, elapsed`` on stderr for counts longer than a second, on a tty only."""
+    """``done/total regions (or BAMs), elapsed`` on stderr for counts longer than a second, on a
+    tty only."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -336,10 +389,16 @@ class _Progress:
             self._stream.write("\r\033[K")
             self._stream.flush()
 
-    def update(self, done: int, total: int) -> None:
+    def regions(self, done: int, total: int) -> None:
+        self._show(done, total, "regions")
+
+    def bams(self, done: int, total: int) -> None:
+        self._show(done, total, "BAMs")
+
+    def _show(self, done: int, total: int, what: str) -> None:
         elapsed = time.monotonic() - self._started
         if self._enabled and elapsed >= 1.0:
-            self._stream.write(f"\rcounting: {done}/{total} shards, {elapsed:.1f} s")
+            self._stream.write(f"\rcounting: {done:,}/{total:,} {what}, {elapsed:.1f} s")
             self._stream.flush()
             self._shown = True
 

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,7 @@ from bamcountd.bamstream import write_intervals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
+    CohortFailed,
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
@@ -52,6 +54,7 @@ log = logs.get_logger("bamcountd")
 #: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.
 _BAI_MAX_LENGTH = (1 << 29) - 1
 
+#: Called with (regions done, regions) as a count goes on.
 ProgressCallback = Callable[[int, int], None]
 #: How one shard runs: a ``view -c`` argument list and the file it saves its counts to (or its
 #: scratch folder), or None and where its tally works (its BED, or the scratch folder).
@@ -96,6 +99,12 @@ class CountResult:
     seconds: float
     verification: str = "index"  # index, earlier, stream or none (README: Outputs)
     notes: tuple[str, ...] = ()  # what went differently from a plain count, and why
+    samples: tuple[str, ...] = ()  # the header's @RG SM values
+
+    @property
+    def sample(self) -> str:
+        """The column's name in a matrix: the one ``@RG SM`` of the header, else the file name."""
+        return self.samples[0] if len(self.samples) == 1 else self.bam.name
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON contract other tools read (``bamcountd count --format json``)."""
@@ -230,6 +239,7 @@ async def count_bam(
         seconds=time.monotonic() - started,
         verification=verification,
         notes=tuple(job.notes),
+        samples=header.samples,
     )
     log.bind(bam=str(bam)).info(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
@@ -243,6 +253,59 @@ def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None =
     :raises BamcountdError: as :func:`count_bam`
     """
     return anyio.run(partial(count_bam, request, progress=progress))
+
+
+#: Called with (BAMs done, BAMs) as a cohort's count goes on.
+CohortProgress = Callable[[int, int], None]
+
+
+async def count_bams(
+    requests: Sequence[CountRequest],
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
+    progress: CohortProgress | None = None,
+) -> list[CountResult]:
+    """Count several BAMs at once, in the order given, under one limiter of samtools commands
+    (``limiter``, else one sized by the first request's ``jobs`` and ``threads``).  Every BAM is
+    counted even when another fails, so that every failure can be reported.
+
+    :raises CohortFailed: one or more BAMs failed; it holds each one's error, in input order
+    """
+    if not requests:
+        return []
+    first = requests[0]
+    processes, _ = choose_parallelism(first.jobs, first.threads, available_cores())
+    shared = limiter if limiter is not None else anyio.CapacityLimiter(processes)
+    at_once = anyio.CapacityLimiter(processes + 1)  # one more, whose checks overlap the others' shards
+    results: list[CountResult | None] = [None] * len(requests)
+    failures: dict[int, BamcountdError] = {}
+    done = 0
+
+    async def one(position: int, request: CountRequest) -> None:
+        nonlocal done
+        async with at_once:
+            try:
+                results[position] = await count_bam(request, limiter=shared)
+            except BamcountdError as error:
+                failures[position] = error
+        done += 1
+        if progress is not None:
+            progress(done, len(requests))
+
+    async with anyio.create_task_group() as group:
+        for position, request in enumerate(requests):
+            group.start_soon(one, position, request)
+    if failures:
+        raise CohortFailed([(requests[i].bam, failures[i]) for i in sorted(failures)])
+    return [result for result in results if result is not None]
+
+
+def count_bams_sync(requests: Sequence[CountRequest], *, progress: CohortProgress | None = None) -> list[CountResult]:
+    """:func:`count_bams` for callers without an event loop.
+
+    :raises CohortFailed: as :func:`count_bams`
+    """
+    return anyio.run(partial(count_bams, requests, progress=progress))
 
 
 async def _no_stats() -> None:
@@ -605,6 +668,8 @@ class _Job:
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
             started = len(shards)
+            pending = Counter(i for shard in shards for i in shard.regions)  # shards still out, per region
+            finished = len(self.regions) - len(pending)
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
@@ -612,12 +677,17 @@ class _Job:
                             how = self._command(index, number, shard, scratch)
                             group.start_soon(self._run_one, index, shard, how, send.clone(), local)
                         while reducer.done < started:
-                            for extra in reducer.add(await receive.receive()):
+                            outcome = await receive.receive()
+                            extras = reducer.add(outcome)
+                            pending.update(i for extra in extras for i in extra.regions)
+                            for extra in extras:
                                 how = self._command(index, started, extra, scratch)
                                 group.start_soon(self._run_one, index, extra, how, send.clone(), local)
                                 started += 1
+                            pending.subtract(outcome.shard.regions)
+                            finished += sum(1 for i in outcome.shard.regions if not pending[i])
                             if self.progress is not None:
-                                self.progress(reducer.done, started)
+                                self.progress(finished, len(self.regions))
             except BaseExceptionGroup as group_error:
                 raise _first_error(group_error) from None
 

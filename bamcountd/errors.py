@@ -7,6 +7,8 @@ something: a path, a region, an option) and everything else under :class:`Bamcou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class BamcountdError(Exception):
     """Base class of every error bamcountd raises on purpose."""
@@ -96,6 +98,23 @@ class SamtoolsBadOutput(SamtoolsFailed):
 
 
 # --- service (bamcountd serve) --------------------------------------------------------------
+
+
+class CohortFailed(BamcountdError):
+    """One or more BAMs of a many-BAM count failed; ``failures`` holds each one and its error."""
+
+    def __init__(self, failures: list[tuple[Path, BamcountdError]]) -> None:
+        super().__init__(f"{len(failures)} of the BAMs could not be counted")
+        self.failures = failures
+
+    @property
+    def input_only(self) -> bool:
+        """Every failure is the input's (usage/input exit status), none the data's or a tool's."""
+        return all(isinstance(error, InputError) for _, error in self.failures)
+
+
+class CohortRowsDiffer(InputError):
+    """The BAMs of a many-BAM count have different rows, which no matrix can hold."""
 
 
 class ConfigError(InputError):

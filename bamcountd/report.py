@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bamcountd.count import CountResult
+from bamcountd.errors import CohortRowsDiffer
 
 FORMATS = ("table", "tsv", "json", "seed")
 
 
 def format_table(result: CountResult) -> str:
-    rows = [(r.region, str(r.count)) for r in result.regions] + [("total", str(result.total))]
+    rows = [(r.row, str(r.count)) for r in result.regions] + [("total", str(result.total))]
     name_width = max(len("region"), *(len(name) for name, _ in rows))
     count_width = max(len("count"), *(len(count) for _, count in rows))
     lines = [f"{'region':<{name_width}}  {'count':>{count_width}}"]
@@ -25,7 +26,7 @@ def format_table(result: CountResult) -> str:
 
 
 def format_tsv(result: CountResult) -> str:
-    lines = [f"{r.region}\t{r.count}" for r in result.regions]
+    lines = [f"{r.row}\t{r.count}" for r in result.regions]
     lines.append(f"total\t{result.total}")
     return "\n".join(lines) + "\n"
 
@@ -49,7 +50,7 @@ def format_json(result: CountResult) -> str:
 
 def format_seed(result: CountResult) -> str:
     """The seed applet's count_file, byte for byte: no newline after the total."""
-    lines = [f"Region {r.region}: {r.count}\n" for r in result.regions]
+    lines = [f"Region {r.row}: {r.count}\n" for r in result.regions]
     return "".join(lines) + f"Total reads: {result.total}"
 
 
@@ -63,6 +64,76 @@ _FORMATTERS: dict[str, Callable[[CountResult], str]] = {
 
 def render(result: CountResult, fmt: str) -> str:
     return _FORMATTERS[fmt](result)
+
+
+# --- many BAMs: a matrix, a row per region and a column per sample ---------------------------
+
+#: The formats of a many-BAM count (the seed applet's is one BAM's).
+COHORT_FORMATS = ("table", "tsv", "json")
+
+
+def sample_names(results: Sequence[CountResult]) -> list[str]:
+    """Each result's column name (:attr:`CountResult.sample`), made unique in input order: a
+    name seen before gets ``_2``, ``_3``, … (the first free one)."""
+    names: list[str] = []
+    taken = {result.sample for result in results}
+    seen: set[str] = set()
+    for result in results:
+        name = result.sample
+        if name in seen:
+            k = 2
+            while f"{name}_{k}" in taken:
+                k += 1
+            name = f"{name}_{k}"
+            taken.add(name)
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def check_same_rows(results: Sequence[CountResult]) -> None:
+    """:raises CohortRowsDiffer: the BAMs' rows differ (their headers do), so no matrix holds them"""
+    first = results[0]
+    for result in results[1:]:
+        if [r.region for r in result.regions] != [r.region for r in first.regions]:
+            raise CohortRowsDiffer(
+                f"{result.bam}: its rows differ from those of {first.bam} (their headers name other references); "
+                "give the same -r/--regions-file for all, or ask for --format json"
+            )
+
+
+def _matrix(results: Sequence[CountResult]) -> list[list[str]]:
+    rows = [["region", *sample_names(results)]]
+    rows += [[r.row, *(str(result.regions[k].count) for result in results)] for k, r in enumerate(results[0].regions)]
+    rows.append(["total", *(str(result.total) for result in results)])
+    return rows
+
+
+def render_cohort(results: Sequence[CountResult], fmt: str) -> str:
+    """Many BAMs' counts: ``tsv`` a matrix (a header line ``region`` and the sample names, a row
+    per region, then ``total``), ``table`` the same aligned, ``json`` a list of the per-BAM
+    results, each with its ``sample``.
+
+    :raises CohortRowsDiffer: a matrix of BAMs whose rows differ
+    """
+    if fmt == "json":
+        documents = [
+            {"sample": name, **result.as_dict()} for name, result in zip(sample_names(results), results, strict=True)
+        ]
+        return json_text(documents)
+    check_same_rows(results)
+    rows = _matrix(results)
+    if fmt == "tsv":
+        return "".join("\t".join(row) + "\n" for row in rows)
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            [f"{row[0]:<{widths[0]}}", *(f"{cell:>{w}}" for cell, w in zip(row[1:], widths[1:], strict=True))]
+        )
+
+    body = [line(row) for row in rows]
+    return "\n".join([*body[:-1], "-" * len(body[0]), body[-1]]) + "\n"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

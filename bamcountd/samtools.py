@@ -120,6 +120,7 @@ class Reference:
 class Header:
     references: tuple[Reference, ...]
     sort_order: str | None
+    samples: tuple[str, ...] = ()  # the @RG lines' SM values, each once, in header order
 
 
 @dataclass(frozen=True)
@@ -451,6 +452,7 @@ async def read_header(executable: str, bam: Path) -> Header:
         raise CorruptBam(f"{bam}: cannot read the header: samtools {failure}")
     references: list[Reference] = []
     sort_order: str | None = None
+    samples: list[str] = []
     for raw in completed.stdout.split(b"\n"):
         if raw.startswith(b"@HD\t"):
             for field in raw.split(b"\t")[1:]:
@@ -461,7 +463,11 @@ async def read_header(executable: str, bam: Path) -> Header:
             if b"SN" not in fields or b"LN" not in fields or not fields[b"LN"].isdigit():
                 raise CorruptBam(f"{bam}: malformed @SQ header line: {raw[:200]!r}")
             references.append(Reference(name=os.fsdecode(fields[b"SN"]), length=int(fields[b"LN"])))
-    return Header(references=tuple(references), sort_order=sort_order)
+        elif raw.startswith(b"@RG\t"):
+            for field in raw.split(b"\t")[1:]:
+                if field.startswith(b"SM:") and os.fsdecode(field[3:]) not in samples:
+                    samples.append(os.fsdecode(field[3:]))
+    return Header(references=tuple(references), sort_order=sort_order, samples=tuple(samples))
 
 
 async def idxstats(executable: str, bam: Path, index: Path) -> list[IndexStat]:
