@@ -8,13 +8,16 @@ this only walks the records' ``block_size`` chain and reads each one's reference
 
 from __future__ import annotations
 
-import heapq
+import functools
+import gc
 import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import BinaryIO, NamedTuple
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import starmap
+from typing import Any, BinaryIO, NamedTuple
 
 from bamcountd.errors import SamtoolsBadOutput
 
@@ -87,7 +90,7 @@ def _walk(buffer: bytes, position: int, end: int, tally: list[int], positionless
 
 
 class _Inflated:
-    """The uncompressed bytes of a BGZF stream, a block at a time."""
+    """The uncompressed bytes of a BGZF stream, as many blocks at a time as one read brings."""
 
     def __init__(self, stream: BinaryIO, what: str) -> None:
         self._stream = stream
@@ -97,17 +100,17 @@ class _Inflated:
 
     def take(self, size: int) -> bytes:
         while len(self.pending) < size:
-            block = next(self._blocks, None)
-            if block is None:
+            pieces = next(self._blocks, None)
+            if pieces is None:
                 raise SamtoolsBadOutput(f"{self._what}: samtools' output ends inside the BAM header")
-            self.pending += block
+            self.pending = b"".join([self.pending, *pieces])
         taken, self.pending = self.pending[:size], self.pending[size:]
         return taken
 
     def chunks(self) -> Iterator[tuple[bytes, int, int]]:
-        """What is left, block by block, each joined to the unfinished record before it."""
-        for block in self._blocks:
-            buffer = self.pending + block if self.pending else block
+        """What is left, a read's blocks at a time, joined to the unfinished record before them."""
+        for pieces in self._blocks:
+            buffer = b"".join([self.pending, *pieces])
             self.pending = b""
             yield buffer, 0, len(buffer)
         if self.pending:  # the header's last block may hold records too
@@ -117,27 +120,45 @@ class _Inflated:
     def keep(self, buffer: bytes, start: int, end: int) -> None:
         self.pending = buffer[start:end]
 
-    def _inflate(self) -> Iterator[bytes]:
+    def _inflate(self) -> Iterator[list[bytes | memoryview]]:
+        """Each read's whole blocks, uncompressed.  ``samtools view -u`` writes level 0: a block
+        is then one stored deflate block, whose bytes are taken as they are (no zlib call)."""
+        what, header, unpack = self._what, _BLOCK_HEADER.size, _BLOCK_HEADER.unpack_from
+        data = b""
         while True:
-            head = self._read(_BLOCK_HEADER.size)
-            if not head:
+            more = self._stream.read(READ_BUFFER)
+            if not more:
+                if data:
+                    raise SamtoolsBadOutput(f"{what}: samtools' output ends inside a block")
                 return
-            fields = _BLOCK_HEADER.unpack(head) if len(head) == _BLOCK_HEADER.size else None
-            if fields is None or fields[0] != b"\x1f\x8b\x08\x04" or fields[4:8] != (6, 66, 67, 2):
-                raise SamtoolsBadOutput(f"{self._what}: samtools' output is not BGZF")
-            body = self._read(fields[8] + 1 - _BLOCK_HEADER.size)
-            try:
-                block = zlib.decompress(body[:-8], -15)
-            except zlib.error as error:
-                raise SamtoolsBadOutput(f"{self._what}: samtools' output has a bad block ({error})") from None
-            if block:
-                yield block
-
-    def _read(self, size: int) -> bytes:
-        taken = self._stream.read(size)  # a buffered reader: all of it, unless the stream ends
-        if 0 < len(taken) < size:
-            raise SamtoolsBadOutput(f"{self._what}: samtools' output ends inside a block")
-        return taken
+            data = data + more if data else more
+            view = memoryview(data)
+            pieces: list[bytes | memoryview] = []
+            at, end = 0, len(data)
+            while at + header <= end:
+                fields = unpack(data, at)
+                if fields[0] != b"\x1f\x8b\x08\x04" or fields[4:8] != (6, 66, 67, 2):
+                    raise SamtoolsBadOutput(f"{what}: samtools' output is not BGZF")
+                following = at + fields[8] + 1
+                if following > end:
+                    break
+                body = view[at + header : following - 8]
+                size = int.from_bytes(view[following - 4 : following], "little")
+                if body[0] == 1 and len(body) == size + 5 and int.from_bytes(body[1:3], "little") == size:
+                    piece: bytes | memoryview = body[5:]
+                else:
+                    try:
+                        piece = zlib.decompress(body, -15)
+                    except zlib.error as error:
+                        raise SamtoolsBadOutput(f"{what}: samtools' output has a bad block ({error})") from None
+                if len(piece) != size:
+                    raise SamtoolsBadOutput(f"{what}: samtools' output has a bad block (size {len(piece)}, not {size})")
+                if size:
+                    pieces.append(piece)
+                at = following
+            data = data[at:]
+            if pieces:
+                yield pieces
 
 
 # --- reads per interval, in one pass ----------------------------------------------------------
@@ -147,22 +168,39 @@ _OP = struct.Struct("<I")
 #: CIGAR operations that consume the reference (htslib's bam_cigar_type & 2): M, D, N, =, X.
 _REFERENCE_OPS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
 _UNMAPPED = 0x4
-_NEVER = 1 << 62  # past every position
+_Unpack = Callable[[bytes, int], tuple[Any, ...]]
 
 
 class _Sweep:
     """One reference's intervals and how far the records have got through them.
 
-    A read covers ``[pos, end)`` with htslib's ``bam_endpos`` (the reference-consuming CIGAR
+    A read covers ``[pos, stop)`` with htslib's ``bam_endpos`` (the reference-consuming CIGAR
     operations, and at least one base: a placed unmapped read or one without CIGAR covers one),
-    and overlaps ``[s, e)`` when ``end > s`` and ``pos < e``, as samtools' region iterator
+    and overlaps ``[s, e)`` when ``stop > s`` and ``pos < e``, as samtools' region iterator
     decides.  So an interval's count is A(e) - B(s): the reads that start before ``e`` minus
-    those that end at or before ``s`` (all of which start before ``e`` too).  Records come in
-    position order, so A(e) is known at the first record at or past ``e`` and B(s) at the first
-    at or past ``s``; the ends still open are kept in a heap, which holds only the reads that
-    cover the next interval start: memory follows the depth, not the reads.  A read that
-    overlaps no interval adds one to every A and B still to come, so it is skipped.
+    those that stop at or before ``s`` (all of which start before ``e`` too).  Records come in
+    position order, a batch at a time (:meth:`add`): A(e) is known once a batch reaches ``e``
+    (a binary search in the batch's positions), B(s) once it reaches ``s`` (one in the sorted
+    stops still open).  A stop at or before the next interval start is counted at once, so the
+    open stops are those of reads covering that start: memory follows the depth, not the reads.
     """
+
+    __slots__ = (
+        "before_end",
+        "by_end",
+        "by_start",
+        "ended",
+        "ended_by_start",
+        "ends",
+        "last",
+        "next_end",
+        "next_start",
+        "next_union",
+        "open",
+        "records",
+        "starts",
+        "union",
+    )
 
     def __init__(self, intervals: Sequence[tuple[int, int]]) -> None:
         count = len(intervals)
@@ -170,45 +208,72 @@ class _Sweep:
         self.by_start = sorted(range(count), key=lambda i: intervals[i][0])
         self.ends = [intervals[i][1] for i in self.by_end]
         self.starts = [intervals[i][0] for i in self.by_start]
-        self.merged = merged_intervals(intervals)
         self.before_end = [0] * count  # A(e), in by_end order
         self.ended_by_start = [0] * count  # B(s), in by_start order
-        self.next_end = 0  # the next threshold of each kind, and the next merged interval
+        self.next_end = 0  # the first A (and B) not known yet
         self.next_start = 0
-        self.next_merged = 0
-        self.records = 0  # reads counted so far (all start before the current record)
-        self.ended = 0  # of those, the reads known to end at or before the next start
-        self.open: list[int] = []  # ends of the others (a heap)
+        self.records = 0  # reads so far
+        self.ended = 0  # of those, the reads that stop at or before the next start
+        self.open: list[int] = []  # the others' stops, sorted
         self.last = -1  # the last record's position, to check the order
+        # The union of the intervals (touching ones joined) and the next one a read could
+        # overlap: a read that overlaps none counts for every A(e) and B(s) to come alike (it
+        # stops at or before every start still to come), so it is left out.
+        self.union = _union(intervals)
+        self.next_union = 0
+
+    def add(self, positions: list[int], stops: list[int]) -> None:
+        """Take the next batch of records (positions, in order, and stops)."""
+        reached = positions[-1]
+        ends, starts, records = self.ends, self.starts, self.records
+        first, k = self.next_end, bisect_right(ends, reached, self.next_end)
+        if k > first:
+            before_end = self.before_end
+            for j in range(first, k):
+                before_end[j] = records + bisect_left(positions, ends[j])
+            self.next_end = k
+        self.records = records + len(positions)
+        stops.sort()
+        open_stops = self.open + stops if self.open else stops
+        if self.open:
+            open_stops.sort()  # two sorted runs: a merge
+        first, k = self.next_start, bisect_right(starts, reached, self.next_start)
+        ended = self.ended
+        if k > first:
+            ended_by_start = self.ended_by_start
+            for j in range(first, k):
+                ended_by_start[j] = ended + bisect_right(open_stops, starts[j])
+            self.next_start = k
+        cut = bisect_right(open_stops, starts[k]) if k < len(starts) else len(open_stops)
+        self.ended = ended + cut
+        self.open = open_stops[cut:]
 
     def finish(self) -> list[int]:
         """Every interval's count, in the order given (the stream has ended)."""
-        ended, open_ends = self.ended, self.open
-        for k in range(self.next_start, len(self.starts)):
-            start = self.starts[k]
-            while open_ends and open_ends[0] <= start:
-                heapq.heappop(open_ends)
-                ended += 1
-            self.ended_by_start[k] = ended
-        for k in range(self.next_end, len(self.ends)):
-            self.before_end[k] = self.records
+        for j in range(self.next_end, len(self.ends)):
+            self.before_end[j] = self.records
+        for j in range(self.next_start, len(self.starts)):
+            self.ended_by_start[j] = self.ended + bisect_right(self.open, self.starts[j])
         counts = [0] * len(self.starts)
-        for k, i in enumerate(self.by_end):
-            counts[i] += self.before_end[k]
-        for k, i in enumerate(self.by_start):
-            counts[i] -= self.ended_by_start[k]
+        for i, found in zip(self.by_end, self.before_end, strict=True):
+            counts[i] = found
+        for i, ended in zip(self.by_start, self.ended_by_start, strict=True):
+            counts[i] -= ended
         return counts
 
 
-def merged_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The union of ``[start, end)`` intervals, sorted, touching ones joined."""
+def _union(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of ``[start, end)`` intervals, sorted, touching ones joined; then a sentinel."""
     merged: list[tuple[int, int]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((start, end))
-    return merged
+    return [*merged, (_NEVER, _NEVER)]
+
+
+_NEVER = 1 << 62  # past every position
 
 
 class OverlapCounts(NamedTuple):
@@ -251,7 +316,8 @@ def count_overlaps(stream: BinaryIO, intervals: Mapping[bytes, Sequence[tuple[in
 
 
 class _Walker:
-    """The per-record loop of :func:`count_overlaps`, with one reference's sweep in locals."""
+    """The per-record loop of :func:`count_overlaps`: each record's position and stop, a batch
+    per reference and buffer, handed to that reference's sweep."""
 
     def __init__(self, sweeps: dict[int, _Sweep], names: Sequence[bytes], what: str) -> None:
         self.sweeps = sweeps
@@ -260,6 +326,8 @@ class _Walker:
         self.tid = -2  # no reference yet
         self.done: set[int] = set()
         self.records = 0
+        self.guess = 1 << 40  # the read name length of the last record (none yet: no guess)
+        self.unpack_guess: _Unpack = _CORE.unpack_from
 
     def _switch(self, tid: int, position: int) -> _Sweep:
         if tid not in self.sweeps or tid in self.done:
@@ -269,81 +337,81 @@ class _Walker:
         self.tid = tid
         return self.sweeps[tid]
 
+    @staticmethod
+    def _hand(sweep: _Sweep, positions: list[int], stops: list[int], union: int, last: int) -> None:
+        sweep.next_union = union
+        if positions:
+            sweep.add(positions, stops)
+        sweep.last = last
+
     def walk(self, buffer: bytes, offset: int, end: int) -> int:
         """Sweep the whole records in ``buffer[offset:end]``; return where the first partial one starts."""
-        unpack, unpack_op, heappush, heappop = _CORE.unpack_from, _OP.unpack_from, heapq.heappush, heapq.heappop
-        tid = self.tid
-        sweep = self.sweeps.get(tid) or _Sweep(())
-        ends, starts, merged = sweep.ends, sweep.starts, sweep.merged
-        before_end, ended_by_start, open_ends = sweep.before_end, sweep.ended_by_start, sweep.open
-        ia, ib, im, n, ended, last = (
-            sweep.next_end,
-            sweep.next_start,
-            sweep.next_merged,
-            sweep.records,
-            sweep.ended,
-            sweep.last,
-        )
-        next_e = ends[ia] if ia < len(ends) else _NEVER
-        next_s = starts[ib] if ib < len(starts) else _NEVER
-        low, high = merged[im] if im < len(merged) else (_NEVER, _NEVER)
-        records = 0
-        while offset + 24 <= end:
-            size, record_tid, pos, name_length, n_cigar, flag = unpack(buffer, offset)
+        # The hot loop: locals only, literal constants (4: unmapped; 0x18D: _REFERENCE_OPS), and
+        # one unpack per record where the read name has the last one's length, which takes the
+        # first CIGAR operation too (most reads have one).
+        unpack, unpack_op, unpack_ops = _CORE.unpack_from, _OP.unpack_from, struct.unpack_from
+        guess, unpack_guess, reach = self.guess, self.unpack_guess, 40 + self.guess
+        tid, records = self.tid, 0
+        sweep = self.sweeps.get(tid)
+        union, u, last = (sweep.union, sweep.next_union, sweep.last) if sweep is not None else ([(0, 0)], 0, -1)
+        low, high = union[u]
+        positions: list[int] = []
+        stops: list[int] = []
+        position, stop = positions.append, stops.append
+        while True:
+            if offset + reach <= end:
+                size, record_tid, pos, name_length, n_cigar, flag, op = unpack_guess(buffer, offset)
+            elif offset + 24 <= end:
+                size, record_tid, pos, name_length, n_cigar, flag = unpack(buffer, offset)
+                op = -1
+            else:
+                break
             following = offset + 4 + size
             if following > end:
                 break
-            offset = following
-            records += 1
             if record_tid != tid:
-                sweep.next_end, sweep.next_start, sweep.next_merged = ia, ib, im
-                sweep.records, sweep.ended, sweep.last = n, ended, last
+                if sweep is not None:
+                    self._hand(sweep, positions, stops, u, last)
                 sweep = self._switch(record_tid, pos)
-                tid = record_tid
-                ends, starts, merged = sweep.ends, sweep.starts, sweep.merged
-                before_end, ended_by_start, open_ends = sweep.before_end, sweep.ended_by_start, sweep.open
-                ia = ib = im = n = ended = 0
-                last = -1
-                next_e, next_s, (low, high) = ends[0], starts[0], merged[0]
+                tid, union, u, last = record_tid, sweep.union, 0, -1
+                low, high = union[0]
+                positions, stops = [], []
+                position, stop = positions.append, stops.append
             if pos < last:
                 raise SamtoolsBadOutput(f"{self.what}: samtools returned records out of position order")
             last = pos
-            while pos >= high:  # past the merged interval: on to the next
-                im += 1
-                low, high = merged[im] if im < len(merged) else (_NEVER, _NEVER)
-            if flag & _UNMAPPED or not n_cigar:
-                stop = pos + 1
+            if flag & 4 or not n_cigar:
+                reached = pos + 1
+            elif n_cigar == 1:
+                if name_length != guess:
+                    guess, reach = name_length, 40 + name_length
+                    unpack_guess = _guessed(name_length)
+                    op = unpack_op(buffer, offset + 36 + name_length)[0]
+                elif op < 0:
+                    op = unpack_op(buffer, offset + 36 + name_length)[0]
+                reached = pos + ((op >> 4) or 1) if 0x18D >> (op & 15) & 1 else pos + 1
             else:
-                cigar = following - size + 32 + name_length
-                if n_cigar == 1:
-                    op = unpack_op(buffer, cigar)[0]
-                    span = op >> 4 if _REFERENCE_OPS >> (op & 15) & 1 else 0
-                else:
-                    ops = struct.unpack_from(f"<{n_cigar}I", buffer, cigar)
-                    span = sum(op >> 4 for op in ops if _REFERENCE_OPS >> (op & 15) & 1)
-                stop = pos + (span or 1)
-            if stop <= low:  # overlaps no interval
-                continue
-            while pos >= next_e:
-                before_end[ia] = n
-                ia += 1
-                next_e = ends[ia] if ia < len(ends) else _NEVER
-            n += 1
-            while pos >= next_s:
-                while open_ends and open_ends[0] <= next_s:
-                    heappop(open_ends)
-                    ended += 1
-                ended_by_start[ib] = ended
-                ib += 1
-                next_s = starts[ib] if ib < len(starts) else _NEVER
-            if stop <= next_s:
-                ended += 1
-            else:
-                heappush(open_ends, stop)
-        sweep.next_end, sweep.next_start, sweep.next_merged = ia, ib, im
-        sweep.records, sweep.ended, sweep.last = n, ended, last
+                ops = unpack_ops(f"<{n_cigar}I", buffer, offset + 36 + name_length)
+                reached = pos + (sum(op >> 4 for op in ops if 0x18D >> (op & 15) & 1) or 1)
+            offset = following
+            records += 1
+            while pos >= high:
+                u += 1
+                low, high = union[u]
+            if reached > low:
+                position(pos)
+                stop(reached)
+        if sweep is not None:
+            self._hand(sweep, positions, stops, u, last)
+        self.guess, self.unpack_guess = guess, unpack_guess
         self.records += records
         return offset
+
+
+@functools.cache
+def _guessed(name_length: int) -> _Unpack:
+    """An unpack of the core fields and the first CIGAR operation, for a read name this long."""
+    return struct.Struct(f"<iiiB3xHH{16 + name_length}xI").unpack_from
 
 
 def read_intervals(bed: bytes) -> list[tuple[bytes, int, int]]:
@@ -357,7 +425,7 @@ def read_intervals(bed: bytes) -> list[tuple[bytes, int, int]]:
 
 def write_intervals(rows: Iterable[tuple[str, int, int]]) -> bytes:
     """``name<TAB>start<TAB>end`` lines (a BED file) for :func:`read_intervals` or samtools' ``-L``."""
-    return os.fsencode("".join(f"{name}\t{start}\t{end}\n" for name, start, end in rows))
+    return os.fsencode("".join(starmap("{}\t{}\t{}\n".format, rows)))
 
 
 def sweep_main(argv: Sequence[str]) -> int:
@@ -365,6 +433,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     pipe, in its own process (a count's readers then use every core, not one interpreter's).
     Prints each interval's count, a line each in the file's order, then ``records N``."""
     (path,) = argv
+    gc.disable()  # a short-lived process whose lists and tuples hold no cycles
     with open(path, "rb") as handle:
         rows = read_intervals(handle.read())
     per_reference: dict[bytes, list[tuple[int, int]]] = {}

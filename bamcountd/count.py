@@ -9,6 +9,8 @@ cancels the other shards; cancellation kills their samtools processes (see
 
 from __future__ import annotations
 
+import gc
+import operator
 import os
 import sys
 import tempfile
@@ -18,8 +20,9 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
+from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -50,6 +53,7 @@ from bamcountd.inputs import (
 from bamcountd.options import CountOptions, Filters, OptionValueError, check
 
 log = logs.get_logger("bamcountd")
+_T = TypeVar("_T")
 
 #: A BAI cannot address positions past 2^29 - 1; longer references need a CSI index.
 _BAI_MAX_LENGTH = (1 << 29) - 1
@@ -72,10 +76,11 @@ class CountRequest(CountOptions):
         return cls(bam=bam, **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
 
 
-@dataclass(frozen=True)
-class RegionCount:
+class RegionCount(NamedTuple):
+    """One row of a result (a named tuple: a BED file makes hundreds of thousands)."""
+
     region: str
-    count: int
+    count: int  # type: ignore[assignment]  # the JSON key; it hides tuple.count, which nothing here calls
     name: str | None = None  # a BED line's name (its 4th column)
 
     @property
@@ -200,7 +205,8 @@ async def count_bam(
         partial(st.read_header, executable, bam),
         partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
     )
-    regions = plan.resolve_regions(header, request.regions, request.regions_file)
+    with _collector_paused():
+        regions = plan.resolve_regions(header, request.regions, request.regions_file)
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
@@ -225,10 +231,12 @@ async def count_bam(
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
         counts, method, verification, shard_count, index = await job.through(index, early_stats)
+    with _collector_paused():
+        rows = _region_counts(regions, counts)
     result = CountResult(
         bam=bam,
         total=sum(counts),
-        regions=tuple(RegionCount(r.label, c, r.name) for r, c in zip(regions, counts, strict=True)),
+        regions=rows,
         filters=request.filters,
         samtools_version=samtools.version,
         jobs=request.jobs,
@@ -247,12 +255,34 @@ async def count_bam(
     return result
 
 
+def _region_counts(regions: Sequence[plan.Region], counts: Sequence[int]) -> tuple[RegionCount, ...]:
+    labels, names = map(_LABEL, regions), map(_NAME, regions)
+    # tuple.__new__ on the rows makes each RegionCount with no Python call per row.
+    return tuple(map(tuple.__new__, repeat(RegionCount), zip(labels, counts, names, strict=True)))
+
+
+_LABEL, _REFERENCE, _START, _END, _NAME = map(operator.itemgetter, range(5))  # Region's fields
+
+
+def _run_sync(call: Callable[[], Awaitable[_T]]) -> _T:
+    """``anyio.run(call)``, its result handed back outside the event loop's main task: asyncio
+    formats that task's repr as it restores the SIGINT handler (``repr(result)``, all of it,
+    which takes seconds for 200,000 regions)."""
+    box: list[_T] = []
+
+    async def main() -> None:
+        box.append(await call())
+
+    anyio.run(main)
+    return box[0]
+
+
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
     """:func:`count_bam` for callers without an event loop.
 
     :raises BamcountdError: as :func:`count_bam`
     """
-    return anyio.run(partial(count_bam, request, progress=progress))
+    return _run_sync(partial(count_bam, request, progress=progress))
 
 
 #: Called with (BAMs done, BAMs) as a cohort's count goes on.
@@ -305,7 +335,7 @@ def count_bams_sync(requests: Sequence[CountRequest], *, progress: CohortProgres
 
     :raises CohortFailed: as :func:`count_bams`
     """
-    return anyio.run(partial(count_bams, requests, progress=progress))
+    return _run_sync(partial(count_bams, requests, progress=progress))
 
 
 async def _no_stats() -> None:
@@ -450,7 +480,10 @@ class _Job:
         recover where region queries miss records that the BAM and the index both hold."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
-        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
+        totals: list[int | None] = [
+            None if region.start is not None or region.end is not None else _index_total(region, by_name)
+            for region in self.regions
+        ]
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
@@ -466,7 +499,7 @@ class _Job:
         if not missed:
             self._remember(index, first, totals)
             verification = "earlier" if earlier else "index"
-            if not any(region.whole for region in self.regions):
+            if not any(region.start is None and region.end is None for region in self.regions):
                 verification = "none"
             return first.counts, verification, first.shards
         return await self._recover(index, by_name, totals, first, missed)
@@ -482,13 +515,16 @@ class _Job:
             account=account,
             min_reads=self.request.min_shard_reads,
             small_reads=min(self.request.min_shard_reads // 10, 20_000),
+            sweep_from=plan.SWEEP_FROM,
         )
-        weights = plan.region_weights(self.regions, stats, self.lengths)
-        index_empty = not any(stat.reads for stat in stats.values())
-        densities = plan.densities(stats, self.lengths)
-        shards = plan.plan_shards(
-            self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities
-        )
+        with _collector_paused():
+            swept = plan.swept_regions(self.regions, policy)
+            weights = plan.region_weights(self.regions, stats, self.lengths, skip=set(swept))
+            index_empty = not any(stat.reads for stat in stats.values())
+            densities = plan.densities(stats, self.lengths)
+            shards = plan.plan_shards(
+                self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities, swept=swept
+            )
         self.log.debug(
             "planned", regions=len(self.regions), shards=len(shards), processes=self.processes, threads=self.threads
         )
@@ -502,7 +538,7 @@ class _Job:
         proven = {
             plan.UNPLACED if region.reference is None else region.reference
             for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
-            if region.whole and not region.everything and reached is not None and total is not None
+            if total is not None and region.whole and not region.everything and reached is not None
         }
         if {*self.lengths, plan.UNPLACED} <= proven:
             verdict = self._verdict(index)
@@ -668,8 +704,7 @@ class _Job:
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
             started = len(shards)
-            pending = Counter(i for shard in shards for i in shard.regions)  # shards still out, per region
-            finished = len(self.regions) - len(pending)
+            pending = _Pending(shards, len(self.regions))
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
@@ -679,15 +714,14 @@ class _Job:
                         while reducer.done < started:
                             outcome = await receive.receive()
                             extras = reducer.add(outcome)
-                            pending.update(i for extra in extras for i in extra.regions)
+                            pending.add(extras)
                             for extra in extras:
                                 how = self._command(index, started, extra, scratch)
                                 group.start_soon(self._run_one, index, extra, how, send.clone(), local)
                                 started += 1
-                            pending.subtract(outcome.shard.regions)
-                            finished += sum(1 for i in outcome.shard.regions if not pending[i])
+                            pending.done(outcome.shard)
                             if self.progress is not None:
-                                self.progress(finished, len(self.regions))
+                                self.progress(pending.finished, len(self.regions))
             except BaseExceptionGroup as group_error:
                 raise _first_error(group_error) from None
 
@@ -722,12 +756,10 @@ class _Job:
         """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
         samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
         if shard.kind == plan.SWEEP:
-            regions = self.regions
-            rows = (
-                (regions[i].reference or "", (regions[i].start or 1) - 1, regions[i].end or 0) for i in shard.regions
-            )
+            rows = [self.regions[i] for i in shard.regions]
+            starts = map((-1).__add__, map(_START, rows))  # BED's 0-based starts
             intervals = scratch / f"sweep{number}.intervals"
-            intervals.write_bytes(write_intervals(rows))
+            intervals.write_bytes(write_intervals(zip(map(_REFERENCE, rows), starts, map(_END, rows), strict=True)))
             (scratch / f"sweep{number}.bed").write_bytes(write_intervals(shard.stretches))
             return None, intervals
         if shard.kind == plan.ACCOUNT:
@@ -810,6 +842,19 @@ def _records(n: int) -> str:
 
 
 @contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a region list's hundreds of thousands of tuples are
+    made or walked: they hold no cycles, and each collection would walk them all again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@contextmanager
 def _named_failures(what: str, timeout: float | None) -> Iterator[None]:
     """A samtools run's timeout or failed start, said with what was being counted."""
     try:
@@ -824,13 +869,12 @@ def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[in
     """Whole regions whose records reached differ from the index's (or, where filters left
     records uncounted, whose count exceeds it)."""
     missed: list[int] = []
-    for i, region in enumerate(regions):
-        if not region.whole:
+    for i, total in enumerate(totals):
+        if total is None:  # a range, or unknown to the index
+            continue
+        if not regions[i].whole:
             continue
         reached = done.reached[i]
-        total = totals[i]
-        if total is None:  # unknown to the index
-            continue
         if (reached is not None and reached != total) or (reached is None and done.counts[i] > total):
             missed.append(i)
     return missed
@@ -867,6 +911,32 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
     ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
+
+
+class _Pending:
+    """How many regions are done, from the shards still out: a region is done when the last
+    of its shards is.  Most regions are in one shard, so only those in several are followed
+    one by one."""
+
+    def __init__(self, shards: Sequence[plan.Shard], regions: int) -> None:
+        uses = Counter(chain.from_iterable(shard.regions for shard in shards))
+        self.finished = regions - len(uses)  # regions in no shard at all
+        self._shared = {i: n for i, n in uses.items() if n > 1}
+
+    def add(self, extras: Sequence[plan.Shard]) -> None:
+        """More shards for regions of the shard about to be :meth:`done` (a recount)."""
+        for shard in extras:
+            for i in shard.regions:
+                self._shared[i] = self._shared.get(i, 1) + 1
+
+    def done(self, shard: plan.Shard) -> None:
+        common = self._shared.keys() & set(shard.regions) if self._shared else set()
+        for i in common:
+            self._shared[i] -= 1
+            if not self._shared[i]:
+                del self._shared[i]
+                self.finished += 1
+        self.finished += len(shard.regions) - len(common)
 
 
 class _Reducer:
@@ -918,9 +988,10 @@ class _Reducer:
             self._reached[shard.regions[0]] += shard.sign * reached
         elif shard.kind == plan.SWEEP:
             assert outcome.counts is not None
+            counts = self.counts
             for i, found in zip(shard.regions, outcome.counts, strict=True):
-                self.counts[i] += found
-                self._unknown.add(i)  # ranges: nothing to set them against
+                counts[i] += found
+            self._unknown.update(shard.regions)  # ranges: nothing to set them against
             count = sum(outcome.counts)
         elif shard.kind == plan.SUM:
             count = st.parse_count(completed, what)

@@ -17,11 +17,13 @@ only the reads over one position.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, compress, repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -194,24 +196,21 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
     if binary is not None:
         number = data.count(b"\n", 0, binary.start()) + 1
         raise BadRegionsFile(f"{path}:{number}: not a text BED file (binary data; compressed other than with gzip?)")
+    text = os.fsdecode(data)
+    fast = _fast_bed(text, lengths)
+    if fast is not None:
+        return fast
     regions: list[Region] = []
     append = regions.append
-    for number, raw in enumerate(os.fsdecode(data).split("\n"), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw[:-1] if raw.endswith("\r") else raw
-        if "\t" not in line:
-            fields = line.split()
-        elif " " in line:
-            fields = [field.strip() for field in line.split("\t")]
-        else:
-            fields = line.split("\t")
-        if len(fields) < 3:
-            if not fields or not fields[0]:
-                continue
-            fields += ["", ""]
+        fields = _bed_fields(line)
+        if not fields:
+            continue
         first, second, third = fields[0], fields[1], fields[2]
         interval = second.isdigit() and third.isdigit() and second.isascii() and third.isascii()
-        if (line.startswith("#") or first in ("track", "browser")) and not (interval and first in lengths):
-            continue  # a header line
+        if _header(line, first, interval, lengths):
+            continue
         if not interval:
             raise BadRegionsFile(f"{path}:{number}: expected 'chrom<TAB>start<TAB>end', got {line[:80]!r}")
         start0, end = int(second), int(third)
@@ -229,6 +228,70 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
     if not regions:
         raise BadRegionsFile(f"{path}: no regions in the file")
     return regions
+
+
+def _bed_fields(line: str) -> list[str]:
+    """A BED line's fields (at least 3, padded with empty ones), or none for a blank line."""
+    if "\t" not in line:
+        fields = line.split()
+    elif " " in line:
+        fields = [field.strip() for field in line.split("\t")]
+    else:
+        fields = line.split("\t")
+    if len(fields) < 3:
+        if not fields or not fields[0]:
+            return []
+        fields += ["", ""]
+    return fields
+
+
+def _header(line: str, first: str, interval: bool, lengths: Mapping[str, int]) -> bool:
+    """A ``#``, ``track`` or ``browser`` line, unless it is an interval on a reference of the BAM."""
+    return (line.startswith("#") or first in ("track", "browser")) and not (interval and first in lengths)
+
+
+def _fast_bed(text: str, lengths: Mapping[str, int]) -> list[Region] | None:
+    """The regions of a BED file whose lines after its header lines are all tab-separated with
+    the same number of columns, no spaces, every interval valid, without a Python step per
+    line; None for any other file, which the line-by-line reader then reads (and names the
+    line at fault)."""
+    body = text if text.endswith("\n") or not text else text + "\n"
+    header = 0
+    while header < len(body):
+        cut = body.index("\n", header)
+        line = body[header:cut].removesuffix("\r")
+        fields = _bed_fields(line)
+        if fields:
+            interval = fields[1].isdigit() and fields[2].isdigit() and fields[1].isascii() and fields[2].isascii()
+            if not _header(line, fields[0], interval, lengths):
+                break
+        header = cut + 1
+    lines = body[header:].split("\n")
+    lines.pop()  # after the last newline
+    tabs = set(map(str.count, lines, repeat("\t")))
+    if len(tabs) != 1 or "\r" in body or " " in body[header:]:
+        return None  # blank lines, lines of different widths, CRLF or spaces: line by line
+    width = tabs.pop() + 1
+    if width < 3:
+        return None
+    fields = "\t".join(lines).split("\t")
+    references, first, last = fields[0::width], fields[1::width], fields[2::width]
+    digits = all(map(str.isdigit, first)) and all(map(str.isdigit, last))
+    if not (digits and all(map(str.isascii, first)) and all(map(str.isascii, last))):
+        return None
+    if not set(references) <= lengths.keys():
+        return None
+    starts = list(map(int, first))
+    ends = list(map(int, last))
+    if not all(map(operator.lt, starts, ends)) or not all(
+        map(operator.lt, starts, map(lengths.__getitem__, references))
+    ):
+        return None
+    ones = list(map((1).__add__, starts))
+    labels = map("{}:{}-{}".format, references, ones, ends)
+    named = [name or None for name in fields[3::width]] if width > 3 else [None] * len(ends)
+    # tuple.__new__ on the rows makes each Region with no Python call per row.
+    return list(map(tuple.__new__, repeat(Region), zip(labels, references, ones, ends, named, strict=True)))
 
 
 # Control bytes other than tab and carriage return: no BED line has them.
@@ -296,6 +359,10 @@ class Shard:
         return shown + (f" (+{len(self.args) - 3} more)" if len(self.args) > 3 else "")
 
 
+#: From this many ranges on they are swept (see SWEEP), else counted one command each.
+SWEEP_FROM = 16
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardPolicy:
     """How finely to cut: ``pieces`` shards per concurrent process, none smaller than ``min_reads``."""
@@ -309,24 +376,30 @@ class ShardPolicy:
     account: bool = False  # whole references' shards are ACCOUNT shards (see there)
     small_reads: int = 20_000  # references with fewer expected records are grouped
     group_reads: int = 400_000  # at most this many expected records per group
-    sweep_from: int = 16  # from this many ranges on, they are swept (see SWEEP), else one command each
+    sweep_from: int = SWEEP_FROM
 
 
 def region_weights(
-    regions: Sequence[Region], stats: Mapping[str, IndexStat], lengths: Mapping[str, int]
+    regions: Sequence[Region],
+    stats: Mapping[str, IndexStat],
+    lengths: Mapping[str, int],
+    *,
+    skip: Collection[int] = (),
 ) -> list[float]:
-    """Expected records per region, from the index (uniform density within a reference)."""
-    weights: list[float] = []
-    for region in regions:
+    """Expected records per region, from the index (uniform density within a reference); 0 for
+    the regions in ``skip`` (the swept ones, which :func:`plan_shards` weighs by stretch)."""
+    weights = [0.0] * len(regions)
+    for index in _others(len(regions), skip):
+        region = regions[index]
         if region.reference is None:
-            weights.append(float(stats[UNPLACED].unmapped) if UNPLACED in stats else 0.0)
+            weights[index] = float(stats[UNPLACED].unmapped) if UNPLACED in stats else 0.0
             continue
         stat = stats.get(region.reference)
         reads = float(stat.reads) if stat else 0.0
         length = max(lengths.get(region.reference, 1), 1)
         start = region.start or 1
         end = min(region.end or length, length)
-        weights.append(reads * max(end - start + 1, 1) / length)
+        weights[index] = reads * max(end - start + 1, 1) / length
     return weights
 
 
@@ -338,22 +411,24 @@ def plan_shards(
     *,
     index_empty: bool = False,
     densities: Mapping[str, float] | None = None,
+    swept: Sequence[int] | None = None,
 ) -> list[Shard]:
     """Cut regions into shards of similar size, biggest first.
 
     ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
     ``densities``: expected records per base of each reference, for sweeps.
+    ``swept``: :func:`swept_regions` of these, if known already.
     """
     densities = densities if densities is not None else {}
-    swept = set(swept_regions(regions, policy))
-    total = sum(weight for i, weight in enumerate(weights) if i not in swept)
+    swept = swept if swept is not None else swept_regions(regions, policy)
+    rest = _others(len(regions), swept)
+    total = sum(weights[i] for i in rest)
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
-    shards: list[Shard] = _sweeps(regions, sorted(swept), lengths, densities, policy) if swept else []
+    shards: list[Shard] = _sweeps(regions, swept, lengths, densities, policy) if swept else []
     small: list[int] = []
-    uses = Counter(r.reference for r in regions)
-    for index, (region, weight) in enumerate(zip(regions, weights, strict=True)):
-        if index in swept:
-            continue
+    uses = Counter(map(_REFERENCE, regions))
+    for index in rest:
+        region, weight = regions[index], weights[index]
         kind = ACCOUNT if policy.account and region.whole else COUNT
         if region.everything or (region.reference is None and index_empty):
             # ``.`` is the whole file in file order, which needs no index.  htslib cannot seek
@@ -449,24 +524,82 @@ SWEEP_STRETCHES = 256
 
 
 def swept_regions(regions: Sequence[Region], policy: ShardPolicy) -> list[int]:
-    """The regions that sweeps count: ranges with an end, once there are ``sweep_from`` of them
-    (below that, one ``view -c`` each is as fast); none with ``--no-split``.  A sweep hands its
-    stretches to samtools as a BED file (its multi-region iterator reads no ``{name}``), so a
-    range on a reference that a BED cannot name is counted on its own."""
-    ranges = [
-        i
-        for i, region in enumerate(regions)
-        if region.reference is not None
-        and region.start is not None
-        and region.end is not None
-        and _bed_safe(region.reference)
-    ]
-    return ranges if policy.split and policy.group and len(ranges) >= policy.sweep_from else []
+    """The regions that sweeps count, in order: ranges with an end, once there are
+    ``sweep_from`` of them (below that, one ``view -c`` each is as fast); none with
+    ``--no-split``.  A sweep hands its stretches to samtools as a BED file (its multi-region
+    iterator reads no ``{name}``), so a range on a reference that a BED cannot name is counted
+    on its own."""
+    if not (policy.split and policy.group):
+        return []
+    references = list(map(_REFERENCE, regions))
+    safe = {name for name in set(references) if name is not None and _bed_safe(name)}
+    nones = repeat(None)
+    bounded = map(
+        operator.and_,
+        map(operator.is_not, map(_START, regions), nones),
+        map(operator.is_not, map(_END, regions), nones),
+    )
+    ranges = list(compress(range(len(regions)), map(operator.and_, map(safe.__contains__, references), bounded)))
+    return ranges if len(ranges) >= policy.sweep_from else []
+
+
+def _others(count: int, taken: Collection[int]) -> Iterable[int]:
+    """The indices below ``count`` that are not in ``taken``, in order."""
+    if not taken:
+        return range(count)
+    members = taken if isinstance(taken, set | frozenset) else set(taken)
+    return [i for i in range(count) if i not in members]
+
+
+_REFERENCE, _START, _END = operator.itemgetter(1), operator.itemgetter(2), operator.itemgetter(3)
 
 
 def densities(stats: Mapping[str, IndexStat], lengths: Mapping[str, int]) -> dict[str, float]:
     """Expected records per base of each reference, from the index."""
     return {name: (stats[name].reads if name in stats else 0) / max(length, 1) for name, length in lengths.items()}
+
+
+class _Stretch(NamedTuple):
+    """Ranges of one reference read as one stretch: ``order[first:last]`` (by start), ``[low, high)``."""
+
+    name: str
+    low: int  # 0-based
+    high: int
+    first: int
+    last: int
+
+
+def _stretches(
+    regions: Sequence[Region], swept: Sequence[int], lengths: Mapping[str, int], densities: Mapping[str, float]
+) -> tuple[list[int], list[int], list[int], list[_Stretch]]:
+    """The swept ranges in reference (header) order and by start, their 0-based starts and ends
+    in that order, and the stretches that hold them: ranges joined while the gap between them
+    is worth fewer than SWEEP_GAP_READS expected reads."""
+    header = {name: k for k, name in enumerate(lengths)}
+    ranks = list(map(header.get, map(_REFERENCE, regions), repeat(len(header))))
+    order = sorted(swept, key=list(map(_START, regions)).__getitem__)
+    order.sort(key=ranks.__getitem__)  # stable: by reference, then start
+    rows = [regions[i] for i in order]
+    starts = list(map((-1).__add__, map(_START, rows)))
+    ends: list[int] = list(map(_END, rows))
+    stretches: list[_Stretch] = []
+    first = 0
+    while first < len(order):
+        name = rows[first][1] or ""
+        last = first + 1
+        while last < len(order) and rows[last][1] == name:
+            last += 1
+        density = densities.get(name, 0.0)
+        gap = SWEEP_GAP_READS / density if density > 0 else float("inf")
+        # The highest end so far at each range (it holds across stretches: a stretch starts
+        # past every end before it); a stretch ends where the next start is more than a gap on.
+        base = first
+        high = list(accumulate(ends[base:last], max))
+        gaps = map(operator.sub, starts[base + 1 : last], high)
+        for cut in [*compress(range(base + 1, last), map(operator.gt, gaps, repeat(gap))), last]:
+            stretches.append(_Stretch(name, starts[first], high[cut - 1 - base], first, cut))
+            first = cut
+    return order, starts, ends, stretches
 
 
 def _sweeps(
@@ -477,64 +610,51 @@ def _sweeps(
     policy: ShardPolicy,
 ) -> list[Shard]:
     """Sweep shards: per reference in header order, the ranges by start, joined into stretches
-    (a gap worth fewer than SWEEP_GAP_READS expected reads is read through), the stretches cut
-    into shards of similar expected reads.  A shard credits each read only to its own ranges,
-    so a read that reaches into two shards' stretches is counted once for each range it
-    overlaps, whichever shard holds the range."""
-    by_reference: dict[str, list[int]] = {}
-    for i in swept:
-        by_reference.setdefault(regions[i].reference or "", []).append(i)
-    order = {name: k for k, name in enumerate(lengths)}
-    spans: list[tuple[str, list[tuple[int, int, int]]]] = []  # a reference, its ranges (start0, end, index)
-    total = 0.0
-    for name in sorted(by_reference, key=lambda n: order.get(n, len(order))):
-        density = densities.get(name, 0.0)
-        gap = SWEEP_GAP_READS / density if density > 0 else float("inf")
-        members = sorted(((regions[i].start or 1) - 1, regions[i].end or 0, i) for i in by_reference[name])
-        low = high = -1
-        for start, end, i in members:
-            if low >= 0 and start - high <= gap:
-                high = max(high, end)
-                spans[-1][1].append((start, end, i))
-            else:
-                total += density * (high - low) if low >= 0 else 0.0
-                low, high = start, end
-                spans.append((name, [(start, end, i)]))
-        total += density * (high - low) if low >= 0 else 0.0
-    target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
+    (see _stretches), the stretches put into shards of similar expected reads.  A shard credits
+    each read only to its own ranges, so a read that reaches into two shards' stretches is
+    counted once for each range it overlaps, whichever shard holds the range."""
+    order, starts, ends, stretches = _stretches(regions, swept, lengths, densities)
+    weight = [densities.get(stretch.name, 0.0) * (stretch.high - stretch.low) for stretch in stretches]
+    target = max(sum(weight) / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
     shards: list[Shard] = []
-    members_now: list[int] = []
+    members: list[int] = []  # positions in ``order``, in runs
     args: list[tuple[str, int, int]] = []
     load = 0.0
 
     def close() -> None:
-        nonlocal members_now, args, load
-        if members_now:
+        nonlocal members, args, load
+        if members:
             shown = tuple(_stretch(*stretch) for stretch in args)
-            shards.append(Shard(tuple(members_now), shown, kind=SWEEP, weight=load, stretches=tuple(args)))
-        members_now, args, load = [], [], 0.0
+            chosen = tuple(order[k] for k in members) if len(members) < len(order) else tuple(order)
+            shards.append(Shard(chosen, shown, kind=SWEEP, weight=load, stretches=tuple(args)))
+        members, args, load = [], [], 0.0
 
-    for name, members in spans:
-        density = densities.get(name, 0.0)
+    for stretch, heavy in zip(stretches, weight, strict=True):
+        if members and (load + heavy > target or len(args) >= SWEEP_STRETCHES):
+            close()
+        if heavy <= target:
+            members += range(stretch.first, stretch.last)
+            args.append((stretch.name, stretch.low, stretch.high))
+            load += heavy
+            continue
         # A stretch heavier than a shard is cut between its ranges: each piece's stretch then
         # starts at its first range, and the pieces' stretches may overlap.
+        density = densities.get(stretch.name, 0.0)
         low = high = -1
-        for start, end, i in members:
-            grown = density * (max(end, high) - (start if low < 0 else low))
-            if members_now and (load + grown > target or (low < 0 and len(args) >= SWEEP_STRETCHES)):
-                if low >= 0:
-                    args.append((name, low, high))
-                    load += density * (high - low)
-                    low = high = -1
+        for k in range(stretch.first, stretch.last):
+            start, end = starts[k], ends[k]
+            if low >= 0 and members and load + density * (max(end, high) - low) > target:
+                args.append((stretch.name, low, high))
+                load += density * (high - low)
                 close()
+                low = -1
             if low < 0:
                 low, high = start, end
-            else:
-                high = max(high, end)
-            members_now.append(i)
-        if low >= 0:
-            args.append((name, low, high))
-            load += density * (high - low)
+            elif end > high:
+                high = end
+            members.append(k)
+        args.append((stretch.name, low, high))
+        load += density * (high - low)
     close()
     return shards
 

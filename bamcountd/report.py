@@ -26,7 +26,7 @@ def format_table(result: CountResult) -> str:
 
 
 def format_tsv(result: CountResult) -> str:
-    lines = [f"{r.row}\t{r.count}" for r in result.regions]
+    lines = [f"{region if name is None else name}\t{count}" for region, count, name in result.regions]
     lines.append(f"total\t{result.total}")
     return "\n".join(lines) + "\n"
 

@@ -613,7 +613,7 @@ def parse_sweep(tally: Tally, intervals: int, what: str) -> list[int]:
     _checked(tally.view, what)
     _checked_reader(reader, what)
     match = _SWEEP_OUTPUT.match(reader.stdout)
-    counts = [int(line) for line in match.group(1).split()] if match is not None else []
+    counts = list(map(int, match.group(1).split())) if match is not None else []
     if match is None or len(counts) != intervals:
         raise SamtoolsBadOutput(
             f"{what}: the interval sweep printed {reader.stdout[-200:]!r} for {intervals} intervals"

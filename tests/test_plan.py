@@ -6,8 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd import CountRequest, Filters, count_bam_sync, plan
 from bamcountd.count import choose_parallelism
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
 from bamcountd.plan import Region, ShardPolicy, default_region, default_regions, parse_region, plan_shards, read_bed
@@ -180,3 +182,50 @@ def test_processes_and_threads_fill_the_cores(
     jobs: int, threads: int | None, cores: int, expected: tuple[int, int]
 ) -> None:
     assert choose_parallelism(jobs, threads, cores) == expected
+
+
+_BED_LENGTHS = {"chr1": 1_000, "track": 500, "c:2": 300}
+_BED_LINES = (
+    "chr1\t0\t10",
+    "chr1\t5\t1000",
+    "chr1\t999\t1000",
+    "chr1\t10\t20\tgeneA",
+    "chr1\t10\t20\t\tx",
+    "c:2\t0\t300\tname\t0\t+",
+    "track\t1\t2",
+    "track name=x",
+    "browser position chr1:1-10",
+    "#chrom\tstart\tend",
+    "chr1 3 9",
+    "chr1\t3\t9\r",
+    "",
+    "chr1\t10\t10",
+    "chr1\t1000\t1001",
+    "chrX\t1\t2",
+    "chr1\t1\tx",
+    "chr1\t+1\t5",
+    "chr1\t\u0661\t5",
+    "chr1\t07\t012",
+)
+
+
+@given(st.lists(st.sampled_from(_BED_LINES), min_size=1, max_size=12), st.booleans())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_bed_fast_path_reads_as_line_by_line(tmp_path: Path, lines: list[str], newline: bool) -> None:
+    """Whatever the file, the whole-file fast path gives what the line-by-line reader gives
+    (the same regions, or the same error)."""
+    path = tmp_path / "x.bed"
+    path.write_text("\n".join(lines) + ("\n" if newline else ""))
+
+    def read(fast: bool) -> list[Region] | str:
+        saved = plan._fast_bed
+        if not fast:
+            plan._fast_bed = lambda text, lengths: None
+        try:
+            return read_bed(path, _BED_LENGTHS)
+        except BadRegionsFile as error:
+            return str(error)
+        finally:
+            plan._fast_bed = saved
+
+    assert read(True) == read(False)
