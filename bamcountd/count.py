@@ -756,12 +756,7 @@ class _Job:
         """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
         samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
         if shard.kind == plan.SWEEP:
-            rows = [self.regions[i] for i in shard.regions]
-            starts = map((-1).__add__, map(_START, rows))  # BED's 0-based starts
-            intervals = scratch / f"sweep{number}.intervals"
-            intervals.write_bytes(write_intervals(zip(map(_REFERENCE, rows), starts, map(_END, rows), strict=True)))
-            (scratch / f"sweep{number}.bed").write_bytes(write_intervals(shard.stretches))
-            return None, intervals
+            return None, scratch / f"sweep{number}.intervals"  # written as it starts (see _sweep)
         if shard.kind == plan.ACCOUNT:
             # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
             # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
@@ -784,7 +779,12 @@ class _Job:
 
     async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
-        (bamstream), which credits each read to every one of the shard's ranges it overlaps."""
+        (bamstream), which credits each read to every one of the shard's ranges it overlaps.
+        Its files are written here, so that the first sweeps run while the others' are written."""
+        rows = [self.regions[i] for i in shard.regions]
+        starts = map((-1).__add__, map(_START, rows))  # BED's 0-based starts
+        intervals.write_bytes(write_intervals(zip(map(_REFERENCE, rows), starts, map(_END, rows), strict=True)))
+        intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
             st.with_index(self.bam, index),

@@ -359,8 +359,9 @@ class Shard:
         return shown + (f" (+{len(self.args) - 3} more)" if len(self.args) > 3 else "")
 
 
-#: From this many ranges on they are swept (see SWEEP), else counted one command each.
-SWEEP_FROM = 16
+#: From this many ranges on they are swept (see SWEEP), else counted one command each: where
+#: benchmarks/bench_regions.py --parts switch finds the sweep as fast (README).
+SWEEP_FROM = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,9 +517,10 @@ def _groups(
 
 # --- sweeps ---------------------------------------------------------------------------------
 
-#: Two stretches of a sweep closer than this many expected reads are read as one: samtools'
-#: seek to the next costs about as much as reading that many records.
-SWEEP_GAP_READS = 1_000
+#: Two stretches of a sweep closer than this many expected reads are read as one: each
+#: stretch costs samtools a seek and the first block again, about a block's worth of reads
+#: (benchmarks/bench_regions.py --parts switch; README).
+SWEEP_GAP_READS = 300
 #: At most this many stretches (region arguments) per sweep command.
 SWEEP_STRETCHES = 256
 

@@ -10,9 +10,12 @@ most reads sit on the targets), times, in the same run:
 and prints wall time, peak RSS and the ratio to the whole-file count.  Every interval count of
 bamcountd is checked against ``samtools view -c`` for a sample of intervals.  Then 10 BAMs in one
 ``bamcountd count`` run against 10 runs one after another, each column checked against its
-single-BAM count.
+single-BAM count.  ``--parts switch`` measures the two switch points of the sweep
+(``plan.SWEEP_FROM`` ranges, ``plan.SWEEP_GAP_READS``) by running bamcountd with other values.
+Peak RSS is GNU time's for each command alone (see ``bench_count.timed``).
 
     .venv/bin/python benchmarks/bench_regions.py [--reads 2040000] [--intervals 1000,20000,200000]
+        [--parts spread,exome,cohort,switch]
 """
 
 from __future__ import annotations
@@ -138,23 +141,59 @@ def cohort(data: Path, count: int = 10) -> None:
     )
 
 
+def _patched(setting: str, value: int) -> list[str]:
+    """bamcountd's command line with one of plan's switch points set to ``value``."""
+    code = f"import sys; from bamcountd import cli, plan; plan.{setting} = {value}; sys.exit(cli.main(sys.argv[1:]))"
+    return [sys.executable, "-c", code]
+
+
+def switch_points(bam: Path, data: Path) -> None:
+    """Time both sides of each switch point on the same BAM: sweeps against one ``view -c``
+    per range around ``SWEEP_FROM``, and ``SWEEP_GAP_READS`` over interval counts."""
+    print(f"\nswitch points on {bam.name}: sweeps from N ranges (plan.SWEEP_FROM)")
+    print(f"{'ranges':>7} {'one view -c each':>17} {'swept':>8}")
+    for count in (4, 8, 12, 16, 32):
+        bed = write_bed(data / f"switch{count}.bed", intervals(count, seed=count))
+        argv = ["count", "--regions-file", str(bed), "--format", "tsv", str(bam)]
+        one, _, out_one = timed([*_patched("SWEEP_FROM", 1 << 30), *argv])
+        swept, _, out_swept = timed([*_patched("SWEEP_FROM", 1), *argv])
+        assert out_one == out_swept, count
+        print(f"{count:>7} {one:17.2f} {swept:8.2f}")
+    gaps = (30, 100, 300, 1_000, 3_000, 30_000)
+    print("\ngap read through, in expected reads (plan.SWEEP_GAP_READS): wall s")
+    print(f"{'intervals':>10} " + " ".join(f"{gap:>8,}" for gap in gaps))
+    for size in (1_000, 20_000):
+        bed = write_bed(data / f"targets{size}.bed", intervals(size))
+        argv = ["count", "--regions-file", str(bed), "--format", "tsv", str(bam)]
+        walls, outputs = [], set()
+        for gap in gaps:
+            wall, _, out = timed([*_patched("SWEEP_GAP_READS", gap), *argv])
+            walls.append(wall)
+            outputs.add(out)
+        assert len(outputs) == 1, size
+        print(f"{size:>10,} " + " ".join(f"{wall:8.2f}" for wall in walls))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reads", type=int, default=2_040_000)
     parser.add_argument("--intervals", default="1000,20000,200000")
     parser.add_argument("--data", type=Path, default=HERE / "data")
-    parser.add_argument("--skip-exome", action="store_true")
-    parser.add_argument("--skip-cohort", action="store_true")
+    parser.add_argument("--parts", default="spread,exome,cohort", help="of spread, exome, cohort, switch")
     args = parser.parse_args(argv)
     sizes = [int(word) for word in args.intervals.split(",")]
+    parts = set(args.parts.split(","))
     args.data.mkdir(parents=True, exist_ok=True)
     spread = ensure_bam(args.data / f"human25_{args.reads}.bam", HUMAN, args.reads, args.reads // 100)
-    bench_bam(spread, f"reads spread evenly ({args.reads:,})", sizes, args.data)
-    if not args.skip_exome:
+    if "spread" in parts:
+        bench_bam(spread, f"reads spread evenly ({args.reads:,})", sizes, args.data)
+    if "exome" in parts:
         exome = exome_bam(args.data / f"exome_{args.reads}.bam", intervals(max(sizes)), args.reads)
         bench_bam(exome, f"exome-like, 90% of {args.reads:,} reads on the {max(sizes):,} targets", sizes, args.data)
-    if not args.skip_cohort:
+    if "cohort" in parts:
         cohort(args.data)
+    if "switch" in parts:
+        switch_points(spread, args.data)
     return 0
 
 
