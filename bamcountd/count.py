@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +27,7 @@ from bamcountd import samtools as st
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
+    BamNotFound,
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
@@ -40,6 +41,7 @@ from bamcountd.inputs import (
     Verdict,
     cached_index_path,
     check_bam_file,
+    check_reference,
     default_cache_dir,
     find_index,
 )
@@ -148,6 +150,8 @@ def _validate(request: CountRequest) -> None:
         raise BadOption(f"{error.option.flag}: {error}") from None
     if request.method == "index" and request.filters.active:
         raise BadOption("--method index reads only the index, so it cannot apply -f/-F/-G/-q filters")
+    if request.reference is not None and not request.reference.is_file():
+        raise BamNotFound(f"{request.reference}: reference FASTA not found")
 
 
 async def count_bam(
@@ -166,22 +170,36 @@ async def count_bam(
     started = time.monotonic()
     _validate(request)
     executable = st.find(request.samtools)
-    bam = check_bam_file(request.bam)
-    lookup = find_index(bam, request.index)
+    bam, cram = check_bam_file(request.bam)
+    if cram and request.method == "index":
+        raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
+    lookup = find_index(bam, request.index, cram=cram)
     fresh = lookup.path if lookup.path is not None and not lookup.stale else None
+    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
+    env = st.cram_environment(cache / "no-reference") if cram else None
+    # A CRAM's idxstats reads every record: it is the count's cross-check, so no time limit but the user's.
+    stats_timeout = request.timeout if cram else 300
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
     samtools, _, header, early_stats = await _gather(
         partial(st.locate, executable),
-        partial(st.quickcheck, executable, bam),
-        partial(st.read_header, executable, bam),
-        partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
+        partial(st.quickcheck, executable, bam, env=env),
+        partial(st.read_header, executable, bam, env=env),
+        partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout)
+        if fresh is not None
+        else _no_stats,
     )
+    if request.reference is not None:
+        check_reference(request.reference, header, bam)
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
+    if cram:
+        fields_needed = _required_fields(request, regions)
+        samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference), env=env)
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
         bam=bam,
+        cram=cram,
         header=header,
         request=request,
         regions=regions,
@@ -202,6 +220,8 @@ async def count_bam(
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
         counts, method, verification, shard_count, index = await job.through(index, early_stats)
+        if cram and verification == "index":
+            verification = "records"  # a CRAI has no totals: idxstats counted the records (README: Outputs)
     result = CountResult(
         bam=bam,
         total=sum(counts),
@@ -233,6 +253,20 @@ def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None =
 
 async def _no_stats() -> None:
     return None
+
+
+def _required_fields(request: CountRequest, regions: Sequence[plan.Region]) -> int:
+    """The CRAM fields a count decodes: FLAG, RNAME and POS always (the flag filters, the
+    reference, the start position that whole references and their shards are cut by), MAPQ for
+    ``-q``, and CIGAR (a read's end) only where a range or a BED interval is asked for, which
+    counts the reads that overlap it.  Cutting a whole reference into pieces needs no end: a
+    piece and its correction see the same ends, whatever they are (see plan)."""
+    needed = st.SAM_FLAG | st.SAM_RNAME | st.SAM_POS
+    if request.filters.min_mapq:
+        needed |= st.SAM_MAPQ
+    if request.regions_file is not None or not all(region.whole for region in regions):
+        needed |= st.SAM_CIGAR
+    return needed
 
 
 async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
@@ -278,6 +312,7 @@ class _Job:
 
     samtools: st.Samtools
     bam: Path
+    cram: bool
     header: st.Header
     request: CountRequest
     regions: Sequence[plan.Region]
@@ -287,6 +322,7 @@ class _Job:
     limiter: anyio.CapacityLimiter | None
     progress: ProgressCallback | None
     notes: list[str] = field(default_factory=list)
+    empty: frozenset[int] = frozenset()  # a CRAM's references (header numbers) without records
     index: Path | None = None
     built: Path | None = None  # an index this count built (or found in its cache)
 
@@ -300,11 +336,11 @@ class _Job:
         """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
         are its idxstats if they were read already."""
         if stats is None:
-            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+            stats = await self._idxstats(index)
         placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
-        if not placed and _lacks_statistics(index):
+        if not placed and not self.cram and _lacks_statistics(index):
             index = await self.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
-            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+            stats = await self._idxstats(index)
         _check_index_names(self.bam, self.header, stats)
         if self.request.method == "index":
             _check_whole(self.bam, self.regions)
@@ -312,6 +348,10 @@ class _Job:
             return _Counted([_index_total(r, by_name) for r in self.regions], "index", "none", 0, index)
         counts, verification, shards = await self.view(index, stats)
         return _Counted(counts, "view", verification, shards, self.index)
+
+    async def _idxstats(self, index: Path) -> list[st.IndexStat]:
+        timeout = self.request.timeout if self.cram else 300
+        return await st.idxstats(self.samtools.executable, self.bam, index, env=self.samtools.env, timeout=timeout)
 
     # --- the index ---------------------------------------------------------------------
 
@@ -353,7 +393,7 @@ class _Job:
         csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
-            out = cached_index_path(bam, self.cache, csi=csi)
+            out = cached_index_path(bam, self.cache, csi=csi, cram=self.cram)
         except OSError as error:
             raise IndexMissing(
                 f"{bam}: {reason}, and the index cache {self.cache} is not usable ({error.strerror})"
@@ -373,6 +413,10 @@ class _Job:
         recover where region queries miss records that the BAM and the index both hold."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
+        if self.cram:  # a CRAI has no entry for a reference without records, and htslib says so
+            self.empty = frozenset(
+                i for i, ref in enumerate(self.header.references) if ref.name in by_name and not by_name[ref.name].reads
+            )
         totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
@@ -381,7 +425,7 @@ class _Job:
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
         unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
-        if unplaced and all(totals[i] == 0 for i in unplaced) and _uncounted_unplaced(index):
+        if unplaced and all(totals[i] == 0 for i in unplaced) and not self.cram and _uncounted_unplaced(index):
             # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
             self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
             totals = [None if i in unplaced else total for i, total in enumerate(totals)]
@@ -460,7 +504,8 @@ class _Job:
             data = found.get(os.fsencode(name), (0, 0))[0]
             stat = stats.get(name)
             expected = 0 if stat is None else stat.unmapped if name == plan.UNPLACED else stat.reads
-            if data != expected and not (name == plan.UNPLACED and expected == 0 and _uncounted_unplaced(index)):
+            lacking = name == plan.UNPLACED and expected == 0 and not self.cram and _uncounted_unplaced(index)
+            if data != expected and not lacking:
                 raise IndexMismatch(
                     f"{bam}: its index ({index}) says {name} holds {expected} records, but the BAM holds {data}: "
                     "the index belongs to another file, or the BAM was cut short (truncated at a block boundary) "
@@ -495,7 +540,7 @@ class _Job:
                 self.notes.append(f"{reason}; the BAM is not coordinate-sorted, so they come from one pass over it")
                 self.index = None
                 return self._from_tallies(found), "stream", shards
-            fresh_stats = {stat.name: stat for stat in await st.idxstats(self.samtools.executable, bam, fresh)}
+            fresh_stats = {stat.name: stat for stat in await self._idxstats(fresh)}
             self.index = fresh
             again = await self._pass(fresh, fresh_stats, totals, account=self.request.filters.active)
             shards += again.shards
@@ -620,7 +665,9 @@ class _Job:
                     if argv is None:
                         outcome = await self._tally(index, shard, where)
                     else:
-                        completed = await st.run(argv, timeout=self.request.timeout)
+                        completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env)
+                        if shard.bed and self.empty:
+                            completed = st.without_empty_reference_notes(completed, self.empty)
                         if shard.kind == plan.ACCOUNT:
                             what = f"{self.bam}: region {shard.label}"
                             tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
@@ -674,6 +721,8 @@ class _Job:
             cwd=cwd,
             timeout=request.timeout,
         )
+        if bed is not None and self.empty:
+            tally = replace(tally, view=st.without_empty_reference_notes(tally.view, self.empty))
         what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
         tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
         return _Outcome(shard, tally.view, tallies)

@@ -61,6 +61,10 @@ class BadOption(InputError):
     """An option value is out of range or contradicts another option."""
 
 
+class BadReference(InputError):
+    """The reference FASTA given for a CRAM is missing, unindexed, or not the CRAM's reference."""
+
+
 class MissingExtra(InputError):
     """The command needs an optional dependency (an extra) that is not installed."""
 

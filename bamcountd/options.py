@@ -314,6 +314,9 @@ _VERIFY_HELP = (
     "(default); full: count the records the filters leave out every time"
 )
 _NO_BUILD_HELP = "fail if the index is missing or older than the BAM instead of building one"
+_REFERENCE_HELP = (
+    "a CRAM's reference (with its .fai), checked against the header; a count decodes no bases, so none is needed"
+)
 _ONE_INDEX = "names one index file; each BAM's own is found (or built) next to it"
 
 
@@ -357,6 +360,7 @@ class CountOptions:
         metavar="DIR",
         help="built indexes (default: $XDG_CACHE_HOME/bamcountd/index)",
     )
+    reference: Path | None = option(None, "-T", "--reference", convert=path, metavar="FASTA", help=_REFERENCE_HELP)
     samtools: str | None = option(
         None, "--samtools", convert=text, metavar="PATH", help="samtools executable (default: samtools on PATH)"
     )

@@ -45,9 +45,11 @@ class OutsideResults(OSError):
 
 
 def result_base(results: Path, root: WatchRoot, bam: Path) -> Path:
-    """``RESULTS[/prefix]/<relative path minus .bam>``: add a suffix to get a result file."""
+    """``RESULTS[/prefix]/<relative path minus .bam>`` (a CRAM keeps its ``.cram``, so that
+    ``x.bam`` and ``x.cram`` side by side get results of their own): add a suffix to get a
+    result file."""
     relative = bam.relative_to(root.path)
-    stem = relative.with_name(relative.name[: -len(".bam")])
+    stem = relative.with_name(relative.name[: -len(".bam")]) if relative.name.endswith(".bam") else relative
     return results / root.prefix / stem if root.prefix else results / stem
 
 
@@ -155,9 +157,10 @@ async def adopt(
     ledger.finish(entry.path, entry.identity)
     log.info("result_adopted", result=os.fsdecode(target), reason="this file's result is already in place")
     own = config.state / "index"
-    for csi in (False, True):
+    for csi, cram in indexcache.INDEX_KINDS:
         with contextlib.suppress(OSError):
-            indexcache.drop_built(cached_index_path(entry.path, own, csi=csi), config.count.index_cache, own)
+            built = cached_index_path(entry.path, own, csi=csi, cram=cram)
+            indexcache.drop_built(built, config.count.index_cache, own)
     return True
 
 
