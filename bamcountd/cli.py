@@ -81,7 +81,9 @@ def _require_extra(extra: str | None) -> None:
 
 
 def _print_error(error: BaseException) -> None:
-    print(f"bamcountd: error: {error}", file=sys.stderr)
+    from bamcountd.urls import redact  # every message shows URLs so already; this is the last guard
+
+    print(f"bamcountd: error: {redact(str(error))}", file=sys.stderr)
 
 
 def _log_level(args: argparse.Namespace) -> str:
@@ -137,7 +139,7 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
         "count the reads of one BAM",
         "Count the reads of one coordinate-sorted BAM per region.",
     )
-    count.add_argument("bam", type=Path, help="coordinate-sorted BAM file")
+    count.add_argument("bam", help="coordinate-sorted BAM or CRAM: a file, or a URL (http, https, s3, gs)")
     add_options(count, OPTIONS)
     count.add_argument(
         "--format",

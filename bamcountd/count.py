@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import anyio
 from anyio.abc import ObjectSendStream
 
-from bamcountd import logs, plan
+from bamcountd import logs, plan, remote
 from bamcountd import samtools as st
 from bamcountd.errors import (
     BadOption,
@@ -31,21 +31,32 @@ from bamcountd.errors import (
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
+    RemoteAccessDenied,
+    RemoteChanged,
+    RemoteNotFound,
+    RemoteUnavailable,
     SamtoolsBadOutput,
     SamtoolsFailed,
     SamtoolsTimeout,
     leaf_exceptions,
+    one_line,
 )
 from bamcountd.inputs import (
     IndexLookup,
+    Input,
     Verdict,
     cached_index_path,
     check_bam_file,
     check_reference,
+    check_remote_bytes,
     default_cache_dir,
     find_index,
+    parse_input,
+    remote_index_candidates,
 )
 from bamcountd.options import CountOptions, Filters, OptionValueError, check
+from bamcountd.remote import ObjectInfo
+from bamcountd.urls import Url
 
 log = logs.get_logger("bamcountd")
 
@@ -60,13 +71,14 @@ _Command = tuple[list[str] | None, Path]
 
 @dataclass(frozen=True, kw_only=True)
 class CountRequest(CountOptions):
-    """One input and the options to count it with."""
+    """One input (a local file or a URL) and the options to count it with."""
 
-    bam: Path
+    bam: Input
 
     @classmethod
-    def of(cls, bam: Path, options: CountOptions) -> CountRequest:
-        return cls(bam=bam, **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
+    def of(cls, bam: str | Input, options: CountOptions) -> CountRequest:
+        """:raises RemoteUnsupported: ``bam`` is a URL samtools cannot read"""
+        return cls(bam=parse_input(bam), **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ class RegionCount:
 
 @dataclass(frozen=True, kw_only=True)
 class CountResult:
-    bam: Path
+    bam: Input  # a URL shows itself redacted
     total: int
     regions: tuple[RegionCount, ...]
     filters: Filters
@@ -90,9 +102,12 @@ class CountResult:
     seconds: float
     verification: str = "index"  # index, earlier, stream or none (README: Outputs)
     notes: tuple[str, ...] = ()  # what went differently from a plain count, and why
+    index_url: Url | None = None  # a URL's index, fetched for this count only (``index`` is then None)
+    object: ObjectInfo | None = None  # what identified a URL's object, the same at the start and the end
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON contract other tools read (``bamcountd count --format json``)."""
+        index = self.index_url if self.index_url is not None else self.index
         return {
             "bam": str(self.bam),
             "total": self.total,
@@ -103,10 +118,11 @@ class CountResult:
             "threads": self.threads,
             "method": self.method,
             "shards": self.shards,
-            "index": None if self.index is None else str(self.index),
+            "index": None if index is None else str(index),
             "seconds": round(self.seconds, 3),
             "verification": self.verification,
             "notes": list(self.notes),
+            "object": None if self.object is None else self.object.as_dict(),
         }
 
 
@@ -160,41 +176,90 @@ async def count_bam(
     limiter: anyio.CapacityLimiter | None = None,
     progress: ProgressCallback | None = None,
 ) -> CountResult:
-    """Count the reads of one BAM per region; raise a :class:`BamcountdError` on any doubt.
+    """Count the reads of one BAM or CRAM, a local file or a URL, per region; raise a
+    :class:`BamcountdError` on any doubt.
 
     ``limiter`` is shared with other counts (the daemon's global cap on samtools processes);
     the request's own ``jobs`` still applies within it.
 
-    :raises BamcountdError: the input, the data or samtools failed; nothing was counted
+    :raises BamcountdError: the input, the data, its server or samtools failed; nothing was counted
     """
     started = time.monotonic()
     _validate(request)
     executable = st.find(request.samtools)
-    bam, cram = check_bam_file(request.bam)
+    source = parse_input(request.bam)
+    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
+    if isinstance(source, Path):
+        bam, cram = check_bam_file(source)
+        return await _count(request, executable, bam, cram, None, cache, started, limiter, progress)
+    # A URL's count has a private folder in the cache: samtools works there (htslib drops a
+    # downloaded index in its working folder, and trusts one it finds there), and the index is
+    # fetched into it once.
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        private = tempfile.TemporaryDirectory(prefix=".url-", dir=cache)
+    except OSError as error:
+        raise IndexMissing(f"{source}: the index cache {cache} is not usable ({error.strerror})") from None
+    with private as folder:
+        probe = await anyio.to_thread.run_sync(remote.probe, source)
+        cram = check_remote_bytes(source, probe.head, probe.tail)
+        fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
+        result = await _count(request, executable, source, cram, fetched, cache, started, limiter, progress)
+        await fetched.recheck()  # the object the count began with is the one it ended with
+    return result
+
+
+async def _count(
+    request: CountRequest,
+    executable: str,
+    bam: Path | Url,
+    cram: bool,
+    fetched: _Remote | None,
+    cache: Path,
+    started: float,
+    limiter: anyio.CapacityLimiter | None,
+    progress: ProgressCallback | None,
+) -> CountResult:
     if cram and request.method == "index":
         raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
-    lookup = find_index(bam, request.index, cram=cram)
+    if fetched is None:
+        assert isinstance(bam, Path)
+        lookup = find_index(bam, _local(request.index), cram=cram)
+    else:
+        lookup = IndexLookup(await fetched.index(request.index, cram=cram), False)  # an object's age is not checked
     fresh = lookup.path if lookup.path is not None and not lookup.stale else None
-    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
     env = st.cram_environment(cache / "no-reference") if cram else None
+    cwd = None if fetched is None else fetched.folder
     # A CRAM's idxstats reads every record: it is the count's cross-check, so no time limit but the user's.
     stats_timeout = request.timeout if cram else 300
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
-    samtools, _, header, early_stats = await _gather(
-        partial(st.locate, executable),
-        partial(st.quickcheck, executable, bam, env=env),
-        partial(st.read_header, executable, bam, env=env),
-        partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout)
-        if fresh is not None
-        else _no_stats,
-    )
+    for attempt in range(1, remote.ATTEMPTS + 1):
+        try:
+            samtools, _, header, early_stats = await _gather(
+                partial(st.locate, executable),
+                partial(st.quickcheck, executable, bam, env=env, cwd=cwd),
+                partial(st.read_header, executable, bam, env=env, cwd=cwd),
+                partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout, cwd=cwd)
+                if fresh is not None
+                else _no_stats,
+            )
+            break
+        except BamcountdError as error:
+            if fetched is None:
+                raise
+            await fetched.recheck()  # an object that has gone or expired says so before samtools' words
+            if attempt == remote.ATTEMPTS:
+                raise  # the object is there and the same: what samtools said is the error
+            log.bind(bam=str(bam)).warning("checks_retried", attempt=attempt, failure=one_line(error))
+            await anyio.sleep(0.25 * attempt)
     if request.reference is not None:
         check_reference(request.reference, header, bam)
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
     if cram:
         fields_needed = _required_fields(request, regions)
-        samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference), env=env)
+        samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference))
+    samtools = replace(samtools, env=env, cwd=cwd)
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
@@ -208,6 +273,7 @@ async def count_bam(
         threads=threads,
         limiter=limiter,
         progress=progress,
+        remote=fetched,
     )
     if fresh is not None and header.sort_order in ("unsorted", "queryname"):
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
@@ -222,6 +288,7 @@ async def count_bam(
         counts, method, verification, shard_count, index = await job.through(index, early_stats)
         if cram and verification == "index":
             verification = "records"  # a CRAI has no totals: idxstats counted the records (README: Outputs)
+    index_url = fetched.index_url if fetched is not None and index == lookup.path else None
     result = CountResult(
         bam=bam,
         total=sum(counts),
@@ -232,15 +299,73 @@ async def count_bam(
         threads=threads,
         method=method,
         shards=shard_count,
-        index=index,
+        index=None if index_url is not None else index,
         seconds=time.monotonic() - started,
         verification=verification,
         notes=tuple(job.notes),
+        index_url=index_url,
+        object=None if fetched is None else fetched.info,
     )
     log.bind(bam=str(bam)).info(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
     )
     return result
+
+
+def _local(index: Path | Url | None) -> Path | None:
+    """A local file's ``--index``: a path (an index URL is for a URL's count)."""
+    if isinstance(index, Url):
+        raise BadOption(f"--index {index}: an index URL goes with a URL input; a local BAM's index is a local file")
+    return index
+
+
+@dataclass
+class _Remote:
+    """A URL's count: the object's identity when it began, and its private folder."""
+
+    url: Url
+    info: ObjectInfo
+    folder: Path
+    index_url: Url | None = None  # the index fetched into ``folder``
+
+    async def recheck(self) -> None:
+        """Raise if the object cannot be read now as it was when the count began: gone (404),
+        refused (a presigned URL that expired: 403), or changed.
+
+        :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable, RemoteChanged:
+        """
+        now = await anyio.to_thread.run_sync(remote.identify, self.url)
+        if now != self.info:
+            raise RemoteChanged(
+                f"{self.url}: the object changed during the count (size, ETag, Last-Modified: "
+                f"{self.info.size}, {self.info.etag}, {self.info.last_modified} at the start; "
+                f"{now.size}, {now.etag}, {now.last_modified} now)"
+            )
+
+    async def index(self, given: Path | Url | None, *, cram: bool) -> Path | None:
+        """The index: the user's file, or the user's URL or one next to the object fetched
+        into the private folder; None if there is none next to it.
+
+        :raises BamNotFound: the user's index file does not exist
+        :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable: the user's index URL failed
+        """
+        if isinstance(given, Path):
+            if not given.is_file():
+                raise BamNotFound(f"{given}: index file not found")
+            return given
+        candidates = [given] if given is not None else remote_index_candidates(self.url, cram=cram)
+        for candidate in candidates:
+            suffix = next((s for s in (".bai", ".csi", ".crai") if candidate.name.endswith(s)), ".idx")
+            out = self.folder / f"index{suffix}"
+            try:
+                await anyio.to_thread.run_sync(remote.fetch, candidate, out)
+            except (RemoteNotFound, RemoteAccessDenied):
+                if given is not None:
+                    raise
+                continue  # not there (a store that hides what it holds says 403)
+            self.index_url = candidate
+            return out
+        return None
 
 
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
@@ -311,7 +436,7 @@ class _Job:
     """One count's state: what is asked, and how far the verification has got."""
 
     samtools: st.Samtools
-    bam: Path
+    bam: Path | Url
     cram: bool
     header: st.Header
     request: CountRequest
@@ -325,6 +450,7 @@ class _Job:
     empty: frozenset[int] = frozenset()  # a CRAM's references (header numbers) without records
     index: Path | None = None
     built: Path | None = None  # an index this count built (or found in its cache)
+    remote: _Remote | None = None  # a URL's count
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -351,7 +477,10 @@ class _Job:
 
     async def _idxstats(self, index: Path) -> list[st.IndexStat]:
         timeout = self.request.timeout if self.cram else 300
-        return await st.idxstats(self.samtools.executable, self.bam, index, env=self.samtools.env, timeout=timeout)
+        samtools = self.samtools
+        return await st.idxstats(
+            samtools.executable, self.bam, index, env=samtools.env, timeout=timeout, cwd=samtools.cwd
+        )
 
     # --- the index ---------------------------------------------------------------------
 
@@ -391,9 +520,13 @@ class _Job:
         if not self.request.build_index:
             raise IndexMissing(f"{bam}: {reason}; drop --no-index-build so that bamcountd builds one into its cache")
         csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
+        identity = None if self.remote is None else self.remote.info.key
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
-            out = cached_index_path(bam, self.cache, csi=csi, cram=self.cram)
+            if self.remote is not None and identity is None:  # known by its size alone: for this count only
+                out = self.remote.folder / f"built.{'crai' if self.cram else 'csi' if csi else 'bai'}"
+            else:
+                out = cached_index_path(bam, self.cache, csi=csi, cram=self.cram, identity=identity)
         except OSError as error:
             raise IndexMissing(
                 f"{bam}: {reason}, and the index cache {self.cache} is not usable ({error.strerror})"
@@ -421,6 +554,7 @@ class _Job:
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
+        trust = trust and self.remote is None  # a proof is kept for a pair of local files only
         earlier = trust and self._verdict(index).holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
@@ -468,12 +602,13 @@ class _Job:
             for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
             if region.whole and not region.everything and reached is not None and total is not None
         }
-        if {*self.lengths, plan.UNPLACED} <= proven:
+        if {*self.lengths, plan.UNPLACED} <= proven and self.remote is None:
             verdict = self._verdict(index)
             if not verdict.holds() and not verdict.record():
                 self.log.debug("verdict_not_recorded", cache=str(self.cache))
 
     def _verdict(self, index: Path) -> Verdict:
+        assert isinstance(self.bam, Path)
         return Verdict.of(self.bam, index, self.cache, self.samtools.version)
 
     async def _recover(
@@ -657,24 +792,38 @@ class _Job:
         results: ObjectSendStream[_Outcome],
         local: anyio.CapacityLimiter,
     ) -> None:
-        """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally."""
+        """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally.  A
+        URL's shard that samtools could not read is tried again (bounded) while the object is
+        still there and the same: htslib does not retry a dropped connection."""
+        what = f"{self.bam}: region {shard.label}"
         async with results, local:
-            with _named_failures(f"{self.bam}: region {shard.label}", self.request.timeout):
+            with _named_failures(what, self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
-                    argv, where = how
-                    if argv is None:
-                        outcome = await self._tally(index, shard, where)
-                    else:
-                        completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env)
-                        if shard.bed and self.empty:
-                            completed = st.without_empty_reference_notes(completed, self.empty)
-                        if shard.kind == plan.ACCOUNT:
-                            what = f"{self.bam}: region {shard.label}"
-                            tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
-                            outcome = _Outcome(shard, completed, tallies)
-                        else:
-                            outcome = _Outcome(shard, completed)
+                    for attempt in range(1, remote.ATTEMPTS + 1):
+                        outcome = await self._attempt(index, shard, how)
+                        failure = outcome.completed.describe_failure()
+                        if self.remote is None or failure is None:
+                            break
+                        await self.remote.recheck()  # gone, expired or changed: that is the error
+                        self.log.warning("shard_retried", region=shard.label, attempt=attempt, failure=failure)
+                        if attempt == remote.ATTEMPTS:
+                            raise RemoteUnavailable(
+                                f"{what}: samtools could not read the object in {remote.ATTEMPTS} tries ({failure})"
+                            )
+                        await anyio.sleep(0.25 * attempt)
+                    if shard.kind == plan.ACCOUNT and how[0] is not None:
+                        tallies = {st.WHOLE_STREAM: st.parse_saved_counts(outcome.completed, how[1], what)}
+                        outcome = _Outcome(shard, outcome.completed, tallies)
             await results.send(outcome)
+
+    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command) -> _Outcome:
+        argv, where = how
+        if argv is None:
+            return await self._tally(index, shard, where)
+        completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd)
+        if shard.bed and self.empty:
+            completed = st.without_empty_reference_notes(completed, self.empty)
+        return _Outcome(shard, completed)
 
     def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
         """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
@@ -708,7 +857,7 @@ class _Job:
             bed, cwd, readers = where, where.parent, st.PER_REFERENCE
         else:
             bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
-        source = st.with_index(bam, index) if (regions or bed is not None) else str(bam)
+        source = st.with_index(bam, index) if (regions or bed is not None) else st.source(bam)
         tally = await st.run_tally(
             self.samtools,
             source,
@@ -771,7 +920,7 @@ def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[in
     return missed
 
 
-def _check_index_names(bam: Path, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
+def _check_index_names(bam: Path | Url, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
     named = [stat.name for stat in stats if stat.name != plan.UNPLACED]
@@ -779,7 +928,7 @@ def _check_index_names(bam: Path, header: st.Header, stats: Sequence[st.IndexSta
         raise IndexMismatch(f"{bam}: the index describes {len(named)} references, the header {len(header.references)}")
 
 
-def _check_whole(bam: Path, regions: Sequence[plan.Region]) -> None:
+def _check_whole(bam: Path | Url, regions: Sequence[plan.Region]) -> None:
     for region in regions:
         if not region.whole:
             raise BadOption(f"{bam}: --method index counts whole references only, not {region.label!r}")
@@ -806,7 +955,7 @@ class _Reducer:
 
     def __init__(
         self,
-        bam: Path,
+        bam: Path | Url,
         regions: Sequence[plan.Region],
         index_totals: Sequence[int | None],
         *,

@@ -65,6 +65,19 @@ class BadReference(InputError):
     """The reference FASTA given for a CRAM is missing, unindexed, or not the CRAM's reference."""
 
 
+class RemoteNotFound(InputError):
+    """A URL's object (or its index) does not exist (HTTP 404)."""
+
+
+class RemoteAccessDenied(InputError):
+    """A URL's server refused access (HTTP 401/403): credentials refused, or a presigned URL
+    that has expired, before or during the count."""
+
+
+class RemoteUnsupported(InputError):
+    """A URL's scheme or server cannot be counted from: one that ignores Range requests, say."""
+
+
 class MissingExtra(InputError):
     """The command needs an optional dependency (an extra) that is not installed."""
 
@@ -78,6 +91,15 @@ class CorruptBam(BamcountdError):
 
 class IndexMismatch(BamcountdError):
     """Counts disagree with the index's own totals: the index belongs to another file."""
+
+
+class RemoteUnavailable(BamcountdError):
+    """A URL's server failed in a way worth another try (a dropped connection, a body shorter
+    than its Content-Length, 5xx), after bounded retries."""
+
+
+class RemoteChanged(BamcountdError):
+    """A URL's object changed (size, ETag or Last-Modified) while it was counted."""
 
 
 # --- tool errors: samtools could not be run or misbehaved -----------------------------------

@@ -34,6 +34,7 @@ from bamcountd.errors import (
     SamtoolsTimeout,
 )
 from bamcountd.options import Filters
+from bamcountd.urls import Url, redact
 
 #: The oldest samtools whose region syntax (``{name}``) and ``FILE##idx##INDEX`` we rely on.
 MINIMUM_VERSION = (1, 10)
@@ -70,6 +71,10 @@ class Samtools:
     view_options: tuple[str, ...] = ()
     #: The environment of every command on this count's input (None: bamcountd's own).
     env: Mapping[str, str] | None = field(default=None, compare=False)
+    #: The working folder of every command on this count's input (None: bamcountd's own).  A
+    #: URL's count runs in a private one: htslib drops a downloaded index in its working
+    #: folder, and reuses one it finds there without checking it.
+    cwd: Path | None = None
 
     @property
     def supports_expressions(self) -> bool:
@@ -92,7 +97,7 @@ class Completed:
 
     @property
     def stderr_lines(self) -> list[str]:
-        text = self.stderr.decode("utf-8", "replace")
+        text = redact(self.stderr.decode("utf-8", "replace"))  # htslib quotes the URLs it fails on
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def describe_failure(self) -> str | None:
@@ -297,7 +302,7 @@ class StreamTally(NamedTuple):
 
 
 async def run_stream(
-    samtools: Samtools, bam: Path, *, filters: Filters, threads: int = 1, timeout: float | None = None
+    samtools: Samtools, bam: Path | Url, *, filters: Filters, threads: int = 1, timeout: float | None = None
 ) -> StreamTally:
     """Read the whole file in file order, as a whole-file ``samtools view -c`` does, and count
     its records per reference.  samtools decompresses (with ``threads``) and filters; the
@@ -313,7 +318,7 @@ async def run_stream(
     view = _uncompressed_view(samtools, filters, threads)
     if split:
         view += ["-U", f"/dev/fd/{pipes[1][1]}"]
-    view.append(str(bam))
+    view.append(source(bam))
     found: list[StreamCounts | None] = [None] * len(pipes)
     problems: list[BaseException] = []
     stderr = b""
@@ -339,6 +344,7 @@ async def run_stream(
             stdout=pipes[0][1],
             pass_fds=tuple(w for _, w in pipes[1:]),
             env=samtools.env,
+            cwd=samtools.cwd,
         )
     except BaseException:
         for descriptor in (d for pipe in pipes for d in pipe):
@@ -464,22 +470,32 @@ def cram_environment(no_reference: Path, base: Mapping[str, str] | None = None) 
     return env
 
 
-def with_index(bam: Path, index: Path) -> str:
+def source(bam: Path | Url) -> str:
+    """What samtools is given to read: a path, or a URL with its secrets (never shown)."""
+    return bam.secret if isinstance(bam, Url) else str(bam)
+
+
+def with_index(bam: Path | Url, index: Path) -> str:
     """htslib's ``FILE##idx##INDEX`` form: works for every command (idxstats has no ``-X``,
-    and ``view -X`` refuses ``-L`` without a region argument)."""
-    return f"{bam}##idx##{index}"
+    and ``view -X`` refuses ``-L`` without a region argument); for a URL, the index is a
+    local file htslib need not download."""
+    return f"{source(bam)}##idx##{index}"
 
 
-async def quickcheck(executable: str, bam: Path, *, env: Mapping[str, str] | None = None) -> None:
+async def quickcheck(
+    executable: str, bam: Path | Url, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> None:
     # -u: a BAM of unaligned reads has no @SQ lines and is still a BAM to count.
-    completed = await run([executable, "quickcheck", "-u", "-v", str(bam)], timeout=120, env=env)
+    completed = await run([executable, "quickcheck", "-u", "-v", source(bam)], timeout=120, env=env, cwd=cwd)
     if completed.returncode != 0:
         words = _summarise(completed.stderr_lines) or "not a valid BAM"
         raise CorruptBam(f"{bam}: failed samtools quickcheck, the file is truncated or not a BAM ({words})")
 
 
-async def read_header(executable: str, bam: Path, *, env: Mapping[str, str] | None = None) -> Header:
-    completed = await run([executable, "view", "--no-PG", "-H", str(bam)], timeout=300, env=env)
+async def read_header(
+    executable: str, bam: Path | Url, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Header:
+    completed = await run([executable, "view", "--no-PG", "-H", source(bam)], timeout=300, env=env, cwd=cwd)
     failure = completed.describe_failure()
     if failure is not None:
         raise CorruptBam(f"{bam}: cannot read the header: samtools {failure}")
@@ -499,11 +515,17 @@ async def read_header(executable: str, bam: Path, *, env: Mapping[str, str] | No
 
 
 async def idxstats(
-    executable: str, bam: Path, index: Path, *, env: Mapping[str, str] | None = None, timeout: float | None = 300
+    executable: str,
+    bam: Path | Url,
+    index: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 300,
+    cwd: Path | None = None,
 ) -> list[IndexStat]:
     """The index's per-reference totals; of a CRAM, whose CRAI holds none, samtools counts them
     by reading every record (FLAG and RNAME decoded), whatever index it is given."""
-    completed = await run([executable, "idxstats", with_index(bam, index)], timeout=timeout, env=env)
+    completed = await run([executable, "idxstats", with_index(bam, index)], timeout=timeout, env=env, cwd=cwd)
     _checked(completed, f"{bam}: idxstats")
     stats: list[IndexStat] = []
     for raw in completed.stdout.splitlines():
@@ -514,15 +536,15 @@ async def idxstats(
     return stats
 
 
-async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, threads: int) -> None:
+async def build_index(samtools: Samtools, bam: Path | Url, out: Path, *, csi: bool, threads: int) -> None:
     """Index ``bam`` into ``out`` atomically (a temp file renamed into place)."""
     partial = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.part")
     argv = [samtools.executable, "index", "-@", str(max(threads - 1, 0))]
     if not out.name.endswith(".crai"):  # a CRAM's index is always a CRAI
         argv += ["-c"] if csi else ["-b"]
-    argv += [str(bam), str(partial)]
+    argv += [source(bam), str(partial)]
     try:
-        completed = await run(argv, env=samtools.env)
+        completed = await run(argv, env=samtools.env, cwd=samtools.cwd)
         failure = completed.describe_failure()
         if failure is not None:
             words = " ".join(completed.stderr_lines)
@@ -534,7 +556,7 @@ async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, th
             raise CorruptBam(f"{bam}: cannot build an index: samtools {failure}")
         # A BAM stamped in the future (clock skew on shared storage) would make htslib call
         # the fresh index stale; it describes exactly this content, so date it no older.
-        bam_mtime = bam.stat().st_mtime_ns
+        bam_mtime = bam.stat().st_mtime_ns if isinstance(bam, Path) else 0
         if partial.stat().st_mtime_ns < bam_mtime:
             os.utime(partial, ns=(bam_mtime, bam_mtime))
         os.replace(partial, out)
@@ -544,7 +566,7 @@ async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, th
 
 def count_argv(
     samtools: Samtools,
-    bam: Path,
+    bam: Path | Url,
     index: Path,
     regions: Iterable[str],
     *,
@@ -573,7 +595,7 @@ def count_argv(
     if regions or bed is not None:
         argv += [with_index(bam, index), *regions]
     else:  # the whole file, which needs no index
-        argv.append(str(bam))
+        argv.append(source(bam))
     return argv
 
 

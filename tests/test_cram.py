@@ -17,14 +17,7 @@ from bamcountd.cli import main
 from bamcountd.errors import BadOption, BadReference, BamcountdError, BamNotFound, CorruptBam
 from bamcountd.service.watch import is_candidate_name
 from bamcountd.synth import tricky_bam
-from tests.support.bams import header_names, oracle, samtools_count, write_cram, write_fasta
-
-FILTER_CASES = {
-    "none": ((), Filters()),
-    "F904_q20": (("-F", "0x904", "-q", "20"), Filters(exclude_flags=0x904, min_mapq=20)),
-    "f2": (("-f", "2"), Filters(require_flags=2)),
-    "G900": (("-G", "0x900"), Filters(exclude_all_flags=0x900)),
-}
+from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram, write_fasta
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bamcountd.options import Filters
+
 SAMTOOLS = shutil.which("samtools") or "samtools"
 
+#: The issue's filters: samtools' words for each, and bamcountd's.
+FILTER_CASES = {
+    "none": ((), Filters()),
+    "F904_q20": (("-F", "0x904", "-q", "20"), Filters(exclude_flags=0x904, min_mapq=20)),
+    "f2": (("-f", "2"), Filters(require_flags=2)),
+    "G900": (("-G", "0x900"), Filters(exclude_all_flags=0x900)),
+}
 
-def samtools_count(bam: Path, *args: str, index: Path | None = None, reference: Path | None = None) -> int:
+
+def samtools_count(
+    bam: Path | str, *args: str, index: Path | None = None, reference: Path | None = None, cwd: Path | None = None
+) -> int:
     """The oracle: ``samtools view -c [args] BAM`` (args may end with one region), checked; a
-    CRAM is decoded whole, with ``reference`` when it needs one."""
+    CRAM is decoded whole, with ``reference`` when it needs one.  ``bam`` may be a URL (then
+    run in ``cwd``, where htslib may leave the index it downloads)."""
     options = [a for a in args if a.startswith("-") or a.isdigit() or a.startswith("0x")]
     argv = [SAMTOOLS, "view", "-c", *args[: len(options)]]
     if reference is not None:
@@ -23,7 +36,7 @@ def samtools_count(bam: Path, *args: str, index: Path | None = None, reference: 
         argv += ["-X", str(bam), str(index), *args[len(options) :]]
     else:
         argv += [str(bam), *args[len(options) :]]
-    completed = subprocess.run(argv, capture_output=True, check=True)
+    completed = subprocess.run(argv, capture_output=True, check=True, cwd=cwd)
     assert completed.stderr == b"", completed.stderr
     return int(completed.stdout)
 
