@@ -252,7 +252,7 @@ async def _count(
             if attempt == remote.ATTEMPTS:
                 raise  # the object is there and the same: what samtools said is the error
             log.bind(bam=str(bam)).warning("checks_retried", attempt=attempt, failure=one_line(error))
-            await anyio.sleep(0.25 * attempt)
+            await anyio.sleep(remote.pause(attempt))
     if request.reference is not None:
         check_reference(request.reference, header, bam)
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
@@ -489,7 +489,7 @@ class _Job:
         not coordinate-sorted and every region can be counted in one pass without one."""
         streamable = all(region.whole for region in self.regions)
         if lookup.path is None:
-            reason = "has no index (looked for .bai and .csi next to it)"
+            reason = f"has no index (looked for {'.crai' if self.cram else '.bai and .csi'} next to it)"
         else:
             reason = f"has an index older than the BAM ({lookup.path})"
         unsorted = self.header.sort_order in ("unsorted", "queryname")
@@ -810,7 +810,7 @@ class _Job:
                             raise RemoteUnavailable(
                                 f"{what}: samtools could not read the object in {remote.ATTEMPTS} tries ({failure})"
                             )
-                        await anyio.sleep(0.25 * attempt)
+                        await anyio.sleep(remote.pause(attempt))
                     if shard.kind == plan.ACCOUNT and how[0] is not None:
                         tallies = {st.WHOLE_STREAM: st.parse_saved_counts(outcome.completed, how[1], what)}
                         outcome = _Outcome(shard, outcome.completed, tallies)

@@ -38,7 +38,7 @@ from bamcountd.urls import Url
 
 #: How many times a transient failure is tried in all, and the pause before each new try.
 ATTEMPTS = 3
-_BACKOFF = (0.25, 1.0)
+BACKOFF = (0.25, 1.0)
 _TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -135,6 +135,11 @@ def fetch(url: Url, out: Path, *, limit: int = 1 << 30) -> ObjectInfo:
     )
 
 
+def pause(attempt: int) -> float:
+    """Seconds to wait before try ``attempt + 1``."""
+    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
+
+
 def _ranged(url: Url, byte_range: str) -> _Response:
     return _request(url, {"Range": byte_range})
 
@@ -166,7 +171,7 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
     problem = ""
     for attempt in range(ATTEMPTS):
         if attempt:
-            time.sleep(_BACKOFF[min(attempt - 1, len(_BACKOFF) - 1)])
+            time.sleep(pause(attempt))
         target, signed = _http_request(url, headers)
         request = urllib.request.Request(target, headers=signed, method="GET")
         try:

@@ -82,9 +82,9 @@ def make_cram(folder: Path, reads: int, seed: int = 1) -> tuple[Path, Path]:
     return cram, fasta
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, str]:
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd=cwd)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {done.stderr}")
@@ -136,7 +136,7 @@ def main() -> int:
                 for name, argv in commands.items():
                     seconds, out = timed(argv, env)
                     times[name].append(seconds)
-                    answers[name] = out.strip() if not name.startswith("bamcountd") else str(_total(out))
+                    answers[name] = out.strip() if not name.startswith("bamcountd") else str(total_of(out))
             if len(set(answers.values())) != 1:
                 raise SystemExit(f"counts differ: {answers}")
             base = statistics.median(times[f"samtools view -c -@{cores}"])
@@ -149,7 +149,8 @@ def main() -> int:
     return 0
 
 
-def _total(out: str) -> int:
+def total_of(out: str) -> int:
+    """The total of ``bamcountd count --format json``."""
     import json
 
     return int(json.loads(out)["total"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd import CountRequest, Filters, count_bam_sync, remote
 from bamcountd import samtools as st
 from bamcountd.cli import main
 from bamcountd.errors import (
@@ -27,13 +27,19 @@ from bamcountd.errors import (
 )
 from bamcountd.synth import tricky_bam
 from bamcountd.urls import HIDDEN, Url, redact
+from devtools.object_server import DROP, ERROR_503, FORBIDDEN, IGNORE_RANGE, NOT_FOUND, SHORT, Fault, Server, serve
 from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram
-from tests.support.httpserver import DROP, ERROR_503, FORBIDDEN, IGNORE_RANGE, NOT_FOUND, SHORT, Fault, Server, serve
 
 SECRET = "sig-5ec2e7-0123456789abcdef"
 S3_SECRET = "s3-secret-key-0123456789abcdef"
 GCS_TOKEN = "ya29.gcs-token-0123456789abcdef"
 SHARDS = 100  # small shards: many range requests per count
+
+
+@pytest.fixture(autouse=True)
+def _short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same tries, with pauses too short to slow the suite.
+    monkeypatch.setattr(remote, "BACKOFF", (0.01, 0.02))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from bamcountd.ledger import Entry, Ledger
 from bamcountd.report import json_text, render, write_atomic
 from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
 from bamcountd.service.watch import Identity, WatchRoot
+from bamcountd.urls import redact
 
 log = structlog.get_logger("bamcountd.service")
 
@@ -71,7 +72,7 @@ def counts_document(result: CountResult, bam: Path, identity: str) -> dict[str, 
 
 def error_document(bam: Path, identity: str, *, reason: str, attempts: int, kind: str) -> dict[str, Any]:
     return {
-        "error": reason,
+        "error": redact(reason),  # a reference server's or a tool's words may quote a URL
         "kind": kind,
         "attempts": attempts,
         "source": source_document(bam, identity),

@@ -1,7 +1,9 @@
 """A real HTTP server on loopback that serves files of one folder with Range requests, ETag and
 Last-Modified, as object stores do, and breaks in the ways they break (:class:`Fault`).
 
-Tests point bamcountd and samtools (htslib's libcurl) at it.  A fault applies to the paths it
+The tests (tests/test_urls.py) and the loopback-http benchmark (benchmarks/bench_url.py) point
+bamcountd and samtools (htslib's libcurl) at it; it is here, not in tests/support/, because
+benchmarks import nothing from tests.  A fault applies to the paths it
 names, after the first ``after`` requests for them, so a count can start well and then fail
 (a presigned URL that expires mid-count, a connection dropped on the tenth range).
 """
@@ -122,42 +124,50 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             target = (server.root / path.lstrip("/")).resolve()
             if server.root.resolve() not in target.parents or not target.is_file():
                 return self._status(404)
-            data = target.read_bytes()
             stat = target.stat()
-            start, end, partial = 0, len(data) - 1, False
+            size = stat.st_size
+            start, end, partial = 0, size - 1, False
             asked = _RANGE.match(self.headers.get("Range", ""))
             if asked is not None and mode != IGNORE_RANGE:
                 first, last = asked.groups()
                 if first:
-                    start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+                    start, end = int(first), min(int(last) if last else size - 1, size - 1)
                 else:
-                    start = max(len(data) - int(last), 0)
-                if start >= len(data):
+                    start = max(size - int(last), 0)
+                if start >= size:
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Range", f"bytes */{size}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return None
                 partial = True
-            chunk = data[start : end + 1]
+            length = end - start + 1
             self.send_response(206 if partial else 200)
-            self.send_header("Content-Length", str(len(chunk)))
+            self.send_header("Content-Length", str(length))
             if partial:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"')
+            identity = f"{target}\0{size}\0{stat.st_mtime_ns}".encode()
+            self.send_header("ETag", '"' + hashlib.md5(identity, usedforsecurity=False).hexdigest() + '"')
             self.send_header("Last-Modified", email.utils.formatdate(stat.st_mtime, usegmt=True))
             self.end_headers()
             if not body:
                 return None
-            if mode in (DROP, SHORT):
-                self.wfile.write(chunk[: len(chunk) // 2])
+            cut = mode in (DROP, SHORT)
+            with open(target, "rb") as handle:
+                handle.seek(start)
+                left = length // 2 if cut else length
+                while left > 0:
+                    block = handle.read(min(left, 1 << 20))
+                    if not block:
+                        break
+                    self.wfile.write(block)
+                    left -= len(block)
+            if cut:
                 self.wfile.flush()
                 if mode == DROP:  # a reset, not a close: what a dying proxy does
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 self.close_connection = True
-                return None
-            self.wfile.write(chunk)
             return None
 
         def _status(self, code: int) -> None:
