@@ -91,13 +91,18 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> tupl
     return seconds, done.stdout
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(doc: str | None) -> tuple[argparse.Namespace, Path, Path, int]:
+    """The command line (--reads, --repeats), the benchmark CRAM and its FASTA, the cores."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reads", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cram, fasta = make_cram(HERE / "data", args.reads)
-    cores = len(os.sched_getaffinity(0))
+    return args, cram, fasta, len(os.sched_getaffinity(0))
+
+
+def main() -> int:
+    args, cram, fasta, cores = setup(__doc__)
     with tempfile.TemporaryDirectory(prefix="bench-cram-") as scratch:
         # No reference server: samtools gets the FASTA with -T; bamcountd needs none.
         env = {**os.environ, "REF_PATH": f"{scratch}/none/%s", "XDG_CACHE_HOME": scratch}

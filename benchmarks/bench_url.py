@@ -17,7 +17,6 @@ latency, so this measures what the counts cost, not what a network would add.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_cram import FILTERS, SAMTOOLS, make_cram, timed, total_of  # this folder is sys.path[0]
+from bench_cram import FILTERS, SAMTOOLS, setup, timed, total_of  # this folder is sys.path[0]
 
 from devtools.object_server import serve
 
@@ -45,13 +44,8 @@ def make_bam(cram: Path, fasta: Path) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reads", type=int, default=2_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    cram, fasta = make_cram(HERE / "data", args.reads)
+    args, cram, fasta, cores = setup(__doc__)
     bam = make_bam(cram, fasta)
-    cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="bench-url-") as scratch, serve(HERE / "data") as server:
         # samtools runs in a folder of its own: it drops the index it downloads where it runs.
         env = {**os.environ, "REF_PATH": f"{scratch}/none/%s", "XDG_CACHE_HOME": scratch}
