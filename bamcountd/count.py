@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import anyio
 from anyio.abc import ObjectSendStream
 
-from bamcountd import logs, plan, remote
+from bamcountd import logs, plan
 from bamcountd import samtools as st
+from bamcountd.cramfile import UNPLACED_ID, CramTotals, read_totals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -55,8 +56,7 @@ from bamcountd.inputs import (
     remote_index_candidates,
 )
 from bamcountd.options import CountOptions, Filters, OptionValueError, check
-from bamcountd.remote import ObjectInfo
-from bamcountd.urls import Url
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
 
 log = logs.get_logger("bamcountd")
 
@@ -201,6 +201,8 @@ async def count_bam(
     except OSError as error:
         raise IndexMissing(f"{source}: the index cache {cache} is not usable ({error.strerror})") from None
     with private as folder:
+        from bamcountd import remote  # here: http.client and ssl are a tenth of a local count's start
+
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
         fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
@@ -234,14 +236,14 @@ async def _count(
     stats_timeout = request.timeout if cram else 300
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
-    for attempt in range(1, remote.ATTEMPTS + 1):
+    for attempt in range(1, ATTEMPTS + 1):
         try:
             samtools, _, header, early_stats = await _gather(
                 partial(st.locate, executable),
                 partial(st.quickcheck, executable, bam, env=env, cwd=cwd),
                 partial(st.read_header, executable, bam, env=env, cwd=cwd),
                 partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout, cwd=cwd)
-                if fresh is not None
+                if fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
                 else _no_stats,
             )
             break
@@ -249,10 +251,10 @@ async def _count(
             if fetched is None:
                 raise
             await fetched.recheck()  # an object that has gone or expired says so before samtools' words
-            if attempt == remote.ATTEMPTS:
+            if attempt == ATTEMPTS:
                 raise  # the object is there and the same: what samtools said is the error
             log.bind(bam=str(bam)).warning("checks_retried", attempt=attempt, failure=one_line(error))
-            await anyio.sleep(remote.pause(attempt))
+            await anyio.sleep(pause(attempt))
     if request.reference is not None:
         check_reference(request.reference, header, bam)
     regions = plan.resolve_regions(header, request.regions, request.regions_file)
@@ -334,6 +336,8 @@ class _Remote:
 
         :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable, RemoteChanged:
         """
+        from bamcountd import remote
+
         now = await anyio.to_thread.run_sync(remote.identify, self.url)
         if now != self.info:
             raise RemoteChanged(
@@ -353,6 +357,8 @@ class _Remote:
             if not given.is_file():
                 raise BamNotFound(f"{given}: index file not found")
             return given
+        from bamcountd import remote
+
         candidates = [given] if given is not None else remote_index_candidates(self.url, cram=cram)
         for candidate in candidates:
             suffix = next((s for s in (".bai", ".csi", ".crai") if candidate.name.endswith(s)), ".idx")
@@ -451,9 +457,11 @@ class _Job:
     index: Path | None = None
     built: Path | None = None  # an index this count built (or found in its cache)
     remote: _Remote | None = None  # a URL's count
+    containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
+        self.ref_ids = {ref.name: i for i, ref in enumerate(self.header.references)}
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
@@ -461,6 +469,8 @@ class _Job:
     async def through(self, index: Path, stats: list[st.IndexStat] | None) -> _Counted:
         """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
         are its idxstats if they were read already."""
+        if stats is None and self.cram and self.remote is None and self.request.method != "index":
+            stats = await self._container_stats(index)
         if stats is None:
             stats = await self._idxstats(index)
         placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
@@ -474,6 +484,72 @@ class _Job:
             return _Counted([_index_total(r, by_name) for r in self.regions], "index", "none", 0, index)
         counts, verification, shards = await self.view(index, stats)
         return _Counted(counts, "view", verification, shards, self.index)
+
+    async def _container_stats(self, index: Path) -> list[st.IndexStat] | None:
+        """A local CRAM 3's records per reference from its container headers (cramfile), as
+        idxstats' lines; a reference that shares multi-reference containers gets its share of
+        its component's records (for planning only: its total is None, see _totals)."""
+        assert isinstance(self.bam, Path)
+        references = self.header.references
+        found = await anyio.to_thread.run_sync(read_totals, self.bam, index, len(references))
+        if found is None:  # CRAM 2: idxstats reads the records
+            return None
+        self.containers = found
+        shares: dict[int, float] = {}
+        for refs, total in found.components:
+            lengths = {ref: references[ref].length if ref >= 0 else 1 for ref in refs}
+            for ref, length in lengths.items():
+                shares[ref] = total * length / max(sum(lengths.values()), 1)
+        stats = [
+            st.IndexStat(ref.name, ref.length, found.single.get(i, round(shares.get(i, 0))), 0)
+            for i, ref in enumerate(references)
+        ]
+        unplaced = found.single.get(UNPLACED_ID, round(shares.get(UNPLACED_ID, 0)))
+        return [*stats, st.IndexStat(plan.UNPLACED, 0, 0, unplaced)]
+
+    def _totals(self, by_name: dict[str, st.IndexStat]) -> list[int | None]:
+        """Each region's records by the index (or a CRAM's container headers); None where they
+        are known only with other references' (a multi-reference container's)."""
+        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
+        if self.containers is None:
+            return totals
+        unknown = self._shared_references()
+        for i, region in enumerate(self.regions):
+            if (region.everything and unknown) or (self._ref_id(region) in unknown):
+                totals[i] = None
+        return totals
+
+    def _shared_references(self) -> set[int]:
+        assert self.containers is not None
+        return {ref for refs, _ in self.containers.components for ref in refs}
+
+    def _ref_id(self, region: plan.Region) -> int | None:
+        if region.everything:
+            return None
+        if region.reference is None:
+            return UNPLACED_ID
+        return self.ref_ids[region.reference]
+
+    def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
+        """Every component of references sharing multi-reference containers reached as many
+        records as its containers hold; their totals are then the records reached.  False when
+        one did not, or when not all of its references were counted whole (nothing to set the
+        records against)."""
+        assert self.containers is not None
+        by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
+        for refs, total in self.containers.components:
+            members = [by_ref.get(ref) for ref in refs]
+            if any(i is None or done.reached[i] is None for i in members):
+                return False
+            if sum(done.reached[i] or 0 for i in members if i is not None) != total:
+                return False
+            for i in members:
+                assert i is not None
+                totals[i] = done.reached[i]
+        for i, region in enumerate(self.regions):
+            if region.everything:
+                totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
+        return True
 
     async def _idxstats(self, index: Path) -> list[st.IndexStat]:
         timeout = self.request.timeout if self.cram else 300
@@ -550,7 +626,7 @@ class _Job:
             self.empty = frozenset(
                 i for i, ref in enumerate(self.header.references) if ref.name in by_name and not by_name[ref.name].reads
             )
-        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
+        totals = self._totals(by_name)
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
@@ -558,6 +634,15 @@ class _Job:
         earlier = trust and self._verdict(index).holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
+        # An earlier count proved the pair record by record (components included): a filtered
+        # count that did not account for what it left out has nothing to set against them.
+        checked = earlier or self._components_hold(first, totals) if self.containers is not None else True
+        if self.containers is not None and (missed or not checked):
+            # Set the records against samtools' own count of them instead (it explains what the
+            # headers cannot: which references differ, and why).
+            self.log.info("containers_differ", index=str(index), missed=len(missed))
+            self.containers = None
+            return await self.view(index, await self._idxstats(index))
         unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
         if unplaced and all(totals[i] == 0 for i in unplaced) and not self.cram and _uncounted_unplaced(index):
             # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
@@ -566,7 +651,7 @@ class _Job:
             missed = _mismatches(self.regions, first, totals)
         if not missed:
             self._remember(index, first, totals)
-            verification = "earlier" if earlier else "index"
+            verification = "earlier" if earlier else "containers" if self.containers is not None else "index"
             if not any(region.whole for region in self.regions):
                 verification = "none"
             return first.counts, verification, first.shards
@@ -575,6 +660,13 @@ class _Job:
     async def _pass(
         self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
+        weights = plan.region_weights(self.regions, stats, self.lengths)
+        small_reads = min(self.request.min_shard_reads // 10, 20_000)
+        if self.cram and self.request.split and not self.request.filters.active:
+            # Each CRAM shard pays samtools' start and its first container's decoding: cut into
+            # about as many shards as the policy aims for, references grouped up to that size
+            # (filtered, a group is tallied per reference, which costs more than the starts).
+            small_reads = max(small_reads, int(sum(weights) / (self.processes * plan.ShardPolicy.pieces_per_slot)))
         policy = plan.ShardPolicy(
             slots=self.processes,
             split=self.request.split and self.samtools.supports_expressions,
@@ -582,9 +674,9 @@ class _Job:
             filtered=self.request.filters.active,
             account=account,
             min_reads=self.request.min_shard_reads,
-            small_reads=min(self.request.min_shard_reads // 10, 20_000),
+            small_reads=small_reads,
+            tally=frozenset(i for i, total in enumerate(totals) if total is None and self.regions[i].whole),
         )
-        weights = plan.region_weights(self.regions, stats, self.lengths)
         index_empty = not any(stat.reads for stat in stats.values())
         shards = plan.plan_shards(self.regions, weights, self.lengths, policy, index_empty=index_empty)
         self.log.debug(
@@ -799,18 +891,18 @@ class _Job:
         async with results, local:
             with _named_failures(what, self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
-                    for attempt in range(1, remote.ATTEMPTS + 1):
+                    for attempt in range(1, ATTEMPTS + 1):
                         outcome = await self._attempt(index, shard, how)
                         failure = outcome.completed.describe_failure()
                         if self.remote is None or failure is None:
                             break
                         await self.remote.recheck()  # gone, expired or changed: that is the error
                         self.log.warning("shard_retried", region=shard.label, attempt=attempt, failure=failure)
-                        if attempt == remote.ATTEMPTS:
+                        if attempt == ATTEMPTS:
                             raise RemoteUnavailable(
-                                f"{what}: samtools could not read the object in {remote.ATTEMPTS} tries ({failure})"
+                                f"{what}: samtools could not read the object in {ATTEMPTS} tries ({failure})"
                             )
-                        await anyio.sleep(remote.pause(attempt))
+                        await anyio.sleep(pause(attempt))
                     if shard.kind == plan.ACCOUNT and how[0] is not None:
                         tallies = {st.WHOLE_STREAM: st.parse_saved_counts(outcome.completed, how[1], what)}
                         outcome = _Outcome(shard, outcome.completed, tallies)
@@ -1032,7 +1124,8 @@ class _Reducer:
         count = 0
         for name, i in names.items():
             reached, passed = tallies.get(name, (0, 0))
-            if reached == self._total(i):
+            total = self._index_totals[i]
+            if total is None or reached == total:  # None: checked with its component (count._Job)
                 self.counts[i] += passed
                 self._reached[i] += reached
                 count += passed

@@ -30,37 +30,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from bamcountd.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
-from bamcountd.urls import Url
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
 
-#: How many times a transient failure is tried in all, and the pause before each new try.
-ATTEMPTS = 3
-BACKOFF = (0.25, 1.0)
 _TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What identifies an object: its size, and the ETag and Last-Modified its server gives."""
-
-    size: int
-    etag: str | None
-    last_modified: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "etag": self.etag, "last_modified": self.last_modified}
-
-    @property
-    def key(self) -> str | None:
-        """A text that changes when the object does, or None when only its size is known."""
-        if self.etag is None and self.last_modified is None:
-            return None
-        return f"{self.size}\0{self.etag}\0{self.last_modified}"
 
 
 @dataclass(frozen=True)
@@ -133,11 +110,6 @@ def fetch(url: Url, out: Path, *, limit: int = 1 << 30) -> ObjectInfo:
         etag=response.headers.get("ETag"),
         last_modified=response.headers.get("Last-Modified"),
     )
-
-
-def pause(attempt: int) -> float:
-    """Seconds to wait before try ``attempt + 1``."""
-    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
 
 
 def _ranged(url: Url, byte_range: str) -> _Response:

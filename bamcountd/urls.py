@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 #: The schemes samtools' htslib reads (with libcurl, its S3 and its GCS plugins); ``s3+http``
@@ -22,6 +23,11 @@ SCHEMES = ("http", "https", "s3", "s3+http", "s3+https", "gs", "gs+http", "gs+ht
 HIDDEN = "REDACTED"
 #: Variables whose values are credentials (htslib's S3 and GCS plugins read them).
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "GCS_OAUTH_TOKEN")
+
+#: How many times a transient failure of a URL's server is tried in all (bamcountd.remote's
+#: requests, and samtools' reads of the object), and the pauses between tries.
+ATTEMPTS = 3
+BACKOFF = (0.25, 1.0)
 
 _URL_START = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://")
 # A URL inside any text: up to a space, a quote or a bracket (htslib quotes file names).
@@ -114,3 +120,27 @@ class Url:
             return None
         query = parts.query if keep_query else ""
         return Url(urlunsplit((parts.scheme, parts.netloc, parts.path[: -len(old)] + new, query, "")))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What identifies an object: its size, and the ETag and Last-Modified its server gives."""
+
+    size: int
+    etag: str | None
+    last_modified: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "etag": self.etag, "last_modified": self.last_modified}
+
+    @property
+    def key(self) -> str | None:
+        """A text that changes when the object does, or None when only its size is known."""
+        if self.etag is None and self.last_modified is None:
+            return None
+        return f"{self.size}\0{self.etag}\0{self.last_modified}"
+
+
+def pause(attempt: int) -> float:
+    """Seconds to wait after try ``attempt`` failed."""
+    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd import samtools as st
 from bamcountd.cli import main
-from bamcountd.errors import BadOption, BadReference, BamcountdError, BamNotFound, CorruptBam
+from bamcountd.cramfile import crai_entries, read_totals
+from bamcountd.errors import BadOption, BadReference, BamcountdError, BamNotFound, CorruptBam, IndexMismatch
 from bamcountd.service.watch import is_candidate_name
 from bamcountd.synth import tricky_bam
 from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram, write_fasta
@@ -56,7 +58,9 @@ def test_default_rows_match_samtools(crams: dict[str, tuple[Path, Path | None]],
     assert {r.region: r.count for r in result.regions} == oracle(cram, names, args, reference=reference)
     assert result.total == samtools_count(cram, *args, reference=reference) > 0
     assert result.index == cram.with_name(cram.name + ".crai")
-    assert result.verification in ("records", "earlier")
+    # Each reference (or component of references sharing containers) set against the container
+    # headers; a filtered count after an unfiltered one trusts that proof.
+    assert result.verification in ("containers", "earlier")
 
 
 @pytest.mark.parametrize("kind", ["reference", "no_ref"])
@@ -112,7 +116,7 @@ def test_the_json_names_the_cram_and_its_verification(
     document = json.loads(capsys.readouterr().out)
     assert document["bam"] == str(cram)
     assert document["total"] == samtools_count(cram)
-    assert document["verification"] in ("records", "earlier")
+    assert document["verification"] in ("containers", "earlier")
 
 
 def test_a_reference_is_checked_against_the_header(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:
@@ -178,3 +182,69 @@ def test_without_the_users_ref_path_htslib_never_asks_a_server(tmp_path: Path) -
     assert env["REF_PATH"] == f"{tmp_path / 'none'}/%s"
     assert not os.path.exists(tmp_path / "none")
     assert st.cram_environment(tmp_path, base={"REF_PATH": "http://mine/%s"})["REF_PATH"] == "http://mine/%s"
+
+
+def _idxstats(cram: Path) -> dict[str, int]:
+    lines = subprocess.run([st.find(None), "idxstats", str(cram)], capture_output=True, check=True, text=True).stdout
+    return {
+        name: int(mapped) + int(unmapped) for name, _, mapped, unmapped in (x.split("\t") for x in lines.splitlines())
+    }
+
+
+@pytest.mark.parametrize("slice_reads", [None, 300])
+def test_the_container_headers_hold_samtools_own_counts(tmp_path: Path, slice_reads: int | None) -> None:
+    """The records each reference holds, by the containers (one reference each, or several
+    together), are what samtools idxstats counts by reading every record."""
+    bam = tricky_bam(tmp_path, reads=3000, unplaced=70, seed=7)
+    cram = write_cram(bam, tmp_path / "x.cram", reference=None, slice_reads=slice_reads)
+    names = header_names(cram)
+    found = read_totals(cram, cram.with_name("x.cram.crai"), len(names))
+    assert found is not None
+    counted = _idxstats(cram)
+    label = [*names, "*"]  # -1 (the unplaced) is the last
+    assert {label[ref]: n for ref, n in found.single.items()} == {
+        label[ref]: counted[label[ref]] for ref in found.single
+    }
+    for refs, total in found.components:
+        assert total == sum(counted[label[ref]] for ref in refs) > 0
+    covered = set(found.single) | {ref for refs, _ in found.components for ref in refs}
+    assert {label[ref] for ref in covered} == {name for name, n in counted.items() if n}
+
+
+def test_a_reference_counted_alone_that_shares_containers_is_set_against_idxstats(
+    crams: dict[str, tuple[Path, Path | None]],
+) -> None:
+    """chrM's records are known only with the references its containers share: counted alone,
+    it is set against samtools' own count of its records instead."""
+    cram, reference = crams["no_ref"]
+    found = read_totals(cram, cram.with_name(cram.name + ".crai"), len(header_names(cram)))
+    assert found is not None and found.component_of(header_names(cram).index("chrM")) is not None
+    result = count_bam_sync(CountRequest(bam=cram, regions=("chrM", "chr1")))
+    assert [r.count for r in result.regions] == [
+        samtools_count(cram, "chrM", reference=reference),
+        samtools_count(cram, "chr1", reference=reference),
+    ]
+    assert result.verification == "records"
+
+
+def test_a_damaged_container_header_is_an_error(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:
+    cram, _ = crams["no_ref"]
+    data = bytearray(cram.read_bytes())
+    first = min(offset for _, offset in crai_entries(cram.with_name(cram.name + ".crai")))  # a data container
+    data[first + 5] ^= 0x01  # in its header: past the length, in the reference id or start
+    damaged = tmp_path / "damaged.cram"
+    damaged.write_bytes(bytes(data))
+    shutil.copy(cram.with_name(cram.name + ".crai"), tmp_path / "damaged.cram.crai")
+    with pytest.raises(CorruptBam, match="fails its CRC32 check"):
+        read_totals(damaged, tmp_path / "damaged.cram.crai", len(header_names(cram)))
+    with pytest.raises(BamcountdError):
+        count_bam_sync(CountRequest(bam=damaged))
+
+
+def test_another_crams_index_points_at_no_container(tmp_path: Path) -> None:
+    one = write_cram(tricky_bam(tmp_path, reads=2000, seed=3, name="one.bam"), tmp_path / "one.cram", reference=None)
+    two = write_cram(tricky_bam(tmp_path, reads=2600, seed=4, name="two.bam"), tmp_path / "two.cram", reference=None)
+    os.utime(tmp_path / "two.cram.crai")
+    with pytest.raises(IndexMismatch, match="where the CRAM has no container"):
+        count_bam_sync(CountRequest(bam=one, index=tmp_path / "two.cram.crai"))
+    assert count_bam_sync(CountRequest(bam=two)).total == samtools_count(two)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd import CountRequest, Filters, count_bam_sync, remote
+from bamcountd import CountRequest, Filters, count_bam_sync, urls
 from bamcountd import samtools as st
 from bamcountd.cli import main
 from bamcountd.errors import (
@@ -39,7 +39,7 @@ SHARDS = 100  # small shards: many range requests per count
 @pytest.fixture(autouse=True)
 def _short_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     # The same tries, with pauses too short to slow the suite.
-    monkeypatch.setattr(remote, "BACKOFF", (0.01, 0.02))
+    monkeypatch.setattr(urls, "BACKOFF", (0.01, 0.02))
 
 
 @pytest.fixture(scope="session")
