@@ -24,6 +24,7 @@ UNPLACED_ID = -1
 _MULTI_ID = -2
 _FILE_DEFINITION = 26  # "CRAM", major, minor, a 20-byte file id
 _HEADER_READ = 4096  # a container header is far smaller, landmarks included
+_LONG_HEADER_READ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,13 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
             data = handle.read(_HEADER_READ)
             if not data:
                 break
-            ref_id, records, header, length = _container(data, name, offset)
+            try:
+                ref_id, records, header, length = _container(data, name, offset)
+            except CorruptBam:
+                if len(data) < _HEADER_READ:
+                    raise
+                handle.seek(offset)  # a header with many landmarks (slices): read it whole
+                ref_id, records, header, length = _container(handle.read(_LONG_HEADER_READ), name, offset)
             if not first and records:  # the first container holds the SAM header
                 starts.add(offset)
                 if ref_id == _MULTI_ID:

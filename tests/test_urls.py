@@ -282,9 +282,10 @@ def test_credentials_in_the_environment_never_show(monkeypatch: pytest.MonkeyPat
 @pytest.fixture(scope="session")
 def s3_endpoint(objects: Path) -> Iterator[str]:
     """moto's S3 API on loopback, with a bucket that holds the objects."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    running = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    import boto3  # type: ignore[import-untyped]  # the test extra's moto[server] brings it
+    from moto.server import ThreadedMotoServer
+
+    running = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     running.start()
     try:
         host, port = running.get_host_and_port()
