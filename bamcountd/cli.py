@@ -7,14 +7,13 @@ import argparse
 import importlib
 import io
 import os
-import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bamcountd import logs
 from bamcountd.errors import BadOption, BamcountdError, CohortFailed, InputError, MissingExtra
@@ -32,6 +31,9 @@ from bamcountd.options import (
     seconds,
 )
 from bamcountd.report import FORMATS
+
+if TYPE_CHECKING:
+    from bamcountd.inputs import Input
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -86,7 +88,9 @@ def _require_extra(extra: str | None) -> None:
 
 
 def _print_error(error: BaseException) -> None:
-    print(f"bamcountd: error: {error}", file=sys.stderr)
+    from bamcountd.urls import redact  # every message shows URLs so already; this is the last guard
+
+    print(f"bamcountd: error: {redact(str(error))}", file=sys.stderr)
 
 
 def _log_level(args: argparse.Namespace) -> str:
@@ -143,8 +147,8 @@ def _build_parser(*, command: str | None = None) -> argparse.ArgumentParser:
         "Count the reads of coordinate-sorted BAMs per region; several BAMs make a matrix (a row per "
         "region, a column per sample) or, with --format json, a list of the per-BAM results.",
     )
-    count.add_argument("bam", type=Path, nargs="*", help="coordinate-sorted BAM file(s)")
-    count.add_argument("--bams-from", type=Path, metavar="FILE", help="more BAMs: one path a line")
+    count.add_argument("bam", nargs="*", help="coordinate-sorted BAMs or CRAMs: files, or URLs (http, https, s3, gs)")
+    count.add_argument("--bams-from", type=Path, metavar="FILE", help="more BAMs: one path or URL a line")
     add_options(count, OPTIONS)
     count.add_argument(
         "--format",
@@ -280,29 +284,26 @@ def _output_format(args: argparse.Namespace) -> str:
     return "table" if sys.stdout.isatty() else "tsv"
 
 
-def _bams(args: argparse.Namespace) -> list[Path]:
+def _bams(args: argparse.Namespace) -> list[Input]:
     """The BAMs named on the command line, then those of ``--bams-from`` (blank lines and
-    ``#`` comments skipped).
+    ``#`` comments skipped): files or URLs.
 
-    :raises BadOption: none given, an unreadable list, or a URL (not counted: download it first)
+    :raises BadOption: none given, or an unreadable list
+    :raises RemoteUnsupported: a URL samtools cannot read
     """
-    bams: list[Path] = list(args.bam)
+    from bamcountd.inputs import parse_input
+
+    words: list[str] = list(args.bam)
     if args.bams_from is not None:
         try:
             lines = args.bams_from.read_bytes().splitlines()
         except OSError as error:
             raise BadOption(f"{args.bams_from}: cannot read the list of BAMs ({error.strerror})") from None
-        for number, raw in enumerate(lines, start=1):
-            line = os.fsdecode(raw).strip()
-            if not line or line.startswith("#"):
-                continue
-            if "://" in line:
-                shown = re.sub(r"//[^/@]*@", "//", line.split("?")[0])  # no credentials, no signature
-                raise BadOption(f"{args.bams_from}:{number}: {shown}: URLs are not counted; download it first")
-            bams.append(Path(line))
-    if not bams:
+        stripped = (os.fsdecode(raw).strip() for raw in lines)
+        words += [line for line in stripped if line and not line.startswith("#")]
+    if not words:
         raise BadOption("count: give a BAM, or --bams-from FILE")
-    return bams
+    return [parse_input(word) for word in words]
 
 
 def _run_count(args: argparse.Namespace) -> int:
@@ -330,7 +331,7 @@ def _run_count(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _count_cohort(bams: Sequence[Path], options: CountOptions, fmt: str) -> str:
+def _count_cohort(bams: Sequence[Input], options: CountOptions, fmt: str) -> str:
     """Many BAMs at once; nothing is rendered unless every one was counted.
 
     :raises CohortFailed: one or more BAMs failed

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import chain, repeat
 from pathlib import Path
@@ -30,27 +30,40 @@ from anyio.abc import ObjectSendStream
 from bamcountd import logs, plan
 from bamcountd import samtools as st
 from bamcountd.bamstream import write_intervals
+from bamcountd.cramfile import UNPLACED_ID, CramTotals, read_totals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
+    BamNotFound,
     CohortFailed,
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
+    RemoteAccessDenied,
+    RemoteChanged,
+    RemoteNotFound,
+    RemoteUnavailable,
     SamtoolsBadOutput,
     SamtoolsFailed,
     SamtoolsTimeout,
     leaf_exceptions,
+    one_line,
 )
 from bamcountd.inputs import (
     IndexLookup,
+    Input,
     Verdict,
     cached_index_path,
     check_bam_file,
+    check_reference,
+    check_remote_bytes,
     default_cache_dir,
     find_index,
+    parse_input,
+    remote_index_candidates,
 )
 from bamcountd.options import CountOptions, Filters, OptionValueError, check
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
 
 log = logs.get_logger("bamcountd")
 _T = TypeVar("_T")
@@ -67,13 +80,14 @@ _Command = tuple[list[str] | None, Path]
 
 @dataclass(frozen=True, kw_only=True)
 class CountRequest(CountOptions):
-    """One input and the options to count it with."""
+    """One input (a local file or a URL) and the options to count it with."""
 
-    bam: Path
+    bam: Input
 
     @classmethod
-    def of(cls, bam: Path, options: CountOptions) -> CountRequest:
-        return cls(bam=bam, **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
+    def of(cls, bam: str | Input, options: CountOptions) -> CountRequest:
+        """:raises RemoteUnsupported: ``bam`` is a URL samtools cannot read"""
+        return cls(bam=parse_input(bam), **{spec.name: getattr(options, spec.name) for spec in fields(CountOptions)})
 
 
 class RegionCount(NamedTuple):
@@ -91,7 +105,7 @@ class RegionCount(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class CountResult:
-    bam: Path
+    bam: Input  # a URL shows itself redacted
     total: int
     regions: tuple[RegionCount, ...]
     filters: Filters
@@ -104,6 +118,8 @@ class CountResult:
     seconds: float
     verification: str = "index"  # index, earlier, stream or none (README: Outputs)
     notes: tuple[str, ...] = ()  # what went differently from a plain count, and why
+    index_url: Url | None = None  # a URL's index, fetched for this count only (``index`` is then None)
+    object: ObjectInfo | None = None  # what identified a URL's object, the same at the start and the end
     samples: tuple[str, ...] = ()  # the header's @RG SM values
 
     @property
@@ -113,6 +129,7 @@ class CountResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON contract other tools read (``bamcountd count --format json``)."""
+        index = self.index_url if self.index_url is not None else self.index
         return {
             "bam": str(self.bam),
             "total": self.total,
@@ -128,10 +145,11 @@ class CountResult:
             "threads": self.threads,
             "method": self.method,
             "shards": self.shards,
-            "index": None if self.index is None else str(self.index),
+            "index": None if index is None else str(index),
             "seconds": round(self.seconds, 3),
             "verification": self.verification,
             "notes": list(self.notes),
+            "object": None if self.object is None else self.object.as_dict(),
         }
 
 
@@ -176,6 +194,8 @@ def _validate(request: CountRequest) -> None:
         raise BadOption(f"{error.option.flag}: {error}") from None
     if request.method == "index" and request.filters.active:
         raise BadOption("--method index reads only the index, so it cannot apply -f/-F/-G/-q filters")
+    if request.reference is not None and not request.reference.is_file():
+        raise BamNotFound(f"{request.reference}: reference FASTA not found")
 
 
 async def count_bam(
@@ -184,33 +204,98 @@ async def count_bam(
     limiter: anyio.CapacityLimiter | None = None,
     progress: ProgressCallback | None = None,
 ) -> CountResult:
-    """Count the reads of one BAM per region; raise a :class:`BamcountdError` on any doubt.
+    """Count the reads of one BAM or CRAM, a local file or a URL, per region; raise a
+    :class:`BamcountdError` on any doubt.
 
     ``limiter`` is shared with other counts (the daemon's global cap on samtools processes);
     the request's own ``jobs`` still applies within it.
 
-    :raises BamcountdError: the input, the data or samtools failed; nothing was counted
+    :raises BamcountdError: the input, the data, its server or samtools failed; nothing was counted
     """
     started = time.monotonic()
     _validate(request)
     executable = st.find(request.samtools)
-    bam = check_bam_file(request.bam)
-    lookup = find_index(bam, request.index)
+    source = parse_input(request.bam)
+    cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
+    if isinstance(source, Path):
+        bam, cram = check_bam_file(source)
+        return await _count(request, executable, bam, cram, None, cache, started, limiter, progress)
+    # A URL's count has a private folder in the cache: samtools works there (htslib drops a
+    # downloaded index in its working folder, and trusts one it finds there), and the index is
+    # fetched into it once.
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        private = tempfile.TemporaryDirectory(prefix=".url-", dir=cache)
+    except OSError as error:
+        raise IndexMissing(f"{source}: the index cache {cache} is not usable ({error.strerror})") from None
+    with private as folder:
+        from bamcountd import remote  # here: http.client and ssl are a tenth of a local count's start
+
+        probe = await anyio.to_thread.run_sync(remote.probe, source)
+        cram = check_remote_bytes(source, probe.head, probe.tail)
+        fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
+        result = await _count(request, executable, source, cram, fetched, cache, started, limiter, progress)
+        await fetched.recheck()  # the object the count began with is the one it ended with
+    return result
+
+
+async def _count(
+    request: CountRequest,
+    executable: str,
+    bam: Path | Url,
+    cram: bool,
+    fetched: _Remote | None,
+    cache: Path,
+    started: float,
+    limiter: anyio.CapacityLimiter | None,
+    progress: ProgressCallback | None,
+) -> CountResult:
+    if cram and request.method == "index":
+        raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
+    if fetched is None:
+        assert isinstance(bam, Path)
+        lookup = find_index(bam, _local(request.index), cram=cram)
+    else:
+        lookup = IndexLookup(await fetched.index(request.index, cram=cram), False)  # an object's age is not checked
     fresh = lookup.path if lookup.path is not None and not lookup.stale else None
+    env = st.cram_environment(cache / "no-reference") if cram else None
+    cwd = None if fetched is None else fetched.folder
+    # A CRAM's idxstats reads every record: it is the count's cross-check, so no time limit but the user's.
+    stats_timeout = request.timeout if cram else 300
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
-    samtools, _, header, early_stats = await _gather(
-        partial(st.locate, executable),
-        partial(st.quickcheck, executable, bam),
-        partial(st.read_header, executable, bam),
-        partial(st.idxstats, executable, bam, fresh) if fresh is not None else _no_stats,
-    )
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            samtools, _, header, early_stats = await _gather(
+                partial(st.locate, executable),
+                partial(st.quickcheck, executable, bam, env=env, cwd=cwd),
+                partial(st.read_header, executable, bam, env=env, cwd=cwd),
+                partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout, cwd=cwd)
+                if fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
+                else _no_stats,
+            )
+            break
+        except BamcountdError as error:
+            if fetched is None:
+                raise
+            await fetched.recheck()  # an object that has gone or expired says so before samtools' words
+            if attempt == ATTEMPTS:
+                raise  # the object is there and the same: what samtools said is the error
+            log.bind(bam=str(bam)).warning("checks_retried", attempt=attempt, failure=one_line(error))
+            await anyio.sleep(pause(attempt))
+    if request.reference is not None:
+        check_reference(request.reference, header, bam)
     with _collector_paused():
         regions = plan.resolve_regions(header, request.regions, request.regions_file)
+    if cram:
+        fields_needed = _required_fields(request, regions)
+        samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference))
+    samtools = replace(samtools, env=env, cwd=cwd)
     processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
         bam=bam,
+        cram=cram,
         header=header,
         request=request,
         regions=regions,
@@ -219,6 +304,7 @@ async def count_bam(
         threads=threads,
         limiter=limiter,
         progress=progress,
+        remote=fetched,
     )
     if fresh is not None and header.sort_order in ("unsorted", "queryname"):
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
@@ -231,6 +317,9 @@ async def count_bam(
         counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
     else:
         counts, method, verification, shard_count, index = await job.through(index, early_stats)
+        if cram and verification == "index":
+            verification = "records"  # a CRAI has no totals: idxstats counted the records (README: Outputs)
+    index_url = fetched.index_url if fetched is not None and index == lookup.path else None
     with _collector_paused():
         rows = _region_counts(regions, counts)
     result = CountResult(
@@ -243,10 +332,12 @@ async def count_bam(
         threads=threads,
         method=method,
         shards=shard_count,
-        index=index,
+        index=None if index_url is not None else index,
         seconds=time.monotonic() - started,
         verification=verification,
         notes=tuple(job.notes),
+        index_url=index_url,
+        object=None if fetched is None else fetched.info,
         samples=header.samples,
     )
     log.bind(bam=str(bam)).info(
@@ -275,6 +366,66 @@ def _run_sync(call: Callable[[], Awaitable[_T]]) -> _T:
 
     anyio.run(main)
     return box[0]
+
+
+def _local(index: Path | Url | None) -> Path | None:
+    """A local file's ``--index``: a path (an index URL is for a URL's count)."""
+    if isinstance(index, Url):
+        raise BadOption(f"--index {index}: an index URL goes with a URL input; a local BAM's index is a local file")
+    return index
+
+
+@dataclass
+class _Remote:
+    """A URL's count: the object's identity when it began, and its private folder."""
+
+    url: Url
+    info: ObjectInfo
+    folder: Path
+    index_url: Url | None = None  # the index fetched into ``folder``
+
+    async def recheck(self) -> None:
+        """Raise if the object cannot be read now as it was when the count began: gone (404),
+        refused (a presigned URL that expired: 403), or changed.
+
+        :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable, RemoteChanged:
+        """
+        from bamcountd import remote
+
+        now = await anyio.to_thread.run_sync(remote.identify, self.url)
+        if now != self.info:
+            raise RemoteChanged(
+                f"{self.url}: the object changed during the count (size, ETag, Last-Modified: "
+                f"{self.info.size}, {self.info.etag}, {self.info.last_modified} at the start; "
+                f"{now.size}, {now.etag}, {now.last_modified} now)"
+            )
+
+    async def index(self, given: Path | Url | None, *, cram: bool) -> Path | None:
+        """The index: the user's file, or the user's URL or one next to the object fetched
+        into the private folder; None if there is none next to it.
+
+        :raises BamNotFound: the user's index file does not exist
+        :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable: the user's index URL failed
+        """
+        if isinstance(given, Path):
+            if not given.is_file():
+                raise BamNotFound(f"{given}: index file not found")
+            return given
+        from bamcountd import remote
+
+        candidates = [given] if given is not None else remote_index_candidates(self.url, cram=cram)
+        for candidate in candidates:
+            suffix = next((s for s in (".bai", ".csi", ".crai") if candidate.name.endswith(s)), ".idx")
+            out = self.folder / f"index{suffix}"
+            try:
+                await anyio.to_thread.run_sync(remote.fetch, candidate, out)
+            except (RemoteNotFound, RemoteAccessDenied):
+                if given is not None:
+                    raise
+                continue  # not there (a store that hides what it holds says 403)
+            self.index_url = candidate
+            return out
+        return None
 
 
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
@@ -342,6 +493,20 @@ async def _no_stats() -> None:
     return None
 
 
+def _required_fields(request: CountRequest, regions: Sequence[plan.Region]) -> int:
+    """The CRAM fields a count decodes: FLAG, RNAME and POS always (the flag filters, the
+    reference, the start position that whole references and their shards are cut by), MAPQ for
+    ``-q``, and CIGAR (a read's end) only where a range or a BED interval is asked for, which
+    counts the reads that overlap it.  Cutting a whole reference into pieces needs no end: a
+    piece and its correction see the same ends, whatever they are (see plan)."""
+    needed = st.SAM_FLAG | st.SAM_RNAME | st.SAM_POS
+    if request.filters.min_mapq:
+        needed |= st.SAM_MAPQ
+    if request.regions_file is not None or not all(region.whole for region in regions):
+        needed |= st.SAM_CIGAR
+    return needed
+
+
 async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     """Run calls concurrently; return their results, or raise the failure of the earliest
     call that failed, so that the error reported never depends on which finished first."""
@@ -384,7 +549,8 @@ class _Job:
     """One count's state: what is asked, and how far the verification has got."""
 
     samtools: st.Samtools
-    bam: Path
+    bam: Path | Url
+    cram: bool
     header: st.Header
     request: CountRequest
     regions: Sequence[plan.Region]
@@ -394,11 +560,15 @@ class _Job:
     limiter: anyio.CapacityLimiter | None
     progress: ProgressCallback | None
     notes: list[str] = field(default_factory=list)
+    empty: frozenset[int] = frozenset()  # a CRAM's references (header numbers) without records
     index: Path | None = None
     built: Path | None = None  # an index this count built (or found in its cache)
+    remote: _Remote | None = None  # a URL's count
+    containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
+        self.ref_ids = {ref.name: i for i, ref in enumerate(self.header.references)}
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
@@ -406,12 +576,14 @@ class _Job:
     async def through(self, index: Path, stats: list[st.IndexStat] | None) -> _Counted:
         """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
         are its idxstats if they were read already."""
+        if stats is None and self.cram and self.remote is None and self.request.method != "index":
+            stats = await self._container_stats(index)
         if stats is None:
-            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+            stats = await self._idxstats(index)
         placed = any(stat.reads for stat in stats if stat.name != plan.UNPLACED)
-        if not placed and _lacks_statistics(index):
+        if not placed and not self.cram and _lacks_statistics(index):
             index = await self.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
-            stats = await st.idxstats(self.samtools.executable, self.bam, index)
+            stats = await self._idxstats(index)
         _check_index_names(self.bam, self.header, stats)
         if self.request.method == "index":
             _check_whole(self.bam, self.regions)
@@ -420,6 +592,79 @@ class _Job:
         counts, verification, shards = await self.view(index, stats)
         return _Counted(counts, "view", verification, shards, self.index)
 
+    async def _container_stats(self, index: Path) -> list[st.IndexStat] | None:
+        """A local CRAM 3's records per reference from its container headers (cramfile), as
+        idxstats' lines; a reference that shares multi-reference containers gets its share of
+        its component's records (for planning only: its total is None, see _totals)."""
+        assert isinstance(self.bam, Path)
+        references = self.header.references
+        found = await anyio.to_thread.run_sync(read_totals, self.bam, index, len(references))
+        if found is None:  # CRAM 2: idxstats reads the records
+            return None
+        self.containers = found
+        shares: dict[int, float] = {}
+        for refs, total in found.components:
+            lengths = {ref: references[ref].length if ref >= 0 else 1 for ref in refs}
+            for ref, length in lengths.items():
+                shares[ref] = total * length / max(sum(lengths.values()), 1)
+        stats = [
+            st.IndexStat(ref.name, ref.length, found.single.get(i, round(shares.get(i, 0))), 0)
+            for i, ref in enumerate(references)
+        ]
+        unplaced = found.single.get(UNPLACED_ID, round(shares.get(UNPLACED_ID, 0)))
+        return [*stats, st.IndexStat(plan.UNPLACED, 0, 0, unplaced)]
+
+    def _totals(self, by_name: dict[str, st.IndexStat]) -> list[int | None]:
+        """Each region's records by the index (or a CRAM's container headers); None where they
+        are known only with other references' (a multi-reference container's)."""
+        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
+        if self.containers is None:
+            return totals
+        unknown = self._shared_references()
+        for i, region in enumerate(self.regions):
+            if (region.everything and unknown) or (self._ref_id(region) in unknown):
+                totals[i] = None
+        return totals
+
+    def _shared_references(self) -> set[int]:
+        assert self.containers is not None
+        return {ref for refs, _ in self.containers.components for ref in refs}
+
+    def _ref_id(self, region: plan.Region) -> int | None:
+        if region.everything:
+            return None
+        if region.reference is None:
+            return UNPLACED_ID
+        return self.ref_ids[region.reference]
+
+    def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
+        """Every component of references sharing multi-reference containers reached as many
+        records as its containers hold; their totals are then the records reached.  False when
+        one did not, or when not all of its references were counted whole (nothing to set the
+        records against)."""
+        assert self.containers is not None
+        by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
+        for refs, total in self.containers.components:
+            members = [by_ref.get(ref) for ref in refs]
+            if any(i is None or done.reached[i] is None for i in members):
+                return False
+            if sum(done.reached[i] or 0 for i in members if i is not None) != total:
+                return False
+            for i in members:
+                assert i is not None
+                totals[i] = done.reached[i]
+        for i, region in enumerate(self.regions):
+            if region.everything:
+                totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
+        return True
+
+    async def _idxstats(self, index: Path) -> list[st.IndexStat]:
+        timeout = self.request.timeout if self.cram else 300
+        samtools = self.samtools
+        return await st.idxstats(
+            samtools.executable, self.bam, index, env=samtools.env, timeout=timeout, cwd=samtools.cwd
+        )
+
     # --- the index ---------------------------------------------------------------------
 
     async def index_for(self, lookup: IndexLookup) -> Path | None:
@@ -427,7 +672,7 @@ class _Job:
         not coordinate-sorted and every region can be counted in one pass without one."""
         streamable = all(region.whole for region in self.regions)
         if lookup.path is None:
-            reason = "has no index (looked for .bai and .csi next to it)"
+            reason = f"has no index (looked for {'.crai' if self.cram else '.bai and .csi'} next to it)"
         else:
             reason = f"has an index older than the BAM ({lookup.path})"
         unsorted = self.header.sort_order in ("unsorted", "queryname")
@@ -458,9 +703,13 @@ class _Job:
         if not self.request.build_index:
             raise IndexMissing(f"{bam}: {reason}; drop --no-index-build so that bamcountd builds one into its cache")
         csi = any(ref.length > _BAI_MAX_LENGTH for ref in header.references)
+        identity = None if self.remote is None else self.remote.info.key
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
-            out = cached_index_path(bam, self.cache, csi=csi)
+            if self.remote is not None and identity is None:  # known by its size alone: for this count only
+                out = self.remote.folder / f"built.{'crai' if self.cram else 'csi' if csi else 'bai'}"
+            else:
+                out = cached_index_path(bam, self.cache, csi=csi, cram=self.cram, identity=identity)
         except OSError as error:
             raise IndexMissing(
                 f"{bam}: {reason}, and the index cache {self.cache} is not usable ({error.strerror})"
@@ -480,26 +729,37 @@ class _Job:
         recover where region queries miss records that the BAM and the index both hold."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
-        totals: list[int | None] = [
-            None if region.start is not None or region.end is not None else _index_total(region, by_name)
-            for region in self.regions
-        ]
+        if self.cram:  # a CRAI has no entry for a reference without records, and htslib says so
+            self.empty = frozenset(
+                i for i, ref in enumerate(self.header.references) if ref.name in by_name and not by_name[ref.name].reads
+            )
+        totals = self._totals(by_name)
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
+        trust = trust and self.remote is None  # a proof is kept for a pair of local files only
         earlier = trust and self._verdict(index).holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
+        # An earlier count proved the pair record by record (components included): a filtered
+        # count that did not account for what it left out has nothing to set against them.
+        checked = earlier or self._components_hold(first, totals) if self.containers is not None else True
+        if self.containers is not None and (missed or not checked):
+            # Set the records against samtools' own count of them instead (it explains what the
+            # headers cannot: which references differ, and why).
+            self.log.info("containers_differ", index=str(index), missed=len(missed))
+            self.containers = None
+            return await self.view(index, await self._idxstats(index))
         unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
-        if unplaced and all(totals[i] == 0 for i in unplaced) and _uncounted_unplaced(index):
+        if unplaced and all(totals[i] == 0 for i in unplaced) and not self.cram and _uncounted_unplaced(index):
             # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
             self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
             totals = [None if i in unplaced else total for i, total in enumerate(totals)]
             missed = _mismatches(self.regions, first, totals)
         if not missed:
             self._remember(index, first, totals)
-            verification = "earlier" if earlier else "index"
-            if not any(region.start is None and region.end is None for region in self.regions):
+            verification = "earlier" if earlier else "containers" if self.containers is not None else "index"
+            if not any(region.whole for region in self.regions):
                 verification = "none"
             return first.counts, verification, first.shards
         return await self._recover(index, by_name, totals, first, missed)
@@ -507,6 +767,7 @@ class _Job:
     async def _pass(
         self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
+        small_reads = min(self.request.min_shard_reads // 10, 20_000)
         policy = plan.ShardPolicy(
             slots=self.processes,
             split=self.request.split and self.samtools.supports_expressions,
@@ -514,12 +775,19 @@ class _Job:
             filtered=self.request.filters.active,
             account=account,
             min_reads=self.request.min_shard_reads,
-            small_reads=min(self.request.min_shard_reads // 10, 20_000),
+            small_reads=small_reads,
+            tally=frozenset(i for i, total in enumerate(totals) if total is None and self.regions[i].whole),
             sweep_from=plan.SWEEP_FROM,
         )
         with _collector_paused():
             swept = plan.swept_regions(self.regions, policy)
             weights = plan.region_weights(self.regions, stats, self.lengths, skip=set(swept))
+            if self.cram and self.request.split and not self.request.filters.active:
+                # Each CRAM shard pays samtools' start and its first container's decoding: cut into
+                # about as many shards as the policy aims for, references grouped up to that size
+                # (filtered, a group is tallied per reference, which costs more than the starts).
+                per_shard = int(sum(weights) / (self.processes * plan.ShardPolicy.pieces_per_slot))
+                policy = replace(policy, small_reads=max(small_reads, per_shard))
             index_empty = not any(stat.reads for stat in stats.values())
             densities = plan.densities(stats, self.lengths)
             shards = plan.plan_shards(
@@ -540,12 +808,13 @@ class _Job:
             for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
             if total is not None and region.whole and not region.everything and reached is not None
         }
-        if {*self.lengths, plan.UNPLACED} <= proven:
+        if {*self.lengths, plan.UNPLACED} <= proven and self.remote is None:
             verdict = self._verdict(index)
             if not verdict.holds() and not verdict.record():
                 self.log.debug("verdict_not_recorded", cache=str(self.cache))
 
     def _verdict(self, index: Path) -> Verdict:
+        assert isinstance(self.bam, Path)
         return Verdict.of(self.bam, index, self.cache, self.samtools.version)
 
     async def _recover(
@@ -576,7 +845,8 @@ class _Job:
             data = found.get(os.fsencode(name), (0, 0))[0]
             stat = stats.get(name)
             expected = 0 if stat is None else stat.unmapped if name == plan.UNPLACED else stat.reads
-            if data != expected and not (name == plan.UNPLACED and expected == 0 and _uncounted_unplaced(index)):
+            lacking = name == plan.UNPLACED and expected == 0 and not self.cram and _uncounted_unplaced(index)
+            if data != expected and not lacking:
                 raise IndexMismatch(
                     f"{bam}: its index ({index}) says {name} holds {expected} records, but the BAM holds {data}: "
                     "the index belongs to another file, or the BAM was cut short (truncated at a block boundary) "
@@ -611,7 +881,7 @@ class _Job:
                 self.notes.append(f"{reason}; the BAM is not coordinate-sorted, so they come from one pass over it")
                 self.index = None
                 return self._from_tallies(found), "stream", shards
-            fresh_stats = {stat.name: stat for stat in await st.idxstats(self.samtools.executable, bam, fresh)}
+            fresh_stats = {stat.name: stat for stat in await self._idxstats(fresh)}
             self.index = fresh
             again = await self._pass(fresh, fresh_stats, totals, account=self.request.filters.active)
             shards += again.shards
@@ -733,24 +1003,40 @@ class _Job:
         results: ObjectSendStream[_Outcome],
         local: anyio.CapacityLimiter,
     ) -> None:
-        """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally."""
+        """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally.  A
+        URL's shard that samtools could not read is tried again (bounded) while the object is
+        still there and the same: htslib does not retry a dropped connection."""
+        what = f"{self.bam}: region {shard.label}"
         async with results, local:
-            with _named_failures(f"{self.bam}: region {shard.label}", self.request.timeout):
+            with _named_failures(what, self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
-                    argv, where = how
-                    if shard.kind == plan.SWEEP:
-                        outcome = await self._sweep(index, shard, where)
-                    elif argv is None:
-                        outcome = await self._tally(index, shard, where)
-                    else:
-                        completed = await st.run(argv, timeout=self.request.timeout)
-                        if shard.kind == plan.ACCOUNT:
-                            what = f"{self.bam}: region {shard.label}"
-                            tallies = {st.WHOLE_STREAM: st.parse_saved_counts(completed, where, what)}
-                            outcome = _Outcome(shard, completed, tallies)
-                        else:
-                            outcome = _Outcome(shard, completed)
+                    for attempt in range(1, ATTEMPTS + 1):
+                        outcome = await self._attempt(index, shard, how)
+                        failure = outcome.completed.describe_failure()
+                        if self.remote is None or failure is None:
+                            break
+                        await self.remote.recheck()  # gone, expired or changed: that is the error
+                        self.log.warning("shard_retried", region=shard.label, attempt=attempt, failure=failure)
+                        if attempt == ATTEMPTS:
+                            raise RemoteUnavailable(
+                                f"{what}: samtools could not read the object in {ATTEMPTS} tries ({failure})"
+                            )
+                        await anyio.sleep(pause(attempt))
+                    if shard.kind == plan.ACCOUNT and how[0] is not None:
+                        tallies = {st.WHOLE_STREAM: st.parse_saved_counts(outcome.completed, how[1], what)}
+                        outcome = _Outcome(shard, outcome.completed, tallies)
             await results.send(outcome)
+
+    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command) -> _Outcome:
+        argv, where = how
+        if shard.kind == plan.SWEEP:
+            return await self._sweep(index, shard, where)
+        if argv is None:
+            return await self._tally(index, shard, where)
+        completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd)
+        if shard.bed and self.empty:
+            completed = st.without_empty_reference_notes(completed, self.empty)
+        return _Outcome(shard, completed)
 
     def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
         """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
@@ -807,7 +1093,7 @@ class _Job:
             bed, cwd, readers = where, where.parent, st.PER_REFERENCE
         else:
             bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
-        source = st.with_index(bam, index) if (regions or bed is not None) else str(bam)
+        source = st.with_index(bam, index) if (regions or bed is not None) else st.source(bam)
         tally = await st.run_tally(
             self.samtools,
             source,
@@ -820,6 +1106,8 @@ class _Job:
             cwd=cwd,
             timeout=request.timeout,
         )
+        if bed is not None and self.empty:
+            tally = replace(tally, view=st.without_empty_reference_notes(tally.view, self.empty))
         what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
         tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
         return _Outcome(shard, tally.view, tallies)
@@ -880,7 +1168,7 @@ def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[in
     return missed
 
 
-def _check_index_names(bam: Path, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
+def _check_index_names(bam: Path | Url, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
     named = [stat.name for stat in stats if stat.name != plan.UNPLACED]
@@ -888,7 +1176,7 @@ def _check_index_names(bam: Path, header: st.Header, stats: Sequence[st.IndexSta
         raise IndexMismatch(f"{bam}: the index describes {len(named)} references, the header {len(header.references)}")
 
 
-def _check_whole(bam: Path, regions: Sequence[plan.Region]) -> None:
+def _check_whole(bam: Path | Url, regions: Sequence[plan.Region]) -> None:
     for region in regions:
         if not region.whole:
             raise BadOption(f"{bam}: --method index counts whole references only, not {region.label!r}")
@@ -944,7 +1232,7 @@ class _Reducer:
 
     def __init__(
         self,
-        bam: Path,
+        bam: Path | Url,
         regions: Sequence[plan.Region],
         index_totals: Sequence[int | None],
         *,
@@ -1028,7 +1316,8 @@ class _Reducer:
         count = 0
         for name, i in names.items():
             reached, passed = tallies.get(name, (0, 0))
-            if reached == self._total(i):
+            total = self._index_totals[i]
+            if total is None or reached == total:  # None: checked with its component (count._Job)
                 self.counts[i] += passed
                 self._reached[i] += reached
                 count += passed

@@ -7,8 +7,6 @@ something: a path, a region, an option) and everything else under :class:`Bamcou
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 class BamcountdError(Exception):
     """Base class of every error bamcountd raises on purpose."""
@@ -63,6 +61,23 @@ class BadOption(InputError):
     """An option value is out of range or contradicts another option."""
 
 
+class BadReference(InputError):
+    """The reference FASTA given for a CRAM is missing, unindexed, or not the CRAM's reference."""
+
+
+class RemoteNotFound(InputError):
+    """A URL's object (or its index) does not exist (HTTP 404)."""
+
+
+class RemoteAccessDenied(InputError):
+    """A URL's server refused access (HTTP 401/403): credentials refused, or a presigned URL
+    that has expired, before or during the count."""
+
+
+class RemoteUnsupported(InputError):
+    """A URL's scheme or server cannot be counted from: one that ignores Range requests, say."""
+
+
 class MissingExtra(InputError):
     """The command needs an optional dependency (an extra) that is not installed."""
 
@@ -76,6 +91,15 @@ class CorruptBam(BamcountdError):
 
 class IndexMismatch(BamcountdError):
     """Counts disagree with the index's own totals: the index belongs to another file."""
+
+
+class RemoteUnavailable(BamcountdError):
+    """A URL's server failed in a way worth another try (a dropped connection, a body shorter
+    than its Content-Length, 5xx), after bounded retries."""
+
+
+class RemoteChanged(BamcountdError):
+    """A URL's object changed (size, ETag or Last-Modified) while it was counted."""
 
 
 # --- tool errors: samtools could not be run or misbehaved -----------------------------------
@@ -103,7 +127,7 @@ class SamtoolsBadOutput(SamtoolsFailed):
 class CohortFailed(BamcountdError):
     """One or more BAMs of a many-BAM count failed; ``failures`` holds each one and its error."""
 
-    def __init__(self, failures: list[tuple[Path, BamcountdError]]) -> None:
+    def __init__(self, failures: list[tuple[object, BamcountdError]]) -> None:  # (the input, its error)
         super().__init__(f"{len(failures)} of the BAMs could not be counted")
         self.failures = failures
 

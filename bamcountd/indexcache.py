@@ -12,6 +12,9 @@ from pathlib import Path
 
 from bamcountd.inputs import Verdict, cached_index_path
 
+#: (csi, cram) of every index kind the cache may hold: BAI, CSI, CRAI.
+INDEX_KINDS = ((False, False), (True, False), (False, True))
+
 
 def prune(cache: Path | None, own: Path, keep_for: Iterable[Path]) -> int:
     """Remove every file in ``own`` but the indexes of the BAMs in ``keep_for`` (read only if
@@ -20,7 +23,7 @@ def prune(cache: Path | None, own: Path, keep_for: Iterable[Path]) -> int:
         return 0
     keep: set[Path] = set()
     for bam in keep_for:
-        keep.update(cached_index_path(bam, own, csi=csi) for csi in (False, True))
+        keep.update(cached_index_path(bam, own, csi=csi, cram=cram) for csi, cram in INDEX_KINDS)
     removed = 0
     for path in own.iterdir():
         if path not in keep and path.is_file() and not path.is_symlink():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 _EXTRAS = ("rich", "better_exceptions", "colorama")
@@ -89,12 +90,20 @@ def _apply_pending() -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redacted,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+def _redacted(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """Every text of a log line with its URLs' secrets hidden (urls.redact), whatever logged it."""
+    from bamcountd.urls import redact
+
+    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
 
 
 class Logger:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from bamcountd.urls import Url, looks_like_url
+
 Converter = Callable[[Any], Any]
 
 # SAM flag names as samtools spells them (sam_view.c / bam_str2flag).
@@ -157,6 +159,15 @@ def path(value: Any) -> Path:
     if not isinstance(value, str | Path) or not str(value):
         raise ValueError("must be a path")
     return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+def path_or_url(value: Any) -> Path | Url:
+    """A URL (``scheme://``, of a scheme samtools reads), or else a path as :func:`path`."""
+    if isinstance(value, Url):
+        return value
+    if isinstance(value, str) and looks_like_url(value):
+        return Url(value)  # its ValueError names the URL redacted
+    return path(value)
 
 
 def text(value: Any) -> str:
@@ -314,6 +325,9 @@ _VERIFY_HELP = (
     "(default); full: count the records the filters leave out every time"
 )
 _NO_BUILD_HELP = "fail if the index is missing or older than the BAM instead of building one"
+_REFERENCE_HELP = (
+    "a CRAM's reference (with its .fai), checked against the header; a count decodes no bases, so none is needed"
+)
 _ONE_INDEX = "names one index file; each BAM's own is found (or built) next to it"
 
 
@@ -343,8 +357,13 @@ class CountOptions:
     min_shard_reads: int = option(
         DEFAULT_MIN_SHARD_READS, "--min-shard-reads", convert=positive_int, metavar="N", help="smallest shard, in reads"
     )
-    index: Path | None = option(
-        None, "--index", convert=path, metavar="FILE", per_input=_ONE_INDEX, help="default: BAM.bai or BAM.csi"
+    index: Path | Url | None = option(
+        None,
+        "--index",
+        convert=path_or_url,
+        metavar="FILE|URL",
+        per_input=_ONE_INDEX,
+        help="default: BAM.bai or BAM.csi (CRAM.crai) next to the input, a file or a URL",
     )
     build_index: bool = option(True, "--no-index-build", convert=boolean, kind=OFF, help=_NO_BUILD_HELP)
     # "auto": a filtered count of a BAM and index that an earlier count proved every record of
@@ -357,6 +376,7 @@ class CountOptions:
         metavar="DIR",
         help="built indexes (default: $XDG_CACHE_HOME/bamcountd/index)",
     )
+    reference: Path | None = option(None, "-T", "--reference", convert=path, metavar="FASTA", help=_REFERENCE_HELP)
     samtools: str | None = option(
         None, "--samtools", convert=text, metavar="PATH", help="samtools executable (default: samtools on PATH)"
     )

@@ -378,6 +378,9 @@ class ShardPolicy:
     small_reads: int = 20_000  # references with fewer expected records are grouped
     group_reads: int = 400_000  # at most this many expected records per group
     sweep_from: int = SWEEP_FROM
+    #: Regions (by number) whose records the index does not tell alone: a group holding one is
+    #: tallied per reference, never summed (a SUM shard takes the split from the index).
+    tally: frozenset[int] = frozenset()
 
 
 def region_weights(
@@ -493,7 +496,6 @@ def _groups(
     groups: list[Shard] = []
     members: list[int] = []
     load = 0.0
-    kind = TALLY if policy.filtered else SUM
 
     def close() -> None:
         nonlocal members, load
@@ -503,6 +505,7 @@ def _groups(
             groups.append(Shard((index,), (regions[index].samtools_arg(),), kind=single, weight=load))
         elif members:
             names = tuple(regions[i].reference or "" for i in members)
+            kind = TALLY if policy.filtered or not policy.tally.isdisjoint(members) else SUM
             groups.append(Shard(tuple(members), names, kind=kind, weight=load))
         members, load = [], 0.0
 

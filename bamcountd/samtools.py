@@ -15,9 +15,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +34,7 @@ from bamcountd.errors import (
     SamtoolsTimeout,
 )
 from bamcountd.options import Filters
+from bamcountd.urls import Url, redact
 
 #: The oldest samtools whose region syntax (``{name}``) and ``FILE##idx##INDEX`` we rely on.
 MINIMUM_VERSION = (1, 10)
@@ -53,6 +54,7 @@ _IDXSTATS_STREAM_NOTES = (
 # idxstats' table, and its lines that hold any records (name, length, mapped, unmapped).
 _IDXSTATS_TABLE = re.compile(rb"(?:[^\t\n]+\t[0-9]+\t[0-9]+\t[0-9]+\n)*")
 _IDXSTATS_RECORDS = re.compile(rb"^([^\t\n]+)\t[0-9]+\t([0-9]+)\t([0-9]+)$(?<!\t0\t0)", re.M)
+_CRAM_NO_ENTRY = re.compile(r"\A\[W::hts_itr_multi_cram\] No index entry for region ([0-9]+):[0-9]+-[0-9]+\Z")
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+\.[0-9]+(?:\.[0-9]+)?)")
 _VERSION_ONLY = re.compile(r"\A([0-9]+\.[0-9]+(?:\.[0-9]+)?)[^+\s]*\+htslib-")  # a build may add "-20-gabc"
@@ -65,6 +67,14 @@ class Samtools:
     executable: str
     version: str
     version_info: tuple[int, ...]
+    #: What every ``view`` of this count's input adds (a CRAM's fields to decode, its reference).
+    view_options: tuple[str, ...] = ()
+    #: The environment of every command on this count's input (None: bamcountd's own).
+    env: Mapping[str, str] | None = field(default=None, compare=False)
+    #: The working folder of every command on this count's input (None: bamcountd's own).  A
+    #: URL's count runs in a private one: htslib drops a downloaded index in its working
+    #: folder, and reuses one it finds there without checking it.
+    cwd: Path | None = None
 
     @property
     def supports_expressions(self) -> bool:
@@ -87,7 +97,7 @@ class Completed:
 
     @property
     def stderr_lines(self) -> list[str]:
-        text = self.stderr.decode("utf-8", "replace")
+        text = redact(self.stderr.decode("utf-8", "replace"))  # htslib quotes the URLs it fails on
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def describe_failure(self) -> str | None:
@@ -144,7 +154,9 @@ def _summarise(lines: Sequence[str], limit: int = 3) -> str:
     return shown
 
 
-async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed:
+async def run(
+    argv: Sequence[str], *, timeout: float | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Completed:
     """Run one command to completion; on cancellation or timeout the child is killed.
 
     anyio's ``run_process`` kills and reaps the child when the calling scope is cancelled,
@@ -153,7 +165,7 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
     started = time.monotonic()
     try:
         with anyio.fail_after(timeout):
-            process = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL)
+            process = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except TimeoutError:
         raise SamtoolsTimeout(f"{' '.join(argv[1:3])}: killed after the {timeout:g} s time limit") from None
     return Completed(
@@ -167,7 +179,7 @@ async def run(argv: Sequence[str], *, timeout: float | None = None) -> Completed
 
 def _uncompressed_view(samtools: Samtools, filters: Filters, threads: int) -> list[str]:
     """``samtools view -u [filters] [-@ N]``: records for a reader to count, nothing to deflate."""
-    view = [samtools.executable, "view", "--no-PG", "-u", *filters.argv()]
+    view = [samtools.executable, "view", "--no-PG", "-u", *samtools.view_options, *filters.argv()]
     if threads > 1:
         view += ["-@", str(threads - 1)]
     return view
@@ -252,7 +264,9 @@ async def run_tally(
         processes: list[anyio.abc.Process] = []
         try:  # each child gets only its own ends (subprocess closes every other descriptor)
             for argv, stdin, stdout, passed in plan:
-                process = await anyio.open_process(argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd)
+                process = await anyio.open_process(
+                    argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd, env=samtools.env
+                )
                 processes.append(await stack.enter_async_context(process))
         finally:  # ours would keep the pipes from ever closing
             for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
@@ -294,7 +308,7 @@ class StreamTally(NamedTuple):
 
 
 async def run_stream(
-    samtools: Samtools, bam: Path, *, filters: Filters, threads: int = 1, timeout: float | None = None
+    samtools: Samtools, bam: Path | Url, *, filters: Filters, threads: int = 1, timeout: float | None = None
 ) -> StreamTally:
     """Read the whole file in file order, as a whole-file ``samtools view -c`` does, and count
     its records per reference.  samtools decompresses (with ``threads``) and filters; the
@@ -310,7 +324,7 @@ async def run_stream(
     view = _uncompressed_view(samtools, filters, threads)
     if split:
         view += ["-U", f"/dev/fd/{pipes[1][1]}"]
-    view.append(str(bam))
+    view.append(source(bam))
     found: list[StreamCounts | None] = [None] * len(pipes)
     problems: list[BaseException] = []
     stderr = b""
@@ -331,7 +345,12 @@ async def run_stream(
 
     try:
         process = await anyio.open_process(
-            view, stdin=subprocess.DEVNULL, stdout=pipes[0][1], pass_fds=tuple(w for _, w in pipes[1:])
+            view,
+            stdin=subprocess.DEVNULL,
+            stdout=pipes[0][1],
+            pass_fds=tuple(w for _, w in pipes[1:]),
+            env=samtools.env,
+            cwd=samtools.cwd,
         )
     except BaseException:
         for descriptor in (d for pipe in pipes for d in pipe):
@@ -431,22 +450,58 @@ def _checked(completed: Completed, what: str) -> Completed:
     return completed
 
 
-def with_index(bam: Path, index: Path) -> str:
+# htslib's SAM_* bits (sam.h): the fields of a CRAM record that a count may need decoded.
+SAM_FLAG, SAM_RNAME, SAM_POS, SAM_MAPQ, SAM_CIGAR = 0x2, 0x4, 0x8, 0x10, 0x20
+# glibc hands a CRAM slice's big buffers back to the kernel after each slice and faults them in
+# again for the next, which made the kernel's share of a count larger than the decoding: these
+# keep them in the heap (no effect on what is decoded).
+_MALLOC_RETAIN = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def cram_view_options(required_fields: int, reference: Path | None) -> tuple[str, ...]:
+    """What every ``samtools view`` of a CRAM adds: decode only ``required_fields`` (never the
+    bases, so never the reference), no MD/NM, and the user's reference when one was given."""
+    options = ("--input-fmt-option", f"required_fields={required_fields:#x}", "--input-fmt-option", "decode_md=0")
+    return options if reference is None else (*options, "--reference", str(reference))
+
+
+def cram_environment(no_reference: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of samtools on a CRAM.  Without the user's own ``REF_PATH`` htslib would
+    fetch references from the EBI's server; ``no_reference`` (a folder that holds none) stops
+    that, so a reference that is needed and missing is an error, never a download."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("REF_PATH", f"{no_reference}/%s")
+    for name, value in _MALLOC_RETAIN.items():
+        env.setdefault(name, value)
+    return env
+
+
+def source(bam: Path | Url) -> str:
+    """What samtools is given to read: a path, or a URL with its secrets (never shown)."""
+    return bam.secret if isinstance(bam, Url) else str(bam)
+
+
+def with_index(bam: Path | Url, index: Path) -> str:
     """htslib's ``FILE##idx##INDEX`` form: works for every command (idxstats has no ``-X``,
-    and ``view -X`` refuses ``-L`` without a region argument)."""
-    return f"{bam}##idx##{index}"
+    and ``view -X`` refuses ``-L`` without a region argument); for a URL, the index is a
+    local file htslib need not download."""
+    return f"{source(bam)}##idx##{index}"
 
 
-async def quickcheck(executable: str, bam: Path) -> None:
+async def quickcheck(
+    executable: str, bam: Path | Url, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> None:
     # -u: a BAM of unaligned reads has no @SQ lines and is still a BAM to count.
-    completed = await run([executable, "quickcheck", "-u", "-v", str(bam)], timeout=120)
+    completed = await run([executable, "quickcheck", "-u", "-v", source(bam)], timeout=120, env=env, cwd=cwd)
     if completed.returncode != 0:
         words = _summarise(completed.stderr_lines) or "not a valid BAM"
         raise CorruptBam(f"{bam}: failed samtools quickcheck, the file is truncated or not a BAM ({words})")
 
 
-async def read_header(executable: str, bam: Path) -> Header:
-    completed = await run([executable, "view", "--no-PG", "-H", str(bam)], timeout=300)
+async def read_header(
+    executable: str, bam: Path | Url, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Header:
+    completed = await run([executable, "view", "--no-PG", "-H", source(bam)], timeout=300, env=env, cwd=cwd)
     failure = completed.describe_failure()
     if failure is not None:
         raise CorruptBam(f"{bam}: cannot read the header: samtools {failure}")
@@ -470,8 +525,18 @@ async def read_header(executable: str, bam: Path) -> Header:
     return Header(references=tuple(references), sort_order=sort_order, samples=tuple(samples))
 
 
-async def idxstats(executable: str, bam: Path, index: Path) -> list[IndexStat]:
-    completed = await run([executable, "idxstats", with_index(bam, index)], timeout=300)
+async def idxstats(
+    executable: str,
+    bam: Path | Url,
+    index: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 300,
+    cwd: Path | None = None,
+) -> list[IndexStat]:
+    """The index's per-reference totals; of a CRAM, whose CRAI holds none, samtools counts them
+    by reading every record (FLAG and RNAME decoded), whatever index it is given."""
+    completed = await run([executable, "idxstats", with_index(bam, index)], timeout=timeout, env=env, cwd=cwd)
     _checked(completed, f"{bam}: idxstats")
     stats: list[IndexStat] = []
     for raw in completed.stdout.splitlines():
@@ -482,14 +547,15 @@ async def idxstats(executable: str, bam: Path, index: Path) -> list[IndexStat]:
     return stats
 
 
-async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, threads: int) -> None:
+async def build_index(samtools: Samtools, bam: Path | Url, out: Path, *, csi: bool, threads: int) -> None:
     """Index ``bam`` into ``out`` atomically (a temp file renamed into place)."""
     partial = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.part")
     argv = [samtools.executable, "index", "-@", str(max(threads - 1, 0))]
-    argv += ["-c"] if csi else ["-b"]
-    argv += [str(bam), str(partial)]
+    if not out.name.endswith(".crai"):  # a CRAM's index is always a CRAI
+        argv += ["-c"] if csi else ["-b"]
+    argv += [source(bam), str(partial)]
     try:
-        completed = await run(argv)
+        completed = await run(argv, env=samtools.env, cwd=samtools.cwd)
         failure = completed.describe_failure()
         if failure is not None:
             words = " ".join(completed.stderr_lines)
@@ -501,7 +567,7 @@ async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, th
             raise CorruptBam(f"{bam}: cannot build an index: samtools {failure}")
         # A BAM stamped in the future (clock skew on shared storage) would make htslib call
         # the fresh index stale; it describes exactly this content, so date it no older.
-        bam_mtime = bam.stat().st_mtime_ns
+        bam_mtime = bam.stat().st_mtime_ns if isinstance(bam, Path) else 0
         if partial.stat().st_mtime_ns < bam_mtime:
             os.utime(partial, ns=(bam_mtime, bam_mtime))
         os.replace(partial, out)
@@ -511,7 +577,7 @@ async def build_index(samtools: Samtools, bam: Path, out: Path, *, csi: bool, th
 
 def count_argv(
     samtools: Samtools,
-    bam: Path,
+    bam: Path | Url,
     index: Path,
     regions: Iterable[str],
     *,
@@ -527,7 +593,7 @@ def count_argv(
     which reads each stretch of the file once instead of seeking once per region.
     ``save_counts`` asks samtools 1.22+ to write there what it reached and accepted.
     """
-    argv = [samtools.executable, "view", "--no-PG", "-c", *filters.argv()]
+    argv = [samtools.executable, "view", "--no-PG", "-c", *samtools.view_options, *filters.argv()]
     if save_counts is not None:
         argv += ["--save-counts", str(save_counts)]
     if threads > 1:
@@ -540,7 +606,7 @@ def count_argv(
     if regions or bed is not None:
         argv += [with_index(bam, index), *regions]
     else:  # the whole file, which needs no index
-        argv.append(str(bam))
+        argv.append(source(bam))
     return argv
 
 
@@ -627,8 +693,23 @@ def _checked_reader(completed: Completed, what: str) -> None:
         raise SamtoolsBadOutput(f"{what}: the interval sweep over samtools' output failed ({failure})")
 
 
+def without_empty_reference_notes(completed: Completed, empty: frozenset[int]) -> Completed:
+    """``completed`` without htslib's note that a CRAM's index has no entry for a reference of a
+    ``-M -L`` BED, where that reference (numbered as in the header) holds no records at all."""
+    return _without(completed, lambda line: _no_entry_for(line) in empty)
+
+
+def _no_entry_for(line: str) -> int | None:
+    match = _CRAM_NO_ENTRY.match(line)
+    return int(match.group(1)) if match is not None else None
+
+
 def _without_stream_notes(completed: Completed) -> Completed:
-    lines = [line for line in completed.stderr_lines if not any(n.match(line) for n in _IDXSTATS_STREAM_NOTES)]
+    return _without(completed, lambda line: any(n.match(line) for n in _IDXSTATS_STREAM_NOTES))
+
+
+def _without(completed: Completed, expected: Callable[[str], bool]) -> Completed:
+    lines = [line for line in completed.stderr_lines if not expected(line)]
     return Completed(
         completed.argv, completed.returncode, completed.stdout, "\n".join(lines).encode(), completed.seconds
     )

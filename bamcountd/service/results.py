@@ -31,6 +31,7 @@ from bamcountd.ledger import Entry, Ledger
 from bamcountd.report import json_text, render, write_atomic
 from bamcountd.service.config import EXTRA_FORMATS, ServiceConfig
 from bamcountd.service.watch import Identity, WatchRoot
+from bamcountd.urls import redact
 
 log = structlog.get_logger("bamcountd.service")
 
@@ -45,9 +46,11 @@ class OutsideResults(OSError):
 
 
 def result_base(results: Path, root: WatchRoot, bam: Path) -> Path:
-    """``RESULTS[/prefix]/<relative path minus .bam>``: add a suffix to get a result file."""
+    """``RESULTS[/prefix]/<relative path minus .bam>`` (a CRAM keeps its ``.cram``, so that
+    ``x.bam`` and ``x.cram`` side by side get results of their own): add a suffix to get a
+    result file."""
     relative = bam.relative_to(root.path)
-    stem = relative.with_name(relative.name[: -len(".bam")])
+    stem = relative.with_name(relative.name[: -len(".bam")]) if relative.name.endswith(".bam") else relative
     return results / root.prefix / stem if root.prefix else results / stem
 
 
@@ -69,7 +72,7 @@ def counts_document(result: CountResult, bam: Path, identity: str) -> dict[str, 
 
 def error_document(bam: Path, identity: str, *, reason: str, attempts: int, kind: str) -> dict[str, Any]:
     return {
-        "error": reason,
+        "error": redact(reason),  # a reference server's or a tool's words may quote a URL
         "kind": kind,
         "attempts": attempts,
         "source": source_document(bam, identity),
@@ -155,9 +158,10 @@ async def adopt(
     ledger.finish(entry.path, entry.identity)
     log.info("result_adopted", result=os.fsdecode(target), reason="this file's result is already in place")
     own = config.state / "index"
-    for csi in (False, True):
+    for csi, cram in indexcache.INDEX_KINDS:
         with contextlib.suppress(OSError):
-            indexcache.drop_built(cached_index_path(entry.path, own, csi=csi), config.count.index_cache, own)
+            built = cached_index_path(entry.path, own, csi=csi, cram=cram)
+            indexcache.drop_built(built, config.count.index_cache, own)
     return True
 
 

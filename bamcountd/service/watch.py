@@ -4,7 +4,7 @@ Events (``watchfiles``, inotify underneath) make the daemon quick; the periodic 
 makes it correct, since events are lost on queue overflow, on network file systems and while
 the daemon is not running.  Both follow the same rules:
 
-* a candidate is a ``*.bam`` file whose name and folders are not hidden (``.name``); partial
+* a candidate is a ``*.bam`` or ``*.cram`` file whose name and folders are not hidden (``.name``); partial
   names such as ``x.bam.part`` or ``x.bam.tmp`` do not end in ``.bam`` and are skipped;
 * symbolic links are never followed, neither files nor folders, so nothing outside a watch
   folder is ever read through one.
@@ -65,8 +65,12 @@ class WatchRoot:
     prefix: str
 
 
+#: What the daemon counts: BAMs and CRAMs.
+SUFFIXES = (".bam", ".cram")
+
+
 def is_candidate_name(name: str) -> bool:
-    return name.endswith(".bam") and not name.startswith(".") and len(name) > len(".bam")
+    return not name.startswith(".") and any(name.endswith(s) and len(name) > len(s) for s in SUFFIXES)
 
 
 def scan(root: Path) -> Iterator[Path]:

@@ -9,34 +9,90 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bamcountd.options import Filters
+
 SAMTOOLS = shutil.which("samtools") or "samtools"
 
+#: The issue's filters: samtools' words for each, and bamcountd's.
+FILTER_CASES = {
+    "none": ((), Filters()),
+    "F904_q20": (("-F", "0x904", "-q", "20"), Filters(exclude_flags=0x904, min_mapq=20)),
+    "f2": (("-f", "2"), Filters(require_flags=2)),
+    "G900": (("-G", "0x900"), Filters(exclude_all_flags=0x900)),
+}
 
-def samtools_count(bam: Path, *args: str, index: Path | None = None) -> int:
-    """The oracle: ``samtools view -c [args] BAM`` (args may end with one region), checked."""
+
+def samtools_count(
+    bam: Path | str, *args: str, index: Path | None = None, reference: Path | None = None, cwd: Path | None = None
+) -> int:
+    """The oracle: ``samtools view -c [args] BAM`` (args may end with one region), checked; a
+    CRAM is decoded whole, with ``reference`` when it needs one.  ``bam`` may be a URL (then
+    run in ``cwd``, where htslib may leave the index it downloads)."""
     options = [a for a in args if a.startswith("-") or a.isdigit() or a.startswith("0x")]
     argv = [SAMTOOLS, "view", "-c", *args[: len(options)]]
+    if reference is not None:
+        argv += ["--reference", str(reference)]
     if index is not None and args[len(options) :]:  # -X needs a region; a whole-file count needs no index
         argv += ["-X", str(bam), str(index), *args[len(options) :]]
     else:
         argv += [str(bam), *args[len(options) :]]
-    completed = subprocess.run(argv, capture_output=True, check=True)
+    completed = subprocess.run(argv, capture_output=True, check=True, cwd=cwd)
     assert completed.stderr == b"", completed.stderr
     return int(completed.stdout)
 
 
-def oracle(bam: Path, regions: Sequence[str], filters: Sequence[str] = ()) -> dict[str, int]:
+def oracle(
+    bam: Path, regions: Sequence[str], filters: Sequence[str] = (), *, reference: Path | None = None
+) -> dict[str, int]:
     """samtools' own count for each region (names quoted with braces when needed)."""
     counts: dict[str, int] = {}
     for region in regions:
         if region == "*" and _no_records(bam):
             # samtools cannot seek to "*" in a file without records ("invalid region"); the
             # whole-file count is then samtools' answer for the unplaced reads.
-            counts[region] = samtools_count(bam, *filters)
+            counts[region] = samtools_count(bam, *filters, reference=reference)
             continue
         arg = region if region == "*" or region.startswith("{") else "{" + region + "}"
-        counts[region] = samtools_count(bam, *filters, arg)
+        counts[region] = samtools_count(bam, *filters, arg, reference=reference)
     return counts
+
+
+def write_fasta(path: Path, bam: Path, *, seed: int = 0) -> Path:
+    """Random bases for every reference of ``bam``'s header, with its ``.fai``."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = dict(_header_lengths(bam))
+    with open(path, "w") as out:
+        for name, length in lengths.items():
+            bases = rng.randbytes(length).translate(bytes.maketrans(bytes(range(256)), b"ACGT" * 64)).decode()
+            out.write(f">{name}\n" + "".join(bases[i : i + 60] + "\n" for i in range(0, length, 60)))
+    subprocess.run([SAMTOOLS, "faidx", str(path)], check=True)
+    return path
+
+
+def _header_lengths(bam: Path) -> list[tuple[str, int]]:
+    text = subprocess.run([SAMTOOLS, "view", "-H", str(bam)], capture_output=True, check=True, text=True).stdout
+    pairs = []
+    for line in text.splitlines():
+        if line.startswith("@SQ"):
+            fields = dict(f.split(":", 1) for f in line.split("\t")[1:])
+            pairs.append((fields["SN"], int(fields["LN"])))
+    return pairs
+
+
+def write_cram(
+    bam: Path, cram: Path, *, reference: Path | None, index: bool = True, slice_reads: int | None = None
+) -> Path:
+    """``bam`` as a CRAM: compressed against ``reference``, or without one (``no_ref``), with
+    ``slice_reads`` records a container (samtools' default: 10,000)."""
+    how = ["--reference", str(reference)] if reference is not None else ["--output-fmt-option", "no_ref"]
+    if slice_reads is not None:
+        how += ["--output-fmt-option", f"seqs_per_slice={slice_reads}"]
+    subprocess.run([SAMTOOLS, "view", "--no-PG", "-C", *how, "-o", str(cram), str(bam)], check=True)
+    if index:
+        subprocess.run([SAMTOOLS, "index", str(cram)], check=True)
+    return cram
 
 
 def _no_records(bam: Path) -> bool:

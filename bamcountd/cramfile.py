@@ -1,0 +1,181 @@
+"""How many records a local CRAM 3 file says each reference holds, from its container headers.
+
+Every CRAM container starts with a header that names its reference (or -1: unplaced reads; -2:
+several references) and its number of records, protected by a CRC32.  Walking the headers
+(seeking over the data between them) reads a few hundred bytes per container, and tells the
+records per reference that the encoder wrote: what a BAI's per-reference totals are to a BAM,
+and not taken from the index.  The references of a multi-reference container are found in the
+CRAI (one entry per reference of each slice); their records are known only together, so such
+references form components whose sum is what can be checked.  Every container the CRAI points
+at must be a container of this file: a CRAI of another file fails here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from bamcountd.errors import CorruptBam, IndexMismatch
+
+UNPLACED_ID = -1
+_MULTI_ID = -2
+_FILE_DEFINITION = 26  # "CRAM", major, minor, a 20-byte file id
+_HEADER_READ = 4096  # a container header is far smaller, landmarks included
+_LONG_HEADER_READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class CramTotals:
+    """Records per reference id (header order; -1 for the unplaced) where one reference holds
+    them, and for each component of references that share multi-reference containers, its
+    references and their records together."""
+
+    single: dict[int, int]
+    components: tuple[tuple[frozenset[int], int], ...]
+
+    def component_of(self, ref_id: int) -> frozenset[int] | None:
+        return next((refs for refs, _ in self.components if ref_id in refs), None)
+
+
+def _itf8(data: bytes, at: int) -> tuple[int, int]:
+    first = data[at]
+    if first < 0x80:
+        value, size = first, 1
+    elif first < 0xC0:
+        value, size = ((first & 0x3F) << 8) | data[at + 1], 2
+    elif first < 0xE0:
+        value, size = ((first & 0x1F) << 16) | (data[at + 1] << 8) | data[at + 2], 3
+    elif first < 0xF0:
+        value, size = ((first & 0x0F) << 24) | (data[at + 1] << 16) | (data[at + 2] << 8) | data[at + 3], 4
+    else:
+        value = ((first & 0x0F) << 28) | (data[at + 1] << 20) | (data[at + 2] << 12) | (data[at + 3] << 4)
+        value, size = value | (data[at + 4] & 0x0F), 5
+    if value >= 1 << 31:
+        value -= 1 << 32
+    return value, at + size
+
+
+def _skip_ltf8(data: bytes, at: int) -> int:
+    first = data[at]
+    ones = 0
+    while ones < 8 and first & (0x80 >> ones):
+        ones += 1
+    return at + ones + 1
+
+
+def _container(data: bytes, name: str, offset: int) -> tuple[int, int, int, int]:
+    """(reference id, records, bytes of header, bytes of data) of the container at ``offset``."""
+    try:
+        (length,) = struct.unpack_from("<i", data, 0)
+        ref_id, at = _itf8(data, 4)
+        _, at = _itf8(data, at)  # start
+        _, at = _itf8(data, at)  # span
+        records, at = _itf8(data, at)
+        at = _skip_ltf8(data, at)  # record counter
+        at = _skip_ltf8(data, at)  # bases
+        _, at = _itf8(data, at)  # blocks
+        landmarks, at = _itf8(data, at)
+        for _ in range(landmarks):
+            _, at = _itf8(data, at)
+        (crc,) = struct.unpack_from("<I", data, at)
+    except (IndexError, struct.error):
+        raise CorruptBam(f"{name}: the CRAM container at byte {offset} is cut short") from None
+    if zlib.crc32(data[:at]) != crc or length < 0:
+        raise CorruptBam(f"{name}: the CRAM container header at byte {offset} fails its CRC32 check")
+    return ref_id, records, at + 4, length
+
+
+def crai_entries(crai: Path) -> list[tuple[int, int]]:
+    """(reference id, container offset) of each entry of a CRAI (gzip-compressed text).
+
+    :raises IndexMismatch: not a CRAI
+    """
+    try:
+        text = gzip.decompress(crai.read_bytes()).decode("ascii")
+        rows = [line.split("\t") for line in text.splitlines() if line]
+        return [(int(row[0]), int(row[3])) for row in rows]
+    except (OSError, EOFError, ValueError, IndexError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError):
+        raise IndexMismatch(f"{crai}: not a CRAI index (gzip-compressed text, six columns a line)") from None
+
+
+def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
+    """The records per reference of ``cram`` (CRAM 3; None for CRAM 2, whose headers carry no
+    CRC), checked against the containers its CRAI points at.
+
+    :raises CorruptBam: a container header is cut short or fails its CRC32
+    :raises IndexMismatch: the CRAI points at bytes that are no container of this file
+    """
+    name = str(cram)
+    entries = crai_entries(crai)
+    single: dict[int, int] = {}
+    multi: dict[int, int] = {}  # offset -> records of each multi-reference container
+    starts: set[int] = set()
+    with open(cram, "rb") as handle:
+        definition = handle.read(_FILE_DEFINITION)
+        if len(definition) < _FILE_DEFINITION or definition[:4] != b"CRAM":
+            raise CorruptBam(f"{name}: not a CRAM file")
+        if definition[4] != 3:
+            return None
+        offset, first = _FILE_DEFINITION, True
+        while True:
+            handle.seek(offset)
+            data = handle.read(_HEADER_READ)
+            if not data:
+                break
+            try:
+                ref_id, records, header, length = _container(data, name, offset)
+            except CorruptBam:
+                if len(data) < _HEADER_READ:
+                    raise
+                handle.seek(offset)  # a header with many landmarks (slices): read it whole
+                ref_id, records, header, length = _container(handle.read(_LONG_HEADER_READ), name, offset)
+            if not first and records:  # the first container holds the SAM header
+                starts.add(offset)
+                if ref_id == _MULTI_ID:
+                    multi[offset] = records
+                elif ref_id >= UNPLACED_ID and ref_id < references:
+                    single[ref_id] = single.get(ref_id, 0) + records
+                else:
+                    raise CorruptBam(f"{name}: the CRAM container at byte {offset} names reference {ref_id}")
+            first = False
+            offset += header + length
+    components = _components(crai, entries, starts, multi, single)  # takes its references out of single
+    return CramTotals(single, components)
+
+
+def _components(
+    crai: Path, entries: list[tuple[int, int]], starts: set[int], multi: dict[int, int], single: dict[int, int]
+) -> tuple[tuple[frozenset[int], int], ...]:
+    inside: dict[int, set[int]] = {}
+    for ref_id, offset in entries:
+        if offset not in starts:
+            raise IndexMismatch(f"{crai}: the index points at byte {offset}, where the CRAM has no container")
+        if offset in multi:
+            inside.setdefault(offset, set()).add(ref_id)
+    if set(inside) != set(multi):
+        raise IndexMismatch(f"{crai}: the index lacks containers of the CRAM that hold several references")
+    # Union the references that share a container; a component's records are its containers'.
+    parent: dict[int, int] = {}
+
+    def root(ref_id: int) -> int:
+        while parent.setdefault(ref_id, ref_id) != ref_id:
+            ref_id = parent[ref_id]
+        return ref_id
+
+    for refs in inside.values():
+        first, *rest = sorted(refs)
+        root(first)  # a multi-reference container may hold one reference (or only unplaced reads)
+        for other in rest:
+            parent[root(other)] = root(first)
+    members: dict[int, set[int]] = {}
+    for ref_id in parent:
+        members.setdefault(root(ref_id), set()).add(ref_id)
+    components = []
+    for refs in members.values():
+        total = sum(multi[o] for o, inner in inside.items() if inner <= refs)
+        total += sum(single.pop(ref_id, 0) for ref_id in refs)
+        components.append((frozenset(refs), total))
+    return tuple(sorted(components, key=lambda item: min(item[0])))

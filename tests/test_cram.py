@@ -1,0 +1,250 @@
+"""CRAM inputs: every count equals samtools' own ``samtools view -c`` on the same CRAM, decoded
+whole (the oracle), though bamcountd decodes only the fields a count needs and never the
+reference; bad CRAMs give errors, never numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd import samtools as st
+from bamcountd.cli import main
+from bamcountd.cramfile import crai_entries, read_totals
+from bamcountd.errors import BadOption, BadReference, BamcountdError, BamNotFound, CorruptBam, IndexMismatch
+from bamcountd.service.watch import is_candidate_name
+from bamcountd.synth import tricky_bam
+from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram, write_fasta
+
+
+@pytest.fixture(scope="session")
+def crams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path | None]]:
+    """The tricky BAM as a CRAM against a reference and as one without: (CRAM, the reference the
+    oracle decodes it with).  The FASTA the header's UR: names is removed, so nothing can
+    quietly read it; the oracle gets a copy."""
+    folder = tmp_path_factory.mktemp("cram")
+    bam = tricky_bam(folder, reads=4000, unplaced=150, seed=5)
+    fasta = write_fasta(folder / "written.fa", bam)
+    with_ref = write_cram(bam, folder / "with-ref.cram", reference=fasta)
+    without = write_cram(bam, folder / "no-ref.cram", reference=None)
+    kept = folder / "oracle"
+    kept.mkdir()
+    copy = Path(shutil.copy(fasta, kept / "ref.fa"))
+    shutil.copy(fasta.with_name(fasta.name + ".fai"), kept / "ref.fa.fai")
+    fasta.unlink()
+    fasta.with_name(fasta.name + ".fai").unlink()
+    return {"reference": (with_ref, copy), "no_ref": (without, None)}
+
+
+@pytest.fixture(autouse=True)
+def _no_reference_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The oracle is samtools with the environment of the test: never the EBI's server.
+    monkeypatch.setenv("REF_PATH", str(tmp_path / "no-such-folder" / "%s"))
+
+
+@pytest.mark.parametrize("kind", ["reference", "no_ref"])
+@pytest.mark.parametrize("case", FILTER_CASES)
+def test_default_rows_match_samtools(crams: dict[str, tuple[Path, Path | None]], kind: str, case: str) -> None:
+    cram, reference = crams[kind]
+    args, filters = FILTER_CASES[case]
+    result = count_bam_sync(CountRequest(bam=cram, filters=filters, jobs=2))
+    names = [*header_names(cram), "*"]
+    assert [r.region for r in result.regions] == names
+    assert {r.region: r.count for r in result.regions} == oracle(cram, names, args, reference=reference)
+    assert result.total == samtools_count(cram, *args, reference=reference) > 0
+    assert result.index == cram.with_name(cram.name + ".crai")
+    # Each reference (or component of references sharing containers) set against the container
+    # headers; a filtered count after an unfiltered one trusts that proof.
+    assert result.verification in ("containers", "earlier")
+
+
+@pytest.mark.parametrize("kind", ["reference", "no_ref"])
+@pytest.mark.parametrize("case", ["none", "F904_q20"])
+def test_small_shards_ranges_and_groups_match_samtools(
+    crams: dict[str, tuple[Path, Path | None]], kind: str, case: str
+) -> None:
+    """Many start-position shards and small-contig groups, where a read's end decides nothing."""
+    cram, reference = crams[kind]
+    args, filters = FILTER_CASES[case]
+    result = count_bam_sync(CountRequest(bam=cram, filters=filters, jobs=3, min_shard_reads=50, verify="full"))
+    assert result.shards > len(result.regions)
+    names = [*header_names(cram), "*"]
+    assert {r.region: r.count for r in result.regions} == oracle(cram, names, args, reference=reference)
+
+
+@pytest.mark.parametrize("kind", ["reference", "no_ref"])
+def test_ranges_and_bed_decode_the_read_ends(
+    crams: dict[str, tuple[Path, Path | None]], kind: str, tmp_path: Path
+) -> None:
+    cram, reference = crams[kind]
+    regions = ("{chr1}:1000-50000", "{chr2}:5000-6000", "{chr1:weird}:100-2000", "{HLA-A*01:01:01:01}", "*")
+    args = ("-F", "0x904", "-q", "20")
+    result = count_bam_sync(
+        CountRequest(bam=cram, regions=regions, filters=Filters(exclude_flags=0x904, min_mapq=20), min_shard_reads=50)
+    )
+    assert [r.count for r in result.regions] == list(oracle(cram, regions, args, reference=reference).values())
+    bed = tmp_path / "some.bed"
+    bed.write_text("chr1\t999\t50000\nchr2\t4999\t6000\n")
+    from_bed = count_bam_sync(CountRequest(bam=cram, regions_file=bed))
+    assert [r.count for r in from_bed.regions] == [
+        samtools_count(cram, "chr1:1000-50000", reference=reference),
+        samtools_count(cram, "chr2:5000-6000", reference=reference),
+    ]
+
+
+def test_a_cram_without_an_index_gets_one_in_the_cache(
+    crams: dict[str, tuple[Path, Path | None]], tmp_path: Path
+) -> None:
+    cram = Path(shutil.copy(crams["no_ref"][0], tmp_path / "plain.cram"))
+    result = count_bam_sync(CountRequest(bam=cram, index_cache=tmp_path / "cache"))
+    assert result.index is not None and result.index.parent == tmp_path / "cache"
+    assert result.index.name.endswith(".crai")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "plain.cram"]  # nothing next to it
+    assert result.total == samtools_count(cram)
+
+
+def test_the_json_names_the_cram_and_its_verification(
+    crams: dict[str, tuple[Path, Path | None]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cram, _ = crams["no_ref"]
+    assert main(["count", str(cram), "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["bam"] == str(cram)
+    assert document["total"] == samtools_count(cram)
+    assert document["verification"] in ("containers", "earlier")
+
+
+def test_a_reference_is_checked_against_the_header(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:
+    cram, reference = crams["reference"]
+    assert reference is not None
+    good = count_bam_sync(CountRequest(bam=cram, reference=reference))
+    assert good.total == samtools_count(cram, reference=reference)
+    with pytest.raises(BamNotFound, match="reference FASTA not found"):
+        count_bam_sync(CountRequest(bam=cram, reference=tmp_path / "gone.fa"))
+    unindexed = Path(shutil.copy(reference, tmp_path / "unindexed.fa"))
+    with pytest.raises(BadReference, match=r"has no index unindexed\.fa\.fai"):
+        count_bam_sync(CountRequest(bam=cram, reference=unindexed))
+    other = tmp_path / "other.fa"
+    other.write_text(">chr1\nACGT\n")
+    (tmp_path / "other.fa.fai").write_text("chr1\t4\t6\t4\t5\n")
+    with pytest.raises(BadReference, match="is not this CRAM's: its header has chr1 of length 300000"):
+        count_bam_sync(CountRequest(bam=cram, reference=other))
+
+
+def test_method_index_refuses_a_cram(crams: dict[str, tuple[Path, Path | None]]) -> None:
+    with pytest.raises(BadOption, match="--method index cannot count a CRAM"):
+        count_bam_sync(CountRequest(bam=crams["no_ref"][0], method="index"))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_a_truncated_cram_is_an_error_and_no_number(
+    crams: dict[str, tuple[Path, Path | None]], tmp_path: Path, cut: float
+) -> None:
+    cram, _ = crams["no_ref"]
+    data = cram.read_bytes()
+    short = tmp_path / "short.cram"
+    short.write_bytes(data[: int(len(data) * cut)])
+    shutil.copy(cram.with_name(cram.name + ".crai"), tmp_path / "short.cram.crai")
+    output = tmp_path / "out.json"
+    assert main(["count", str(short), "--format", "json", "-o", str(output)]) != 0
+    assert not output.exists()
+    with pytest.raises(CorruptBam, match="truncated"):
+        count_bam_sync(CountRequest(bam=short))
+
+
+def test_another_crams_index_is_an_error(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:
+    """A CRAI of another CRAM sends region queries to the wrong places: never a number."""
+    other_bam = tricky_bam(tmp_path, reads=2500, unplaced=20, seed=9, name="other.bam")
+    other = write_cram(other_bam, tmp_path / "other.cram", reference=None, slice_reads=300)
+    mine_bam = tricky_bam(tmp_path, reads=4000, unplaced=50, seed=5, name="mine.bam")
+    cram = write_cram(mine_bam, tmp_path / "mine.cram", reference=None, slice_reads=300)
+    foreign = other.with_name("other.cram.crai")
+    os.utime(foreign)  # newer than the CRAM: an older index would be set aside and one built
+    for filters in (Filters(), Filters(exclude_flags=0x904, min_mapq=20)):
+        with pytest.raises(BamcountdError):
+            count_bam_sync(CountRequest(bam=cram, filters=filters, index=foreign, verify="full"))
+    assert count_bam_sync(CountRequest(bam=cram)).total == samtools_count(cram)  # its own index: right
+
+
+def test_a_cram_is_a_daemon_candidate() -> None:
+    assert is_candidate_name("sample.cram")
+    assert not is_candidate_name("sample.cram.part")
+    assert not is_candidate_name(".cram")
+
+
+def test_without_the_users_ref_path_htslib_never_asks_a_server(tmp_path: Path) -> None:
+    env = st.cram_environment(tmp_path / "none", base={"HOME": "/root"})
+    assert env["REF_PATH"] == f"{tmp_path / 'none'}/%s"
+    assert not os.path.exists(tmp_path / "none")
+    assert st.cram_environment(tmp_path, base={"REF_PATH": "http://mine/%s"})["REF_PATH"] == "http://mine/%s"
+
+
+def _idxstats(cram: Path) -> dict[str, int]:
+    lines = subprocess.run([st.find(None), "idxstats", str(cram)], capture_output=True, check=True, text=True).stdout
+    return {
+        name: int(mapped) + int(unmapped) for name, _, mapped, unmapped in (x.split("\t") for x in lines.splitlines())
+    }
+
+
+@pytest.mark.parametrize("slice_reads", [None, 300])
+def test_the_container_headers_hold_samtools_own_counts(tmp_path: Path, slice_reads: int | None) -> None:
+    """The records each reference holds, by the containers (one reference each, or several
+    together), are what samtools idxstats counts by reading every record."""
+    bam = tricky_bam(tmp_path, reads=3000, unplaced=70, seed=7)
+    cram = write_cram(bam, tmp_path / "x.cram", reference=None, slice_reads=slice_reads)
+    names = header_names(cram)
+    found = read_totals(cram, cram.with_name("x.cram.crai"), len(names))
+    assert found is not None
+    counted = _idxstats(cram)
+    label = [*names, "*"]  # -1 (the unplaced) is the last
+    assert {label[ref]: n for ref, n in found.single.items()} == {
+        label[ref]: counted[label[ref]] for ref in found.single
+    }
+    for refs, total in found.components:
+        assert total == sum(counted[label[ref]] for ref in refs) > 0
+    covered = set(found.single) | {ref for refs, _ in found.components for ref in refs}
+    assert {label[ref] for ref in covered} == {name for name, n in counted.items() if n}
+
+
+def test_a_reference_counted_alone_that_shares_containers_is_set_against_idxstats(
+    crams: dict[str, tuple[Path, Path | None]],
+) -> None:
+    """chrM's records are known only with the references its containers share: counted alone,
+    it is set against samtools' own count of its records instead."""
+    cram, reference = crams["no_ref"]
+    found = read_totals(cram, cram.with_name(cram.name + ".crai"), len(header_names(cram)))
+    assert found is not None and found.component_of(header_names(cram).index("chrM")) is not None
+    result = count_bam_sync(CountRequest(bam=cram, regions=("chrM", "chr1")))
+    assert [r.count for r in result.regions] == [
+        samtools_count(cram, "chrM", reference=reference),
+        samtools_count(cram, "chr1", reference=reference),
+    ]
+    assert result.verification == "records"
+
+
+def test_a_damaged_container_header_is_an_error(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:
+    cram, _ = crams["no_ref"]
+    data = bytearray(cram.read_bytes())
+    first = min(offset for _, offset in crai_entries(cram.with_name(cram.name + ".crai")))  # a data container
+    data[first + 5] ^= 0x01  # in its header: past the length, in the reference id or start
+    damaged = tmp_path / "damaged.cram"
+    damaged.write_bytes(bytes(data))
+    shutil.copy(cram.with_name(cram.name + ".crai"), tmp_path / "damaged.cram.crai")
+    with pytest.raises(CorruptBam, match="fails its CRC32 check"):
+        read_totals(damaged, tmp_path / "damaged.cram.crai", len(header_names(cram)))
+    with pytest.raises(BamcountdError):
+        count_bam_sync(CountRequest(bam=damaged))
+
+
+def test_another_crams_index_points_at_no_container(tmp_path: Path) -> None:
+    one = write_cram(tricky_bam(tmp_path, reads=2000, seed=3, name="one.bam"), tmp_path / "one.cram", reference=None)
+    two = write_cram(tricky_bam(tmp_path, reads=2600, seed=4, name="two.bam"), tmp_path / "two.cram", reference=None)
+    os.utime(tmp_path / "two.cram.crai")
+    with pytest.raises(IndexMismatch, match="where the CRAM has no container"):
+        count_bam_sync(CountRequest(bam=one, index=tmp_path / "two.cram.crai"))
+    assert count_bam_sync(CountRequest(bam=two)).total == samtools_count(two)
