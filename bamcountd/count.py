@@ -630,8 +630,8 @@ class _Job:
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
-        trust = trust and self.remote is None  # a proof is kept for a pair of local files only
-        earlier = trust and self._verdict(index).holds()
+        verdict = self._verdict(index) if trust else None
+        earlier = verdict is not None and verdict.holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
         # An earlier count proved the pair record by record (components included): a filtered
@@ -694,14 +694,18 @@ class _Job:
             for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
             if region.whole and not region.everything and reached is not None and total is not None
         }
-        if {*self.lengths, plan.UNPLACED} <= proven and self.remote is None:
-            verdict = self._verdict(index)
-            if not verdict.holds() and not verdict.record():
-                self.log.debug("verdict_not_recorded", cache=str(self.cache))
+        verdict = self._verdict(index) if {*self.lengths, plan.UNPLACED} <= proven else None
+        if verdict is not None and not verdict.holds() and not verdict.record():
+            self.log.debug("verdict_not_recorded", cache=str(self.cache))
 
-    def _verdict(self, index: Path) -> Verdict:
-        assert isinstance(self.bam, Path)
-        return Verdict.of(self.bam, index, self.cache, self.samtools.version)
+    def _verdict(self, index: Path) -> Verdict | None:
+        """The proof of reach for this input and ``index``; None for an object whose server
+        gives neither an ETag nor a Last-Modified (its size alone would not tell a new one)."""
+        if isinstance(self.bam, Path):
+            return Verdict.of(self.bam, index, self.cache, self.samtools.version)
+        assert self.remote is not None
+        key = self.remote.info.key
+        return None if key is None else Verdict.of_object(self.bam, key, index, self.cache, self.samtools.version)
 
     async def _recover(
         self,

@@ -7,6 +7,7 @@ working folder."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -376,3 +377,28 @@ def test_an_error_never_leaks_what_samtools_quotes() -> None:
     completed = st.Completed(("samtools", "view"), 1, b"", stderr.encode(), 0.1)
     failure = completed.describe_failure()
     assert failure is not None and f"http://h/x.bam?sig={HIDDEN}" in failure and SECRET not in failure
+
+
+def test_a_proof_of_reach_is_kept_for_an_object_and_its_index(objects: Path, workdir: Path, tmp_path: Path) -> None:
+    """A filtered count after an unfiltered one of the same object (URL without its query,
+    size, ETag, Last-Modified) and index trusts its proof, as for a file; a new object at the
+    same URL does not."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("x.bam", "x.bam.bai"):
+        shutil.copy(objects / name, served / name)
+    args, filters = FILTER_CASES["F904_q20"]
+    names = [*header_names(objects / "x.bam"), "*"]
+    cache = tmp_path / "cache"
+    with serve(served) as running:
+        url = Url(running.url("x.bam", f"sig={SECRET}"))
+        assert count_bam_sync(CountRequest(bam=url, index_cache=cache)).verification == "index"
+        again = Url(running.url("x.bam", "sig=another-signature-0123"))
+        filtered = count_bam_sync(CountRequest(bam=again, index_cache=cache, filters=filters))
+        assert filtered.verification == "earlier"
+        assert _rows(filtered) == oracle(objects / "x.bam", names, args)
+        (served / "x.bam").touch()  # a new upload of the same bytes: another Last-Modified and ETag
+        os.utime(served / "x.bam", (1_000_000_000, 1_000_000_000))
+        replaced = count_bam_sync(CountRequest(bam=url, index_cache=cache, filters=filters))
+        assert replaced.verification == "index"  # accounted again, in full
+        assert _rows(replaced) == _rows(filtered)
