@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from bamcountd.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
-from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause, redact
 
 _TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
@@ -167,7 +167,7 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             problem = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-    raise RemoteUnavailable(f"{url}: {problem} ({ATTEMPTS} tries)")
+    raise RemoteUnavailable(f"{url}: {redact(problem)} ({ATTEMPTS} tries)")  # a reason may quote the URL
 
 
 # --- where an s3:// or gs:// object is, and how a request for it is signed ------------------

@@ -28,7 +28,18 @@ from bamcountd.errors import (
 )
 from bamcountd.synth import tricky_bam
 from bamcountd.urls import HIDDEN, Url, redact
-from devtools.object_server import DROP, ERROR_503, FORBIDDEN, IGNORE_RANGE, NOT_FOUND, SHORT, Fault, Server, serve
+from devtools.object_server import (
+    DROP,
+    ERROR_503,
+    FORBIDDEN,
+    IGNORE_RANGE,
+    NOT_FOUND,
+    SHORT,
+    SLOW,
+    Fault,
+    Server,
+    serve,
+)
 from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram
 
 SECRET = "sig-5ec2e7-0123456789abcdef"
@@ -402,3 +413,13 @@ def test_a_proof_of_reach_is_kept_for_an_object_and_its_index(objects: Path, wor
         replaced = count_bam_sync(CountRequest(bam=url, index_cache=cache, filters=filters))
         assert replaced.verification == "index"  # accounted again, in full
         assert _rows(replaced) == _rows(filtered)
+
+
+def test_a_server_too_slow_for_the_time_limit_is_an_error_without_secrets(
+    server: Server, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.fault = Fault(SLOW, paths=("x.bam",), after=8)  # the checks pass; the shards stall
+    url = server.url("x.bam", f"sig={SECRET}")
+    assert main(["count", url, "--timeout", "1", "--min-shard-reads", str(SHARDS)]) == 1
+    shown = capsys.readouterr()
+    assert "killed after the 1 s time limit" in shown.err and SECRET not in shown.err and shown.out == ""
