@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd import CountRequest, Filters, count_bam_sync, urls
+from bamcountd import CountRequest, Filters, count_bam_sync, remote, urls
 from bamcountd import samtools as st
 from bamcountd.cli import main
 from bamcountd.errors import (
@@ -29,6 +29,7 @@ from bamcountd.errors import (
 from bamcountd.synth import tricky_bam
 from bamcountd.urls import HIDDEN, Url, redact
 from devtools.object_server import (
+    BUCKET_REGION,
     DROP,
     ERROR_503,
     FORBIDDEN,
@@ -36,6 +37,7 @@ from devtools.object_server import (
     NOT_FOUND,
     SHORT,
     SLOW,
+    WRONG_REGION,
     Fault,
     Server,
     serve,
@@ -423,3 +425,28 @@ def test_a_server_too_slow_for_the_time_limit_is_an_error_without_secrets(
     assert main(["count", url, "--timeout", "1", "--min-shard-reads", str(SHARDS)]) == 1
     shown = capsys.readouterr()
     assert "killed after the 1 s time limit" in shown.err and SECRET not in shown.err and shown.out == ""
+
+
+def test_an_s3_probe_signs_again_for_the_region_its_endpoint_names(
+    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 answers a request signed for another region with 400 and the bucket's region; the
+    probe signs again for it (htslib does the same from the answer's body)."""
+    bucket = tmp_path / "reads"
+    bucket.mkdir()
+    shutil.copy(objects / "x.bam", bucket / "x.bam")
+    with serve(tmp_path) as running:
+        running.fault = Fault(WRONG_REGION)
+        for variable, value in {
+            "AWS_ACCESS_KEY_ID": "AKIATESTKEY",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "HTS_S3_HOST": f"127.0.0.1:{running.port}",
+            "HTS_S3_ADDRESS_STYLE": "path",
+        }.items():
+            monkeypatch.setenv(variable, value)
+        monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+        monkeypatch.delenv("AWS_REGION", raising=False)
+        found = remote.probe(Url("s3+http://reads/x.bam"))
+        assert found.info.size == (objects / "x.bam").stat().st_size
+        assert "/us-east-1/s3/" in running.authorizations[0]
+        assert f"/{BUCKET_REGION}/s3/" in running.authorizations[-1]
