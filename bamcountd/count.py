@@ -531,14 +531,17 @@ class _Job:
         return self.ref_ids[region.reference]
 
     def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
-        """Every component of references sharing multi-reference containers reached as many
-        records as its containers hold; their totals are then the records reached.  False when
-        one did not, or when not all of its references were counted whole (nothing to set the
-        records against)."""
+        """Every component of references sharing multi-reference containers that the count
+        asked for reached as many records as its containers hold; their totals are then the
+        records reached.  False when one did not, or when only some of its references were
+        counted whole (nothing to set their records against)."""
         assert self.containers is not None
         by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
+        everything = any(region.everything for region in self.regions)
         for refs, total in self.containers.components:
             members = [by_ref.get(ref) for ref in refs]
+            if not everything and all(i is None for i in members):
+                continue  # none of it asked for
             if any(i is None or done.reached[i] is None for i in members):
                 return False
             if sum(done.reached[i] or 0 for i in members if i is not None) != total:
