@@ -638,14 +638,17 @@ class _Job:
         return self.ref_ids[region.reference]
 
     def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
-        """Every component of references sharing multi-reference containers reached as many
-        records as its containers hold; their totals are then the records reached.  False when
-        one did not, or when not all of its references were counted whole (nothing to set the
-        records against)."""
+        """Every component of references sharing multi-reference containers that the count
+        asked for reached as many records as its containers hold; their totals are then the
+        records reached.  False when one did not, or when only some of its references were
+        counted whole (nothing to set their records against)."""
         assert self.containers is not None
         by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
+        everything = any(region.everything for region in self.regions)
         for refs, total in self.containers.components:
             members = [by_ref.get(ref) for ref in refs]
+            if not everything and all(i is None for i in members):
+                continue  # none of it asked for
             if any(i is None or done.reached[i] is None for i in members):
                 return False
             if sum(done.reached[i] or 0 for i in members if i is not None) != total:
@@ -737,8 +740,8 @@ class _Job:
         filtered = self.request.filters.active
         # samtools 1.22+ accounts at no cost (view -c --save-counts): no earlier proof is needed.
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
-        trust = trust and self.remote is None  # a proof is kept for a pair of local files only
-        earlier = trust and self._verdict(index).holds()
+        verdict = self._verdict(index) if trust else None
+        earlier = verdict is not None and verdict.holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
         missed = _mismatches(self.regions, first, totals)
         # An earlier count proved the pair record by record (components included): a filtered
@@ -808,14 +811,18 @@ class _Job:
             for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
             if total is not None and region.whole and not region.everything and reached is not None
         }
-        if {*self.lengths, plan.UNPLACED} <= proven and self.remote is None:
-            verdict = self._verdict(index)
-            if not verdict.holds() and not verdict.record():
-                self.log.debug("verdict_not_recorded", cache=str(self.cache))
+        verdict = self._verdict(index) if {*self.lengths, plan.UNPLACED} <= proven else None
+        if verdict is not None and not verdict.holds() and not verdict.record():
+            self.log.debug("verdict_not_recorded", cache=str(self.cache))
 
-    def _verdict(self, index: Path) -> Verdict:
-        assert isinstance(self.bam, Path)
-        return Verdict.of(self.bam, index, self.cache, self.samtools.version)
+    def _verdict(self, index: Path) -> Verdict | None:
+        """The proof of reach for this input and ``index``; None for an object whose server
+        gives neither an ETag nor a Last-Modified (its size alone would not tell a new one)."""
+        if isinstance(self.bam, Path):
+            return Verdict.of(self.bam, index, self.cache, self.samtools.version)
+        assert self.remote is not None
+        key = self.remote.info.key
+        return None if key is None else Verdict.of_object(self.bam, key, index, self.cache, self.samtools.version)
 
     async def _recover(
         self,

@@ -231,6 +231,17 @@ class Verdict(NamedTuple):
         identity = os.fsencode(f"{_identity_of(bam)}\0{_identity_of(index)}\0{samtools_version}")
         return cls(cache_dir / f"{zlib.crc32(identity):08x}.reach", identity)
 
+    @classmethod
+    def of_object(cls, url: Url, key: str, index: Path, cache_dir: Path, samtools_version: str) -> Verdict:
+        """The proof for an object (its URL without the query, its size, ETag and Last-Modified:
+        ``key``) and the index it was counted through (by content: a URL's index is fetched
+        anew by each count)."""
+        import hashlib
+
+        digest = hashlib.sha256(index.read_bytes()).hexdigest()
+        identity = os.fsencode(f"{url.without_query}\0{key}\0{digest}\0{samtools_version}")
+        return cls(cache_dir / f"{zlib.crc32(identity):08x}.reach", identity)
+
     def holds(self) -> bool:
         try:
             return self.path.read_bytes() == self.identity

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from bamcountd.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
-from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause, redact
 
 _TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
@@ -141,10 +141,11 @@ def _identity(url: Url, response: _Response, *, asked: int) -> tuple[ObjectInfo,
 def _request(url: Url, headers: dict[str, str]) -> _Response:
     """One GET, tried again on transient failures."""
     problem = ""
+    region: str | None = None  # an S3 bucket's own, once its endpoint has named it
     for attempt in range(ATTEMPTS):
         if attempt:
             time.sleep(pause(attempt))
-        target, signed = _http_request(url, headers)
+        target, signed = _http_request(url, headers, region=region)
         request = urllib.request.Request(target, headers=signed, method="GET")
         try:
             # A new opener each time: it reads the proxy variables now, as libcurl does.
@@ -153,6 +154,10 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
                 return _Response(answer.status, answer.headers, body)
         except urllib.error.HTTPError as error:
             error.close()
+            named = error.headers.get("x-amz-bucket-region") if error.headers is not None else None
+            if error.code in (301, 307, 400) and named and named != region and url.scheme.startswith("s3"):
+                region, problem = named, f"HTTP {error.code} (the bucket is in {named})"
+                continue  # signed for another region: sign for the bucket's, as htslib does
             if error.code in (401, 403):
                 raise RemoteAccessDenied(
                     f"{url}: access denied (HTTP {error.code}): the URL has expired or its credentials are refused"
@@ -167,14 +172,15 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             problem = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-    raise RemoteUnavailable(f"{url}: {problem} ({ATTEMPTS} tries)")
+    raise RemoteUnavailable(f"{url}: {redact(problem)} ({ATTEMPTS} tries)")  # a reason may quote the URL
 
 
 # --- where an s3:// or gs:// object is, and how a request for it is signed ------------------
 
 
-def _http_request(url: Url, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """The http(s) URL of ``url`` and the headers of a GET of it."""
+def _http_request(url: Url, headers: dict[str, str], *, region: str | None = None) -> tuple[str, dict[str, str]]:
+    """The http(s) URL of ``url`` and the headers of a GET of it (an S3 GET signed for
+    ``region``, by default the environment's)."""
     scheme = url.scheme
     if scheme in ("http", "https"):
         return url.secret, dict(headers)
@@ -196,7 +202,7 @@ def _http_request(url: Url, headers: dict[str, str]) -> tuple[str, dict[str, str
     credentials = _s3_credentials()
     if credentials is None:
         return target, dict(headers)
-    return target, {**headers, **_sign_v4(netloc, path, parts.query, credentials)}
+    return target, {**headers, **_sign_v4(netloc, path, parts.query, credentials, region=region)}
 
 
 def _s3_credentials() -> tuple[str, str, str | None] | None:
@@ -217,10 +223,12 @@ def _s3_credentials() -> tuple[str, str, str | None] | None:
     return config.get(profile, "aws_access_key_id"), config.get(profile, "aws_secret_access_key"), token
 
 
-def _sign_v4(host: str, path: str, query: str, credentials: tuple[str, str, str | None]) -> dict[str, str]:
+def _sign_v4(
+    host: str, path: str, query: str, credentials: tuple[str, str, str | None], *, region: str | None
+) -> dict[str, str]:
     """The headers of an AWS Signature Version 4 GET (payload unsigned, as htslib sends it)."""
     key, secret, token = credentials
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     now = datetime.datetime.now(datetime.UTC)
     stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
     signed_headers = {"host": host, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": stamp}

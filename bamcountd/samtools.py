@@ -167,7 +167,8 @@ async def run(
         with anyio.fail_after(timeout):
             process = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
     except TimeoutError:
-        raise SamtoolsTimeout(f"{' '.join(argv[1:3])}: killed after the {timeout:g} s time limit") from None
+        shown = redact(" ".join(argv[1:3]))  # idxstats' second word is the input, a URL's secrets and all
+        raise SamtoolsTimeout(f"{shown}: killed after the {timeout:g} s time limit") from None
     return Completed(
         argv=tuple(argv),
         returncode=process.returncode,

@@ -16,6 +16,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ DROP = "drop"  # headers and half the body, then the connection is reset
 SHORT = "short"  # a Content-Length the body does not reach, then a clean close
 IGNORE_RANGE = "ignore-range"  # 200 and the whole file, whatever Range asked
 ERROR_503 = "503"  # a transient failure
+SLOW = "slow"  # answers after SLOW_SECONDS
+WRONG_REGION = "wrong-region"  # S3's 400 for a request not signed for BUCKET_REGION, which it names
+BUCKET_REGION = "eu-west-2"
+SLOW_SECONDS = 1.5
 
 
 @dataclass
@@ -119,6 +124,14 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             with server.lock:
                 fault = server.fault
                 mode = fault.mode if fault is not None and fault.hits(path) else None
+            if mode == SLOW:
+                time.sleep(SLOW_SECONDS)
+            if mode == WRONG_REGION and f"/{BUCKET_REGION}/s3/" not in self.headers.get("Authorization", ""):
+                self.send_response(400)
+                self.send_header("x-amz-bucket-region", BUCKET_REGION)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if mode in (FORBIDDEN, NOT_FOUND, ERROR_503):
                 return self._status(int(mode))
             target = (server.root / path.lstrip("/")).resolve()

@@ -225,6 +225,9 @@ def test_a_reference_counted_alone_that_shares_containers_is_set_against_idxstat
         samtools_count(cram, "chr1", reference=reference),
     ]
     assert result.verification == "records"
+    alone = count_bam_sync(CountRequest(bam=cram, regions=("chr1",)))  # no component asked for
+    assert alone.total == samtools_count(cram, "chr1", reference=reference)
+    assert alone.verification == "containers"
 
 
 def test_a_damaged_container_header_is_an_error(crams: dict[str, tuple[Path, Path | None]], tmp_path: Path) -> None:

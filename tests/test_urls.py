@@ -7,6 +7,7 @@ working folder."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd import CountRequest, Filters, count_bam_sync, urls
+from bamcountd import CountRequest, Filters, count_bam_sync, remote, urls
 from bamcountd import samtools as st
 from bamcountd.cli import main
 from bamcountd.errors import (
@@ -27,7 +28,20 @@ from bamcountd.errors import (
 )
 from bamcountd.synth import tricky_bam
 from bamcountd.urls import HIDDEN, Url, redact
-from devtools.object_server import DROP, ERROR_503, FORBIDDEN, IGNORE_RANGE, NOT_FOUND, SHORT, Fault, Server, serve
+from devtools.object_server import (
+    BUCKET_REGION,
+    DROP,
+    ERROR_503,
+    FORBIDDEN,
+    IGNORE_RANGE,
+    NOT_FOUND,
+    SHORT,
+    SLOW,
+    WRONG_REGION,
+    Fault,
+    Server,
+    serve,
+)
 from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram
 
 SECRET = "sig-5ec2e7-0123456789abcdef"
@@ -376,3 +390,63 @@ def test_an_error_never_leaks_what_samtools_quotes() -> None:
     completed = st.Completed(("samtools", "view"), 1, b"", stderr.encode(), 0.1)
     failure = completed.describe_failure()
     assert failure is not None and f"http://h/x.bam?sig={HIDDEN}" in failure and SECRET not in failure
+
+
+def test_a_proof_of_reach_is_kept_for_an_object_and_its_index(objects: Path, workdir: Path, tmp_path: Path) -> None:
+    """A filtered count after an unfiltered one of the same object (URL without its query,
+    size, ETag, Last-Modified) and index trusts its proof, as for a file; a new object at the
+    same URL does not."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("x.bam", "x.bam.bai"):
+        shutil.copy(objects / name, served / name)
+    args, filters = FILTER_CASES["F904_q20"]
+    names = [*header_names(objects / "x.bam"), "*"]
+    cache = tmp_path / "cache"
+    with serve(served) as running:
+        url = Url(running.url("x.bam", f"sig={SECRET}"))
+        assert count_bam_sync(CountRequest(bam=url, index_cache=cache)).verification == "index"
+        again = Url(running.url("x.bam", "sig=another-signature-0123"))
+        filtered = count_bam_sync(CountRequest(bam=again, index_cache=cache, filters=filters))
+        assert filtered.verification == "earlier"
+        assert _rows(filtered) == oracle(objects / "x.bam", names, args)
+        (served / "x.bam").touch()  # a new upload of the same bytes: another Last-Modified and ETag
+        os.utime(served / "x.bam", (1_000_000_000, 1_000_000_000))
+        replaced = count_bam_sync(CountRequest(bam=url, index_cache=cache, filters=filters))
+        assert replaced.verification == "index"  # accounted again, in full
+        assert _rows(replaced) == _rows(filtered)
+
+
+def test_a_server_too_slow_for_the_time_limit_is_an_error_without_secrets(
+    server: Server, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.fault = Fault(SLOW, paths=("x.bam",), after=8)  # the checks pass; the shards stall
+    url = server.url("x.bam", f"sig={SECRET}")
+    assert main(["count", url, "--timeout", "1", "--min-shard-reads", str(SHARDS)]) == 1
+    shown = capsys.readouterr()
+    assert "killed after the 1 s time limit" in shown.err and SECRET not in shown.err and shown.out == ""
+
+
+def test_an_s3_probe_signs_again_for_the_region_its_endpoint_names(
+    objects: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 answers a request signed for another region with 400 and the bucket's region; the
+    probe signs again for it (htslib does the same from the answer's body)."""
+    bucket = tmp_path / "reads"
+    bucket.mkdir()
+    shutil.copy(objects / "x.bam", bucket / "x.bam")
+    with serve(tmp_path) as running:
+        running.fault = Fault(WRONG_REGION)
+        for variable, value in {
+            "AWS_ACCESS_KEY_ID": "AKIATESTKEY",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "HTS_S3_HOST": f"127.0.0.1:{running.port}",
+            "HTS_S3_ADDRESS_STYLE": "path",
+        }.items():
+            monkeypatch.setenv(variable, value)
+        monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+        monkeypatch.delenv("AWS_REGION", raising=False)
+        found = remote.probe(Url("s3+http://reads/x.bam"))
+        assert found.info.size == (objects / "x.bam").stat().st_size
+        assert "/us-east-1/s3/" in running.authorizations[0]
+        assert f"/{BUCKET_REGION}/s3/" in running.authorizations[-1]
