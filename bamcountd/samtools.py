@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.abc
@@ -159,23 +159,44 @@ async def run(
 ) -> Completed:
     """Run one command to completion; on cancellation or timeout the child is killed.
 
-    anyio's ``run_process`` kills and reaps the child when the calling scope is cancelled,
+    The child is spawned by :func:`spawn`, and killed and reaped if the calling scope is cancelled,
     which is what guarantees that no samtools outlives a failed or interrupted count.
     """
     started = time.monotonic()
+    output: dict[str, bytes] = {}
+
+    async def drain(name: str, stream: anyio.abc.ByteReceiveStream | None) -> None:
+        assert stream is not None
+        output[name] = b"".join([chunk async for chunk in stream])
+
     try:
         with anyio.fail_after(timeout):
-            process = await anyio.run_process(list(argv), check=False, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+            async with await spawn(argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd) as process:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(drain, "stdout", process.stdout)
+                    group.start_soon(drain, "stderr", process.stderr)
+                await process.wait()
     except TimeoutError:
         shown = redact(" ".join(argv[1:3]))  # idxstats' second word is the input, a URL's secrets and all
         raise SamtoolsTimeout(f"{shown}: killed after the {timeout:g} s time limit") from None
+    assert process.returncode is not None
     return Completed(
         argv=tuple(argv),
         returncode=process.returncode,
-        stdout=process.stdout,
-        stderr=process.stderr,
+        stdout=output["stdout"],
+        stderr=output["stderr"],
         seconds=time.monotonic() - started,
     )
+
+
+async def spawn(argv: Sequence[str], **options: Any) -> anyio.abc.Process:
+    """``anyio.open_process``, shielded from cancellation: a cancellation that lands while asyncio
+    is still starting the child (it waits for the pipes, then, cancelled, for the killed child)
+    would leave a samtools that nobody holds, runs on and is never reaped.  Once this returns,
+    the caller's ``async with`` kills and reaps it on any error or cancellation."""
+    with anyio.CancelScope(shield=True):
+        process = await anyio.open_process(list(argv), **options)
+    return process
 
 
 def _uncompressed_view(samtools: Samtools, filters: Filters, threads: int) -> list[str]:
@@ -265,9 +286,7 @@ async def run_tally(
         processes: list[anyio.abc.Process] = []
         try:  # each child gets only its own ends (subprocess closes every other descriptor)
             for argv, stdin, stdout, passed in plan:
-                process = await anyio.open_process(
-                    argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd, env=samtools.env
-                )
+                process = await spawn(argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd, env=samtools.env)
                 processes.append(await stack.enter_async_context(process))
         finally:  # ours would keep the pipes from ever closing
             for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
@@ -345,7 +364,7 @@ async def run_stream(
         stderr = b"".join([chunk async for chunk in stream])
 
     try:
-        process = await anyio.open_process(
+        process = await spawn(
             view,
             stdin=subprocess.DEVNULL,
             stdout=pipes[0][1],
