@@ -137,7 +137,7 @@ class _Inflated:
             at, end = 0, len(data)
             while at + header <= end:
                 fields = unpack(data, at)
-                if fields[0] != b"\x1f\x8b\x08\x04" or fields[4:8] != (6, 66, 67, 2):
+                if fields[0] != b"\x1f\x8b\x08\x04" or fields[4:8] != (6, 66, 67, 2) or fields[8] + 1 < header + 10:
                     raise SamtoolsBadOutput(f"{what}: samtools' output is not BGZF")
                 following = at + fields[8] + 1
                 if following > end:
@@ -367,8 +367,10 @@ class _Walker:
             else:
                 break
             following = offset + 4 + size
-            if following > end:
-                break
+            if not offset + 36 <= following <= end:
+                if following > end:
+                    break
+                raise SamtoolsBadOutput(f"{self.what}: samtools wrote a record of {size} bytes")
             if record_tid != tid:
                 if sweep is not None:
                     self._hand(sweep, positions, stops, u, last)
@@ -443,6 +445,9 @@ def sweep_main(argv: Sequence[str]) -> int:
         found = count_overlaps(sys.stdin.buffer, per_reference, "the stream")
     except SamtoolsBadOutput as error:
         print(error, file=sys.stderr)
+        return 1
+    except struct.error as error:  # a CIGAR that runs past its record
+        print(f"the stream: samtools wrote a record that ends early ({error})", file=sys.stderr)
         return 1
     served = {name: iter(counts) for name, counts in found.counts.items()}
     out = b"".join(b"%d\n" % next(served[name]) for name, _, _ in rows)
