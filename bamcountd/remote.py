@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from bamcountd.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
-from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause
+from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause, redact
 
 _TIMEOUT = 30.0
 _CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+)\Z")
@@ -152,10 +152,12 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
                 body = answer.read()
                 return _Response(answer.status, answer.headers, body)
         except urllib.error.HTTPError as error:
+            said = _server_words(error)
             error.close()
             if error.code in (401, 403):
                 raise RemoteAccessDenied(
                     f"{url}: access denied (HTTP {error.code}): the URL has expired or its credentials are refused"
+                    + (f" (the server said: {said})" if said else "")
                 ) from None
             if error.code in (404, 410):
                 raise RemoteNotFound(f"{url}: no such object (HTTP {error.code})") from None
@@ -168,6 +170,17 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             problem = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
     raise RemoteUnavailable(f"{url}: {problem} ({ATTEMPTS} tries)")
+
+
+def _server_words(error: urllib.error.HTTPError) -> str:
+    """The start of an error's body, on one line and redacted, if it is short plain text."""
+    if not (error.headers.get("Content-Type") or "").startswith("text/plain"):
+        return ""  # XML or HTML documents would only add noise
+    try:
+        text = error.read(200).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return ""
+    return redact(" ".join(text.split()))
 
 
 # --- where an s3:// or gs:// object is, and how a request for it is signed ------------------

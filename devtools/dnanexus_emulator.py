@@ -48,6 +48,7 @@ UPLOAD_PARAMETERS = {
     "maximumFileSize": 5 * 1024**4,
 }
 Json = dict[str, Any]
+_CHUNK = 16384  # bytes per write of a download's body
 
 
 class ApiError(Exception):
@@ -214,6 +215,8 @@ class Emulator:
         self.preauthenticated: dict[str, tuple[str, float]] = {}  # token -> (file ID, expiry)
         #: Preauthenticated URLs last at most this long (seconds): a test's way to let them expire.
         self.url_lifetime: float | None = None
+        #: False: preauthenticated URLs ignore Range (a server samtools cannot read regions from).
+        self.preauthenticated_ranges = True
         self.connections: set[socket.socket] = set()
         self.run_requests = 0
         self.job_env: dict[str, str] = {}
@@ -888,7 +891,8 @@ class _Handler(BaseHTTPRequestHandler):
         extra = {"Accept-Ranges": "bytes", "ETag": f'"{dxid}"'}
         asked = self.headers.get("Range", "")
         ranged = re.match(r"\Abytes=(\d*)-(\d*)\Z", asked)
-        if ranged is None or ranged.group(1) == ranged.group(2) == "":
+        ignored = match.group(1) is not None and not self.api.preauthenticated_ranges
+        if ranged is None or ranged.group(1) == ranged.group(2) == "" or ignored:
             body, status = data, 200
         else:
             if ranged.group(1) == "":  # the last N bytes
@@ -901,16 +905,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             body, status = data[start : end + 1], 206
             extra["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self.api.count_served(dxid, asked, 0 if head else len(body))
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         for key, value in extra.items():
             self.send_header(key, value)
         self.end_headers()
+        sent = 0
         if not head:
-            with contextlib.suppress(ConnectionError):  # a reader may stop early
-                self.wfile.write(body)
+            # Small writes into a small send buffer: what counts is what a reader took before
+            # it closed (samtools reads a header from an unbounded request, then hangs up).
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHUNK)
+            with contextlib.suppress(ConnectionError):
+                for start in range(0, len(body), _CHUNK):
+                    self.wfile.write(body[start : start + _CHUNK])
+                    sent += len(body[start : start + _CHUNK])
+        self.api.count_served(dxid, asked, sent)
 
     def do_PUT(self) -> None:
         data = self._body()
