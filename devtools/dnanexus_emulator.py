@@ -489,9 +489,11 @@ class Emulator:
                 return "the file is not available"
             return dxid, dxfile.data
 
-    def count_served(self, dxid: str, byte_range: str, sent: int) -> None:
+    def count_served(self, dxid: str, byte_range: str | None, sent: int) -> None:
+        """Count ``sent`` bytes of a file; a request's first call names the range it asked for."""
         with self.lock:
-            self.downloads.append((dxid, byte_range))
+            if byte_range is not None:
+                self.downloads.append((dxid, byte_range))
             self.served[dxid] = self.served.get(dxid, 0) + sent
 
     def _file_new(self, body: Json, caller: Job | None) -> Json:
@@ -911,16 +913,20 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in extra.items():
             self.send_header(key, value)
         self.end_headers()
-        sent = 0
+        self.api.count_served(dxid, asked, 0)
         if not head:
             # Small writes into a small send buffer: what counts is what a reader took before
             # it closed (samtools reads a header from an unbounded request, then hangs up).
+            # Each chunk is counted before it is written, so a reader that has it sees it counted.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHUNK)
-            with contextlib.suppress(ConnectionError):
-                for start in range(0, len(body), _CHUNK):
-                    self.wfile.write(body[start : start + _CHUNK])
-                    sent += len(body[start : start + _CHUNK])
-        self.api.count_served(dxid, asked, sent)
+            for start in range(0, len(body), _CHUNK):
+                chunk = body[start : start + _CHUNK]
+                self.api.count_served(dxid, None, len(chunk))
+                try:
+                    self.wfile.write(chunk)
+                except ConnectionError:
+                    self.api.count_served(dxid, None, -len(chunk))
+                    break
 
     def do_PUT(self) -> None:
         data = self._body()

@@ -31,6 +31,7 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.dnanexus.applet import options_from_inputs
+from bamcountd.dnanexus.local import prefix_of
 from bamcountd.dnanexus.model import DxFile, Json
 from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
 from bamcountd.errors import (
@@ -80,10 +81,6 @@ def _setup() -> Path:
     return home
 
 
-def _prefix(name: str) -> str:
-    return name[: -len(".bam")] if name.endswith(".bam") else name
-
-
 def _fresh_index(bam: Path, index: Path | None) -> Path | None:
     # Downloads set mtimes in download order; the core rebuilds an index "older" than its BAM,
     # so give the given index the BAM's time when it is older only because of the download.
@@ -110,6 +107,7 @@ def main(
     *,
     mappings_bam: Json,
     index_file: Json | None = None,
+    reference_fasta: Json | None = None,
     input_mode: str = "stream",
     scatter: bool | None = None,
     scatter_jobs: int = SCATTER_JOBS,
@@ -129,22 +127,26 @@ def main(
         bam_file = _platform.describe_input(mappings_bam)
     scattered = scatter if scatter is not None else bam_file.size >= SCATTER_BYTES
     log.info("job_started", bam=bam_file.name, size=bam_file.size, scatter=scattered, mode=input_mode)
-    prefix = _prefix(bam_file.name)
+    prefix = prefix_of(bam_file.name)
     if scattered:  # the subjobs download (scatter by shards over streams is not built yet)
         request = _downloaded(options)
         return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
     notes: tuple[str, ...] = ()
+    if reference_fasta is not None:
+        # A count decodes no bases (the core asks samtools for FLAG, RNAME, POS, MAPQ, CIGAR
+        # only), so a reference is never read: not downloading it saves gigabytes.
+        notes = ("reference_fasta was not read: counting decodes no bases, so it needs no reference",)
     result: CountResult | None = None
     if input_mode == "stream" and index_file is None:
         # Without an index one must be built, which reads the whole file: download it once.
-        notes = ("no index_file was given: the file was downloaded, since building its index reads all of it",)
-        log.info("downloading", reason=notes[0])
+        notes += ("no index_file was given: the file was downloaded, since building its index reads all of it",)
+        log.info("downloading", reason=notes[-1])
     elif input_mode == "stream" and index_file is not None:
         with _app_errors():
             try:
                 result = _count_streamed(mappings_bam, bam_file, index_file, options)
             except (RemoteUnavailable, RemoteUnsupported) as error:
-                notes = (f"streaming failed ({error}); the file was downloaded and counted from the download",)
+                notes += (f"streaming failed ({error}); the file was downloaded and counted from the download",)
                 log.warning("stream_failed", failure=str(error), fallback="download")
     if result is None:
         request = _downloaded(options)
@@ -157,7 +159,7 @@ def main(
 
 
 def _downloaded(options: CountOptions) -> CountRequest:
-    inputs = _platform.download_inputs()
+    inputs = _platform.download_inputs(exclude=("reference_fasta",))
     bam = Path(inputs["mappings_bam_path"])
     index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
     return CountRequest.of(bam, replace(options, index=index))

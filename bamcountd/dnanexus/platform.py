@@ -255,10 +255,10 @@ class Platform:
             )
         return Url(url)
 
-    def download_inputs(self) -> dict[str, str]:
-        """Download the job's file inputs; ``NAME_path``, ``NAME_name`` and ``NAME_prefix`` of each."""
+    def download_inputs(self, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+        """Download the job's file inputs but ``exclude``; ``NAME_path``, ``NAME_name`` and ``NAME_prefix`` of each."""
         with _translated():
-            inputs = dxpy.download_all_inputs()
+            inputs = dxpy.download_all_inputs(exclude=list(exclude))
         # download_all_inputs gives one-element lists for single files in current dxpy.
         return {key: value[0] if isinstance(value, list) else value for key, value in inputs.items()}
 

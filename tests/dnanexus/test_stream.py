@@ -13,7 +13,7 @@ from bamcountd.synth import tricky_bam
 from devtools.dnanexus_emulator import Emulator
 from tests.dnanexus.conftest import APPLET_DIR
 from tests.dnanexus.helpers import output_bytes, run_job, seed_text
-from tests.support.bams import samtools_count, samtools_index, write_cram
+from tests.support.bams import samtools_count, samtools_index, write_cram, write_fasta
 
 FILTERS = ("-F", "0x904", "-q", "5")
 FILTER_INPUTS = {"exclude_flags": "0x904", "min_mapq": 5}
@@ -117,3 +117,24 @@ def test_urls_outlive_the_jobs_timeout() -> None:
     assert hours * 3600 < job_module.URL_SECONDS
     modes = next(item for item in spec["inputSpec"] if item["name"] == "input_mode")
     assert (modes["default"], tuple(modes["choices"])) == ("stream", job_module.INPUT_MODES)
+
+
+@pytest.mark.parametrize("mode", ["stream", "download"])
+def test_a_cram_with_a_reference_counts_without_reading_it(
+    emulator: Emulator, applet: str, files: dict[str, tuple[Path, Path]], tmp_path: Path, mode: str
+) -> None:
+    data, index = files["cram"]
+    data_id, index_id = _add(emulator, data, index)
+    reference_id = emulator.add_file("ref.fa", write_fasta(tmp_path / "ref.fa", files["bam"][0]).read_bytes())
+    job_input = {
+        "mappings_bam": dxpy.dxlink(data_id),
+        "index_file": dxpy.dxlink(index_id),
+        "reference_fasta": dxpy.dxlink(reference_id),
+        "input_mode": mode,
+    }
+    job = run_job(emulator, applet, job_input)
+    assert job.state == "done", job.failure_message
+    assert output_bytes(emulator, job, "count_file").decode() == seed_text(data)
+    assert emulator.served.get(reference_id, 0) == 0
+    notes = json.loads(output_bytes(emulator, job, "counts_json"))["notes"]
+    assert notes == ["reference_fasta was not read: counting decodes no bases, so it needs no reference"]
