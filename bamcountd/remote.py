@@ -153,6 +153,7 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
                 body = answer.read()
                 return _Response(answer.status, answer.headers, body)
         except urllib.error.HTTPError as error:
+            said = _server_words(error)
             error.close()
             named = error.headers.get("x-amz-bucket-region") if error.headers is not None else None
             if error.code in (301, 307, 400) and named and named != region and url.scheme.startswith("s3"):
@@ -161,6 +162,7 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
             if error.code in (401, 403):
                 raise RemoteAccessDenied(
                     f"{url}: access denied (HTTP {error.code}): the URL has expired or its credentials are refused"
+                    + (f" (the server said: {said})" if said else "")
                 ) from None
             if error.code in (404, 410):
                 raise RemoteNotFound(f"{url}: no such object (HTTP {error.code})") from None
@@ -173,6 +175,17 @@ def _request(url: Url, headers: dict[str, str]) -> _Response:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             problem = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
     raise RemoteUnavailable(f"{url}: {redact(problem)} ({ATTEMPTS} tries)")  # a reason may quote the URL
+
+
+def _server_words(error: urllib.error.HTTPError) -> str:
+    """The start of an error's body, on one line and redacted, if it is short plain text."""
+    if not (error.headers.get("Content-Type") or "").startswith("text/plain"):
+        return ""  # XML or HTML documents would only add noise
+    try:
+        text = error.read(200).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return ""
+    return redact(" ".join(text.split()))
 
 
 # --- where an s3:// or gs:// object is, and how a request for it is signed ------------------

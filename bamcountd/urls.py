@@ -34,6 +34,8 @@ _URL_START = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://")
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>()\[\]{}]+")
 _QUERY_VALUE = re.compile(r"([?&;][^=&#;?\s]*=)[^&#;\s]*")
 _USERINFO = re.compile(r"(://)[^/@\s]*@")
+# DNAnexus' preauthenticated download URLs carry their token in the path: .../F/D/<token>/<name>.
+_PATH_TOKEN = re.compile(r"(/F/D/)[^/\s]+")
 
 
 def redact(text: str) -> str:
@@ -55,6 +57,7 @@ def _redact_match(match: re.Match[str]) -> str:
 
 def _redact_url(url: str) -> str:
     url = _USERINFO.sub(lambda match: f"{match.group(1)}{HIDDEN}@", url, count=1)
+    url = _PATH_TOKEN.sub(lambda match: f"{match.group(1)}{HIDDEN}", url, count=1)
     return _QUERY_VALUE.sub(lambda match: f"{match.group(1)}{HIDDEN}", url)
 
 

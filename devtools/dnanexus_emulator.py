@@ -7,6 +7,11 @@ script run with this Python, then ``job_output.json`` or ``job_error.json`` read
 object references (``{"$dnanexus_link": {"job": ..., "field": ...}}``) in a job's input hold it
 until the job they name is done; in a job's output they hold it in ``waiting_on_output``.
 
+Downloads: ``/file-xxxx/download`` gives a URL that dxpy must send the job's token with, or, with
+``preauthenticated``, one that needs nothing and carries its token in its path as the platform's
+do (``/F/D/<token>/<name>``), valid for ``duration`` seconds; both serve HTTP ``Range`` requests,
+and :attr:`Emulator.served` counts the bytes sent of each file.
+
 Fault injection: :meth:`Emulator.inject` (an HTTP status, optionally with ``Retry-After``, for the
 next N calls of a route), :meth:`Emulator.fail_next_jobs`, :meth:`Emulator.hold_runs` (the job is
 created but the reply waits), and :meth:`Emulator.stop_listening` / :meth:`Emulator.listen`
@@ -43,6 +48,7 @@ UPLOAD_PARAMETERS = {
     "maximumFileSize": 5 * 1024**4,
 }
 Json = dict[str, Any]
+_CHUNK = 16384  # bytes per write of a download's body
 
 
 class ApiError(Exception):
@@ -202,6 +208,15 @@ class Emulator:
         self.faults: list[Fault] = []
         self.calls: list[str] = []
         self.find_requests: list[Json] = []
+        #: Bytes of each file's data sent by downloads (any route, any range), by file ID.
+        self.served: dict[str, int] = {}
+        #: What each download request asked for: (file ID, its Range header or "").
+        self.downloads: list[tuple[str, str]] = []
+        self.preauthenticated: dict[str, tuple[str, float]] = {}  # token -> (file ID, expiry)
+        #: Preauthenticated URLs last at most this long (seconds): a test's way to let them expire.
+        self.url_lifetime: float | None = None
+        #: False: preauthenticated URLs ignore Range (a server samtools cannot read regions from).
+        self.preauthenticated_ranges = True
         self.connections: set[socket.socket] = set()
         self.run_requests = 0
         self.job_env: dict[str, str] = {}
@@ -441,7 +456,45 @@ class Emulator:
             dxfile = self._get_file(dxid)
             if dxfile.state != "closed":
                 raise ApiError(422, "InvalidState", f"{dxid} is not in the closed state")
-        return {"url": f"{self.url}/F/{dxid}/{dxfile.name}", "headers": {}, "expires": _now_ms() + 3_600_000}
+            if not body.get("preauthenticated"):
+                return {"url": f"{self.url}/F/{dxid}/{dxfile.name}", "headers": {}, "expires": _now_ms() + 3_600_000}
+            project = body.get("project")
+            if project is None:
+                raise ApiError(400, "InvalidInput", "project must be given for a preauthenticated download URL")
+            if project != dxfile.project and not (caller is not None and project == caller.workspace):
+                raise ApiError(404, "ResourceNotFound", f'"{dxid}" is not in the project "{project}"')
+            duration = body.get("duration", 86400)
+            if not isinstance(duration, int) or duration <= 0:
+                raise ApiError(400, "InvalidInput", "duration must be a positive integer")
+            lifetime = duration if self.url_lifetime is None else min(duration, self.url_lifetime)
+            token = secrets.token_urlsafe(24)
+            expires = time.time() + lifetime
+            self.preauthenticated[token] = (dxid, expires)
+            name = body.get("filename") or dxfile.name
+        return {"url": f"{self.url}/F/D/{token}/{name}", "headers": {}, "expires": int(expires * 1000)}
+
+    def download_bytes(self, token_or_id: str, preauthenticated: bool) -> tuple[str, bytes] | str:
+        """(file ID, data) of a download, or why it is refused (an expired or unknown URL)."""
+        with self.lock:
+            dxid = token_or_id
+            if preauthenticated:
+                grant = self.preauthenticated.get(token_or_id)
+                if grant is None:
+                    return "the download URL is not valid"
+                dxid, expires = grant
+                if time.time() >= expires:
+                    return "the download URL has expired"
+            dxfile = self.files.get(dxid)
+            if dxfile is None or dxfile.state != "closed":
+                return "the file is not available"
+            return dxid, dxfile.data
+
+    def count_served(self, dxid: str, byte_range: str | None, sent: int) -> None:
+        """Count ``sent`` bytes of a file; a request's first call names the range it asked for."""
+        with self.lock:
+            if byte_range is not None:
+                self.downloads.append((dxid, byte_range))
+            self.served[dxid] = self.served.get(dxid, 0) + sent
 
     def _file_new(self, body: Json, caller: Job | None) -> Json:
         with self.lock:
@@ -820,25 +873,60 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as error:
             self._error(error.status, error.kind, error.message)
 
+    def do_HEAD(self) -> None:
+        self._download(head=True)
+
     def do_GET(self) -> None:
-        match = re.match(r"\A/F/(file-[0-9A-Za-z]{24})(?:/.*)?\Z", self.path)
+        self._download(head=False)
+
+    def _download(self, *, head: bool) -> None:
+        match = re.match(r"\A/F/(?:D/([A-Za-z0-9_-]+)|(file-[0-9A-Za-z]{24}))(?:/[^?]*)?\Z", self.path)
         if match is None:
             self._error(404, "ResourceNotFound", self.path)
             return
-        with self.api.lock:
-            dxfile = self.api.files.get(match.group(1))
-            data = dxfile.data if dxfile is not None else None
-        if data is None:
-            self._error(404, "ResourceNotFound", self.path)
+        found = self.api.download_bytes(match.group(1) or match.group(2), match.group(1) is not None)
+        if isinstance(found, str):
+            # The platform's download servers refuse an expired URL with 403 and a short reason.
+            self._reply(403 if match.group(1) else 404, found.encode(), "text/plain")
             return
-        ranged = re.match(r"\Abytes=(\d+)-(\d*)\Z", self.headers.get("Range", ""))
-        if ranged is None:
-            self._reply(200, data, "application/octet-stream")
-            return
-        start = int(ranged.group(1))
-        end = min(int(ranged.group(2)) if ranged.group(2) else len(data) - 1, len(data) - 1)
-        extra = {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
-        self._reply(206, data[start : end + 1], "application/octet-stream", extra)
+        dxid, data = found
+        extra = {"Accept-Ranges": "bytes", "ETag": f'"{dxid}"'}
+        asked = self.headers.get("Range", "")
+        ranged = re.match(r"\Abytes=(\d*)-(\d*)\Z", asked)
+        ignored = match.group(1) is not None and not self.api.preauthenticated_ranges
+        if ranged is None or ranged.group(1) == ranged.group(2) == "" or ignored:
+            body, status = data, 200
+        else:
+            if ranged.group(1) == "":  # the last N bytes
+                start, end = max(len(data) - int(ranged.group(2)), 0), len(data) - 1
+            else:
+                start = int(ranged.group(1))
+                end = min(int(ranged.group(2)) if ranged.group(2) else len(data) - 1, len(data) - 1)
+            if start >= len(data) or start > end:
+                self._reply(416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"})
+                return
+            body, status = data[start : end + 1], 206
+            extra["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.api.count_served(dxid, asked, 0)
+        if not head:
+            # Small writes into a small send buffer: what counts is what a reader took before
+            # it closed (samtools reads a header from an unbounded request, then hangs up).
+            # Each chunk is counted before it is written, so a reader that has it sees it counted.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHUNK)
+            for start in range(0, len(body), _CHUNK):
+                chunk = body[start : start + _CHUNK]
+                self.api.count_served(dxid, None, len(chunk))
+                try:
+                    self.wfile.write(chunk)
+                except ConnectionError:
+                    self.api.count_served(dxid, None, -len(chunk))
+                    break
 
     def do_PUT(self) -> None:
         data = self._body()

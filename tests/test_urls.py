@@ -275,6 +275,7 @@ def test_a_url_is_never_a_path(capsys: pytest.CaptureFixture[str], workdir: Path
         ("https://user:pw@host/x.bam", f"https://{HIDDEN}@host/x.bam"),
         ("https://h/x.bam?token=t1#frag", f"https://h/x.bam?token={HIDDEN}#frag"),
         ("s3://bucket/x.bam", "s3://bucket/x.bam"),
+        ("https://dl.dnanex.us/F/D/Zq4kXb7_s3cr3t/x.bam", f"https://dl.dnanex.us/F/D/{HIDDEN}/x.bam"),
     ],
 )
 def test_redact(url: str, shown: str) -> None:

@@ -1,7 +1,12 @@
 """The applet's entry points (DNAnexus job mode): ``main``, ``count_shards`` and ``gather``.
 
-``main`` downloads its inputs, counts with the core and uploads the seed's ``count_file``,
-bamcountd's JSON and the total.  For big BAMs (``scatter``) it balances whole references
+``main`` counts with the core and uploads the seed's ``count_file``, bamcountd's JSON and the
+total.  With ``input_mode`` ``stream`` (the default) samtools reads the file's byte ranges
+over a preauthenticated download URL and the index is fetched small; ``download`` downloads
+the inputs first.  A stream that fails for a reason a download fixes (the URL cannot be read as
+samtools needs: :class:`~bamcountd.errors.RemoteUnsupported`, or the download server keeps
+failing: :class:`~bamcountd.errors.RemoteUnavailable`) is counted again from a download, which
+the log and the JSON's notes say.  For big BAMs (``scatter``) it balances whole references
 across ``count_shards`` subjobs by the index's own totals and hands their outputs, as
 job-based object references, to a ``gather`` subjob; the platform runs the subjobs on their
 own workers and resolves the references, so DNAnexus is the distributed engine.
@@ -26,9 +31,18 @@ import structlog
 from bamcountd import logs
 from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
 from bamcountd.dnanexus.applet import options_from_inputs
-from bamcountd.dnanexus.model import Json
+from bamcountd.dnanexus.local import prefix_of
+from bamcountd.dnanexus.model import DxFile, Json
 from bamcountd.dnanexus.platform import AppError, AppInternalError, Platform, dxlink, register_entry_points
-from bamcountd.errors import PERMANENT, BadOption, BamcountdError, InputError, classify
+from bamcountd.errors import (
+    PERMANENT,
+    BadOption,
+    BamcountdError,
+    InputError,
+    RemoteUnavailable,
+    RemoteUnsupported,
+    classify,
+)
 from bamcountd.options import CountOptions, Filters
 from bamcountd.plan import default_region
 from bamcountd.report import render, write_atomic
@@ -39,6 +53,10 @@ log = structlog.get_logger("bamcountd.dnanexus")
 SCATTER_BYTES = 50 * 1024**3
 #: Most ``count_shards`` subjobs per BAM when ``scatter_jobs`` is not given.
 SCATTER_JOBS = 8
+#: How long a stream's download URLs last: longer than a job may run (dxapp.json: 24 hours).
+URL_SECONDS = 48 * 3600
+#: The applet's ``input_mode`` values.
+INPUT_MODES = ("stream", "download")
 
 
 #: Inside a job: dxpy's defaults for retries (the platform's own settings for a job).
@@ -61,10 +79,6 @@ def _setup() -> Path:
     logs.configure(level=os.environ.get("BAMCOUNTD_LOG_LEVEL", "info"), json=True)
     home = Path(os.environ.get("HOME", ".")).resolve()
     return home
-
-
-def _prefix(name: str) -> str:
-    return name[: -len(".bam")] if name.endswith(".bam") else name
 
 
 def _fresh_index(bam: Path, index: Path | None) -> Path | None:
@@ -93,6 +107,8 @@ def main(
     *,
     mappings_bam: Json,
     index_file: Json | None = None,
+    reference_fasta: Json | None = None,
+    input_mode: str = "stream",
     scatter: bool | None = None,
     scatter_jobs: int = SCATTER_JOBS,
     **count_inputs: Any,
@@ -105,20 +121,60 @@ def main(
         raise AppError(str(error)) from None
     if scatter_jobs < 1:
         raise AppError(f"scatter_jobs must be at least 1, not {scatter_jobs}")
-    size = _platform.file_size(mappings_bam)
-    scattered = scatter if scatter is not None else size >= SCATTER_BYTES
-    inputs = _platform.download_inputs()
-    bam = Path(inputs["mappings_bam_path"])
-    index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
-    prefix = inputs.get("mappings_bam_prefix") or _prefix(bam.name)
-    log.info("job_started", bam=bam.name, size=size, scatter=scattered, index=index is not None)
-    request = CountRequest.of(bam, replace(options, index=index))
-    if not scattered:
+    if input_mode not in INPUT_MODES:
+        raise AppError(f"input_mode must be one of {', '.join(INPUT_MODES)}, not {input_mode!r}")
+    with _app_errors():
+        bam_file = _platform.describe_input(mappings_bam)
+    scattered = scatter if scatter is not None else bam_file.size >= SCATTER_BYTES
+    log.info("job_started", bam=bam_file.name, size=bam_file.size, scatter=scattered, mode=input_mode)
+    prefix = prefix_of(bam_file.name)
+    if scattered:  # the subjobs download (scatter by shards over streams is not built yet)
+        request = _downloaded(options)
+        return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
+    notes: tuple[str, ...] = ()
+    if reference_fasta is not None:
+        # A count decodes no bases (the core asks samtools for FLAG, RNAME, POS, MAPQ, CIGAR
+        # only), so a reference is never read: not downloading it saves gigabytes.
+        notes = ("reference_fasta was not read: counting decodes no bases, so it needs no reference",)
+    result: CountResult | None = None
+    if input_mode == "stream" and index_file is None:
+        # Without an index one must be built, which reads the whole file: download it once.
+        notes += ("no index_file was given: the file was downloaded, since building its index reads all of it",)
+        log.info("downloading", reason=notes[-1])
+    elif input_mode == "stream" and index_file is not None:
+        with _app_errors():
+            try:
+                result = _count_streamed(mappings_bam, bam_file, index_file, options)
+            except (RemoteUnavailable, RemoteUnsupported) as error:
+                notes += (f"streaming failed ({error}); the file was downloaded and counted from the download",)
+                log.warning("stream_failed", failure=str(error), fallback="download")
+    if result is None:
+        request = _downloaded(options)
         with _app_errors():
             result = count_bam_sync(request)
-        # The JSON names the BAM as the platform knows it, not the worker's download path.
-        return _upload_results(replace(result, bam=Path(bam.name)), prefix, home / "out")
-    return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
+    # The JSON names the BAM as the platform knows it, not a download path or a URL.
+    index = None if result.index is None else Path(result.index.name)
+    result = replace(result, bam=Path(bam_file.name), index=index, notes=(*result.notes, *notes))
+    return _upload_results(result, prefix, home / "out")
+
+
+def _downloaded(options: CountOptions) -> CountRequest:
+    inputs = _platform.download_inputs(exclude=("reference_fasta",))
+    bam = Path(inputs["mappings_bam_path"])
+    index = _fresh_index(bam, Path(inputs["index_file_path"]) if "index_file_path" in inputs else None)
+    return CountRequest.of(bam, replace(options, index=index))
+
+
+def _count_streamed(mappings_bam: Json, bam_file: DxFile, index_file: Json, options: CountOptions) -> CountResult:
+    """The count over preauthenticated URLs of the file and its index (fetched whole: it is small).
+
+    :raises BamcountdError: as :func:`~bamcountd.count.count_bam`
+    """
+    index = _platform.describe_input(index_file)
+    bam_url = _platform.download_url(mappings_bam, project=bam_file.project, duration=URL_SECONDS)
+    index_url = _platform.download_url(index_file, project=index.project, duration=URL_SECONDS)
+    result = count_bam_sync(CountRequest.of(bam_url, replace(options, index=index_url)))
+    return replace(result, index=Path(index.name), index_url=None)
 
 
 def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, prefix: str, scatter_jobs: int) -> Json:

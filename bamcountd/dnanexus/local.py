@@ -49,12 +49,13 @@ def count_and_upload(
     (with ``properties``) into ``project:folder``; a count that failed uploads nothing."""
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix="bam-") as work:
-        local_bam = Path(work) / "input.bam"
+        local_bam = Path(work) / ("input.cram" if bam.name.endswith(".cram") else "input.bam")
         platform.download(bam.id, local_bam, project=bam.project)
         local_index = None
         if bam.index is not None:
             # htslib tells .bai from .csi by the file name, so keep the source's suffix.
-            local_index = Path(work) / ("input.bam.csi" if bam.index_name.endswith(".csi") else "input.bam.bai")
+            suffix = next((s for s in (".csi", ".crai") if bam.index_name.endswith(s)), ".bai")
+            local_index = Path(work) / f"{local_bam.name}{suffix}"
             platform.download(bam.index, local_index, project=bam.project)
             os.utime(local_index, ns=(time.time_ns(), local_bam.stat().st_mtime_ns + 1))
         try:
@@ -62,7 +63,7 @@ def count_and_upload(
         except BamcountdError as error:
             permanent = classify(error) == PERMANENT  # a fatal error, too, is retried, then fails the BAM
             return CountFailed(f"{type(error).__name__}: {_named(error, local_bam, bam.name)}", permanent)
-        prefix = bam.name[:-4] if bam.name.endswith(".bam") else bam.name
+        prefix = prefix_of(bam.name)
         result = _renamed(result, bam.name)
         count_file = Path(work) / f"{prefix}_count.txt"
         counts_json = Path(work) / f"{prefix}.counts.json"
@@ -73,6 +74,14 @@ def count_and_upload(
             for path in (counts_json, count_file)  # count_file last: its presence means "both there"
         ]
     return Counted(uploaded[-1], result.total)
+
+
+def prefix_of(name: str) -> str:
+    """A BAM's or CRAM's name without its suffix: the result files' prefix."""
+    for suffix in (".bam", ".cram"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _named(error: BaseException, local: Path, name: str) -> str:

@@ -21,6 +21,7 @@ import urllib3
 
 from bamcountd.dnanexus.model import DxFile, Json
 from bamcountd.errors import DxAccessDenied, DxAuthFailed, DxUnavailable, one_line
+from bamcountd.urls import Url
 
 #: A job's failure for bad input (the job fails with reason ``AppError``).
 AppError: type[Exception] = dxpy.AppError
@@ -232,13 +233,32 @@ class Platform:
 
     def file_size(self, file: Json) -> int:
         """The size in bytes of a file input (a link)."""
-        with _translated():
-            return int(dxpy.DXFile(file).describe(fields={"size": True}, **self._api)["size"])
+        return self.describe_input(file).size
 
-    def download_inputs(self) -> dict[str, str]:
-        """Download the job's file inputs; ``NAME_path``, ``NAME_name`` and ``NAME_prefix`` of each."""
+    def describe_input(self, file: Json) -> DxFile:
+        """A file input (a link): its ID, project, name and size."""
         with _translated():
-            inputs = dxpy.download_all_inputs()
+            handle = dxpy.DXFile(file)
+            describe = handle.describe(
+                fields={"name": True, "folder": True, "size": True, "project": True}, **self._api
+            )
+        return _file(handle.get_id(), describe["project"], describe)
+
+    def download_url(self, file: Json, *, project: str, duration: int) -> Url:
+        """A preauthenticated URL of a file input (a link), valid for ``duration`` seconds.
+
+        A fresh handle each time: dxpy keeps a handle's URL and would hand back an old one.
+        """
+        with _translated():
+            url, _ = dxpy.DXFile(file).get_download_url(
+                preauthenticated=True, duration=duration, project=project, **self._api
+            )
+        return Url(url)
+
+    def download_inputs(self, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+        """Download the job's file inputs but ``exclude``; ``NAME_path``, ``NAME_name`` and ``NAME_prefix`` of each."""
+        with _translated():
+            inputs = dxpy.download_all_inputs(exclude=list(exclude))
         # download_all_inputs gives one-element lists for single files in current dxpy.
         return {key: value[0] if isinstance(value, list) else value for key, value in inputs.items()}
 

@@ -1,7 +1,7 @@
 """``bamcountd dx-watch``: count every closed BAM that appears in a DNAnexus project folder, once.
 
-Each poll lists the folder's closed ``*.bam`` files (every result page), pairs each with its
-index, and for a BAM not yet handled either launches the applet (output into the results
+Each poll lists the folder's closed ``*.bam`` and ``*.cram`` files (every result page), pairs
+each with its index (``.bai``/``.csi``; a CRAM's ``.crai``), and for a BAM not yet handled either launches the applet (output into the results
 folder) or, with ``--local``, counts it on this machine (:mod:`.local`) and uploads the result
 files.
 
@@ -147,23 +147,19 @@ class Runner:
         config = self.config
         where = (config.project, config.folder)
         found = self.platform.find_closed_files(
-            *where, pattern="*.bam", recurse=config.recurse, page_size=config.page_size
+            *where, pattern=r"\.(bam|cram)$", regexp=True, recurse=config.recurse, page_size=config.page_size
         )
         indexes = {
             (hit.folder, hit.name): (hit.id, hit.name)
             for hit in self.platform.find_closed_files(
-                *where, pattern=r"\.(bai|csi)$", regexp=True, recurse=config.recurse, page_size=config.page_size
+                *where, pattern=r"\.(bai|csi|crai)$", regexp=True, recurse=config.recurse, page_size=config.page_size
             )
         }
         bams: list[SourceBam] = []
         for hit in found:
             name, folder = hit.name, hit.folder
             index = next(
-                (
-                    indexes[(folder, candidate)]
-                    for candidate in (f"{name}.bai", f"{name}.csi", f"{name[:-4]}.bai")
-                    if (folder, candidate) in indexes
-                ),
+                (indexes[(folder, candidate)] for candidate in index_names(name) if (folder, candidate) in indexes),
                 None,
             )
             index_id, index_name = index if index is not None else (None, "")
@@ -202,7 +198,11 @@ class Runner:
 
     def _launch(self, bam: SourceBam, *, attempt: int, stats: Stats) -> str:
         assert self.config.applet is not None
-        job_input: Json = {"mappings_bam": self.platform.dxlink(bam.id, bam.project), **self.config.applet_input}
+        job_input: Json = {
+            "mappings_bam": self.platform.dxlink(bam.id, bam.project),
+            "input_mode": "stream",
+            **self.config.applet_input,
+        }
         if bam.index is not None:
             job_input["index_file"] = self.platform.dxlink(bam.index, bam.project)
         job_id = self.platform.run_applet(
@@ -380,3 +380,10 @@ def run(config: WatchConfig, *, once: bool = False, metrics_port: int | None = N
                 config, ledger, Platform(api_retries=config.api_retries), metrics=metrics, notifier=notifier
             )
             runner.run(stop, once=once)
+
+
+def index_names(name: str) -> tuple[str, ...]:
+    """The names an index of the BAM or CRAM ``name`` may have next to it, in samtools' order."""
+    if name.endswith(".cram"):
+        return (f"{name}.crai", f"{name[: -len('.cram')]}.crai")
+    return (f"{name}.bai", f"{name}.csi", f"{name[: -len('.bam')]}.bai")

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devtools.dnanexus_emulator import Emulator
+import dxpy  # type: ignore[import-untyped]
+
+from devtools.dnanexus_emulator import Emulator, Job
 from tests.support.bams import header_names, oracle, samtools_count
 
 
@@ -59,3 +61,16 @@ def run_watch(emulator: Emulator, tmp_path: Path, state: Path, *extra: str) -> s
         timeout=100,
         check=False,
     )
+
+
+def run_job(emulator: Emulator, applet: str, job_input: dict[str, object]) -> Job:
+    """Run the applet through dxpy and wait for every job it starts."""
+    job = dxpy.DXApplet(applet).run(job_input, folder="/results", name="bamcount test")
+    emulator.wait_for_jobs()
+    return emulator.jobs[job.get_id()]
+
+
+def output_bytes(emulator: Emulator, job: Job, field: str) -> bytes:
+    """The data of a job's file output."""
+    assert job.output is not None
+    return emulator.files[job.output[field]["$dnanexus_link"]].data

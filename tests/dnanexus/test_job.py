@@ -15,8 +15,9 @@ import dxpy  # type: ignore[import-untyped]
 from bamcountd.dnanexus import job as job_module
 from bamcountd.options import OPTIONS
 from bamcountd.synth import tricky_bam
-from devtools.dnanexus_emulator import Emulator, Job
+from devtools.dnanexus_emulator import Emulator
 from tests.dnanexus.conftest import APPLET_DIR
+from tests.dnanexus.helpers import output_bytes, run_job
 from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
 from tests.support.fake_samtools import Fault, fake_samtools
 
@@ -29,25 +30,14 @@ def _seed_text(bam: Path, filters: tuple[str, ...] = ()) -> str:
     )
 
 
-def _run(emulator: Emulator, applet: str, job_input: dict[str, object]) -> Job:
-    job = dxpy.DXApplet(applet).run(job_input, folder="/results", name="bamcount test")
-    emulator.wait_for_jobs()
-    return emulator.jobs[job.get_id()]
-
-
-def _output_bytes(emulator: Emulator, job: Job, field: str) -> bytes:
-    assert job.output is not None
-    return emulator.files[job.output[field]["$dnanexus_link"]].data
-
-
 def test_main_counts_like_samtools_in_the_seed_format(emulator: Emulator, applet: str, shared_bam: Path) -> None:
     bam_id = emulator.add_file("sample.bam", shared_bam.read_bytes(), folder="/incoming")
-    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    job = run_job(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
     assert job.state == "done", job.failure_message
     assert job.output is not None
-    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(shared_bam)
+    assert output_bytes(emulator, job, "count_file").decode() == _seed_text(shared_bam)
     assert job.output["total_reads"] == samtools_count(shared_bam)
-    counts = json.loads(_output_bytes(emulator, job, "counts_json"))
+    counts = json.loads(output_bytes(emulator, job, "counts_json"))
     assert counts["total"] == samtools_count(shared_bam)
     assert counts["bam"] == "sample.bam"
     assert {r["region"]: r["count"] for r in counts["regions"]} == oracle(shared_bam, [*header_names(shared_bam), "*"])
@@ -70,16 +60,16 @@ def test_main_uses_the_given_index_and_filters(
         "exclude_flags": "SECONDARY 0x800 UNMAP",  # ORed as a repeated -F: 0x904
         "min_mapq": 20,
     }
-    job = _run(emulator, applet, job_input)
+    job = run_job(emulator, applet, job_input)
     assert job.state == "done", job.failure_message
-    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(copy, ("-F", "0x904", "-q", "20"))
+    assert output_bytes(emulator, job, "count_file").decode() == _seed_text(copy, ("-F", "0x904", "-q", "20"))
     log = (emulator.work / "jobs" / job.id / "job.log").read_text()
     assert "building_index" not in log
 
 
 def test_not_a_bam_is_an_app_error(emulator: Emulator, applet: str) -> None:
     bam_id = emulator.add_file("bad.bam", b"this is not a BAM file\n" * 10)
-    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    job = run_job(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
     assert job.state == "failed"
     assert job.failure_reason == "AppError"
     assert job.failure_message is not None and "bad.bam" in job.failure_message
@@ -88,7 +78,7 @@ def test_not_a_bam_is_an_app_error(emulator: Emulator, applet: str) -> None:
 def test_truncated_bam_is_an_app_error_with_samtools_words(emulator: Emulator, applet: str, shared_bam: Path) -> None:
     data = shared_bam.read_bytes()
     bam_id = emulator.add_file("cut.bam", data[: len(data) // 2])
-    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    job = run_job(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
     assert job.state == "failed"
     assert job.failure_reason == "AppError"
     assert job.failure_message is not None and "cut.bam" in job.failure_message
@@ -99,13 +89,13 @@ def test_scatter_counts_through_subjobs(emulator: Emulator, applet: str, tmp_pat
     bam = tricky_bam(tmp_path / "big", reads=4000, seed=7, name="big.bam")
     bam_id = emulator.add_file("big.bam", bam.read_bytes())
     job_input = {"mappings_bam": dxpy.dxlink(bam_id), "scatter": True, "scatter_jobs": 3, "exclude_flags": "0x904"}
-    job = _run(emulator, applet, job_input)
+    job = run_job(emulator, applet, job_input)
     assert job.state == "done", job.failure_message
     functions = sorted(j.function for j in emulator.jobs.values())
     assert functions == ["count_shards", "count_shards", "count_shards", "gather", "main"]
-    assert _output_bytes(emulator, job, "count_file").decode() == _seed_text(bam, ("-F", "0x904"))
+    assert output_bytes(emulator, job, "count_file").decode() == _seed_text(bam, ("-F", "0x904"))
     assert job.output is not None and job.output["total_reads"] == samtools_count(bam, "-F", "0x904")
-    counts = json.loads(_output_bytes(emulator, job, "counts_json"))
+    counts = json.loads(output_bytes(emulator, job, "counts_json"))
     assert (counts["bam"], counts["index"], counts["filters"]["exclude_flags"]) == ("big.bam", "big.bam.bai", 0x904)
     shard_regions = [j.input["regions"] for j in emulator.jobs.values() if j.function == "count_shards"]
     assert sorted(r for regions in shard_regions for r in regions) == sorted(
@@ -125,7 +115,7 @@ def test_samtools_crash_is_an_app_internal_error(
     fake = fake_samtools(tmp_path / "bin", crash, name="samtools")
     emulator.job_env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
     bam_id = emulator.add_file("ok.bam", shared_bam.read_bytes())
-    job = _run(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
+    job = run_job(emulator, applet, {"mappings_bam": dxpy.dxlink(bam_id)})
     assert job.state == "failed"
     assert job.failure_reason == "AppInternalError"
     assert job.failure_message is not None and "injected crash" in job.failure_message

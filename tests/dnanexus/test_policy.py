@@ -217,6 +217,7 @@ def test_each_closed_bam_is_launched_once_with_its_index(tmp_path: Path) -> None
     assert job.input == {
         "mappings_bam": platform.dxlink(bam, PROJECT),
         "index_file": platform.dxlink(bai, PROJECT),
+        "input_mode": "stream",
         "jobs": 2,
     }
     assert "index_file" not in platform.root_job(bare).input

@@ -16,7 +16,7 @@ from bamcountd.synth import tricky_bam
 from devtools.dnanexus_emulator import Emulator
 from devtools.dx_runner import make_runner, settle
 from tests.dnanexus.helpers import seed_text
-from tests.support.bams import SAMTOOLS
+from tests.support.bams import SAMTOOLS, write_cram
 from tests.support.fake_samtools import Fault, fake_samtools
 
 
@@ -187,3 +187,22 @@ def test_local_transient_failure_is_retried_then_marked_failed(
     assert entry.error is not None and entry.error.startswith("SamtoolsFailed: ") and "injected crash" in entry.error
     assert emulator.files[bam_id].properties["bamcountd_failed"] == entry.error
     assert emulator.files_in("/counts") == []
+
+
+def test_a_cram_is_paired_with_its_crai_and_streamed_once(emulator: Emulator, applet: str, tmp_path: Path) -> None:
+    bam = tricky_bam(tmp_path / "bams", reads=600, unplaced=30, seed=5, name="c.bam")
+    cram = write_cram(bam, tmp_path / "bams" / "c.cram", reference=None)
+    cram_id = emulator.add_file("c.cram", cram.read_bytes(), folder="/incoming")
+    crai_id = emulator.add_file("c.cram.crai", Path(f"{cram}.crai").read_bytes(), folder="/incoming")
+    emulator.add_file("c.crai", Path(f"{cram}.crai").read_bytes(), folder="/incoming")  # an index, not a CRAM
+    for _ in range(2):  # a second runner over the same state launches nothing more
+        runner = make_runner(emulator, tmp_path / "state", applet=applet)
+        settle(runner, emulator)
+    (job,) = emulator.root_jobs()
+    assert job.input["mappings_bam"]["$dnanexus_link"]["id"] == cram_id
+    assert job.input["index_file"]["$dnanexus_link"]["id"] == crai_id
+    assert job.input["input_mode"] == "stream"
+    assert job.state == "done", job.failure_message
+    (result,) = (f for f in emulator.files_in("/counts") if f.name.endswith("_count.txt"))
+    assert result.name == "c_count.txt"
+    assert result.data.decode() == seed_text(cram)
