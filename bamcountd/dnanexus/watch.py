@@ -386,4 +386,5 @@ def index_names(name: str) -> tuple[str, ...]:
     """The names an index of the BAM or CRAM ``name`` may have next to it, in samtools' order."""
     if name.endswith(".cram"):
         return (f"{name}.crai", f"{name[: -len('.cram')]}.crai")
-    return (f"{name}.bai", f"{name}.csi", f"{name[: -len('.bam')]}.bai")
+    stem = name[: -len(".bam")]
+    return (f"{name}.bai", f"{name}.csi", f"{stem}.bai", f"{stem}.csi")  # as inputs.find_index looks

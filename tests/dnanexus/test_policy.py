@@ -487,3 +487,10 @@ def test_only_the_platform_module_imports_dxpy() -> None:
         if any(name.split(".")[0] == "dxpy" for name in _imports(path))
     )
     assert importers == ["dnanexus/platform.py"]
+
+
+def test_an_index_is_looked_for_under_every_name_samtools_reads() -> None:
+    from bamcountd.dnanexus.watch import index_names
+
+    assert index_names("a.bam") == ("a.bam.bai", "a.bam.csi", "a.bai", "a.csi")
+    assert index_names("a.cram") == ("a.cram.crai", "a.crai")
