@@ -203,8 +203,7 @@ def cached_index_path(
         assert identity is not None  # an object known by its size alone is indexed in its count's own folder
         identity = f"{bam.without_query}\0{identity}"
     else:
-        stat = bam.stat()
-        identity = f"{bam}\0{stat.st_dev}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        identity = _identity_of(bam)
     digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:32]
     return cache_dir / f"{digest}.{'crai' if cram else 'csi' if csi else 'bai'}"
 
