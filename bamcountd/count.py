@@ -29,7 +29,7 @@ from anyio.abc import ObjectSendStream
 
 from bamcountd import logs, plan
 from bamcountd import samtools as st
-from bamcountd.bamstream import write_intervals
+from bamcountd.bamstream import write_intervals, write_intervals_file
 from bamcountd.cramfile import UNPLACED_ID, CramTotals, read_totals
 from bamcountd.errors import (
     BadOption,
@@ -1072,18 +1072,22 @@ class _Job:
 
     async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
-        (bamstream), which credits each read to every one of the shard's ranges it overlaps.
-        Its files are written here, so that the first sweeps run while the others' are written."""
+        (:mod:`bamcountd.overlaps`), which credits each read to every one of the shard's ranges
+        it overlaps.  Its files are written here, so that the first sweeps run while the
+        others' are written."""
         rows = [self.regions[i] for i in shard.regions]
+        names = list(dict.fromkeys(map(_REFERENCE, rows)))
+        number = {name: k for k, name in enumerate(names)}
         starts = map((-1).__add__, map(_START, rows))  # BED's 0-based starts
-        intervals.write_bytes(write_intervals(zip(map(_REFERENCE, rows), starts, map(_END, rows), strict=True)))
+        numbered = zip(map(number.__getitem__, map(_REFERENCE, rows)), starts, map(_END, rows), strict=True)
+        intervals.write_bytes(write_intervals_file(names, numbered))
         intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
             st.with_index(self.bam, index),
             bed=intervals.with_suffix(".bed"),
             filters=self.request.filters,
-            readers=[sys.executable, "-m", "bamcountd.bamstream", str(intervals)],
+            readers=[sys.executable, "-m", "bamcountd.overlaps", str(intervals)],
             threads=self.threads,
             cwd=intervals.parent,
             timeout=self.request.timeout,

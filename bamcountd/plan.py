@@ -332,7 +332,7 @@ TALLY = "tally"  # records passing the filters and not, per reference (small ref
 SUM = "sum"  # ``view -c`` over several whole references: must equal the index's sum for them,
 #              and each reference then gets the index's own count (small references, unfiltered)
 SWEEP = "sweep"  # many ranges at once: ``view -u [filters] -M`` of the stretches that hold them,
-#                  each read credited to every range it overlaps (bamstream.count_overlaps)
+#                  each read credited to every range it overlaps (bamcountd.overlaps)
 
 
 @dataclass(frozen=True)

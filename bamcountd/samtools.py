@@ -691,7 +691,7 @@ _SWEEP_OUTPUT = re.compile(rb"\A((?:[0-9]+\n)*)records ([0-9]+)\n\Z")
 
 def parse_sweep(tally: Tally, intervals: int, what: str) -> list[int]:
     """Each interval's count from a :func:`run_tally` whose reader was the interval sweep
-    (``python -m bamcountd.bamstream``), after checking both commands: one count per interval,
+    (``python -m bamcountd.overlaps``), after checking both commands: one count per interval,
     then the records it read."""
     reader = tally.selected
     if tally.view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in tally.view.stderr_lines):

@@ -1,0 +1,100 @@
+"""The interval sweep's reader (``python -m bamcountd.overlaps``) run as a real process on the
+uncompressed BAM it is given: counts equal to samtools', and damaged streams refused in words."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bamcountd.bamstream import write_intervals_file
+from bamcountd.synth import Reference, write_bam
+from tests.support.bams import bam_records, samtools_count, write_raw_bam
+
+REFERENCES = (Reference("chrA", 50_000), Reference("chrB", 20_000))
+ROWS = [(0, 0, 1), (0, 999, 2_000), (0, 1_500, 1_501), (0, 40_000, 50_000), (0, 49_990, 50_200), (0, 999, 2_000)]
+
+
+@pytest.fixture(scope="module")
+def bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("overlaps")
+    cigars = ("50M", "10S30M", "20M3000N20M", "15M4D15M", "12S", "5H20M5I5M")
+    lines = []
+    for serial in range(3_000):
+        name = REFERENCES[serial % 2].name
+        position = 1 + (serial * 37) % 49_000 if name == "chrA" else 1 + (serial * 11) % 19_000
+        flag, cigar = (4, "*") if serial % 97 == 0 else (0 if serial % 3 else 16, cigars[serial % len(cigars)])
+        query = sum(int(n) for n, op in _ops(cigar) if op in "MIS=X") or 10
+        lines.append(f"r{serial}\t{flag}\t{name}\t{position}\t30\t{cigar}\t*\t0\t0\t{'A' * query}\t*")
+    return write_bam(folder / "reads.bam", REFERENCES, lines)
+
+
+def _ops(cigar: str) -> list[tuple[str, str]]:
+    import re
+
+    return re.findall(r"([0-9]+)([MIDNSHP=X])", cigar)
+
+
+def _sweep(
+    stream: bytes, folder: Path, names: list[str], rows: list[tuple[int, int, int]]
+) -> subprocess.CompletedProcess[bytes]:
+    intervals = folder / "sweep.intervals"
+    intervals.write_bytes(write_intervals_file(names, rows))
+    return subprocess.run(
+        [sys.executable, "-m", "bamcountd.overlaps", str(intervals)], input=stream, capture_output=True, check=False
+    )
+
+
+def _chr_a(bam: Path) -> tuple[bytes, list[bytes]]:
+    """The BAM's header and its records on chrA (as ``view -u`` of chrA would give them)."""
+    header, records = bam_records(bam)
+    return header, [record for record in records if struct.unpack_from("<i", record, 4)[0] == 0]
+
+
+def test_counts_equal_samtools(bam: Path, tmp_path: Path) -> None:
+    header, records = _chr_a(bam)
+    stream = write_raw_bam(tmp_path / "a.bam", header, records).read_bytes()
+    done = _sweep(stream, tmp_path, ["chrA"], ROWS)
+    assert done.returncode == 0, done.stderr
+    *counts, last = done.stdout.decode().splitlines()
+    assert [int(n) for n in counts] == [samtools_count(bam, f"chrA:{s + 1}-{e}") for _, s, e in ROWS]
+    assert last == f"records {len(records)}"
+
+
+def _damaged(records: list[bytes], number: int, offset: int, value: bytes) -> list[bytes]:
+    record = bytearray(records[number])
+    record[offset : offset + len(value)] = value
+    return [*records[:number], bytes(record), *records[number + 1 :]]
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("cut", "ends inside a record"),
+        ("size", "a record of 12 bytes"),
+        ("cigar", "ends early"),
+        ("order", "out of position order"),
+        ("unasked", "samtools returned a record on b'chrB' at"),
+    ],
+)
+def test_a_damaged_stream_is_refused(bam: Path, tmp_path: Path, damage: str, words: str) -> None:
+    header, records = _chr_a(bam)
+    if damage == "size":
+        records = _damaged(records, 40, 0, struct.pack("<i", 12))
+    elif damage == "cigar":
+        records = _damaged(records, 40, 16, struct.pack("<H", 60_000))
+    elif damage == "order":
+        records = [*records[:40], records[41], records[40], *records[42:]]
+    elif damage == "unasked":
+        records = _damaged(records, len(records) - 1, 4, struct.pack("<i", 1))
+    data = header + b"".join(records)
+    if damage == "cut":
+        data = data[:-7]
+    stream = write_raw_bam(tmp_path / "damaged.bam", data, []).read_bytes()
+    done = _sweep(stream, tmp_path, ["chrA"], ROWS)
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert words in done.stderr.decode()
