@@ -14,7 +14,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import starmap
+from itertools import accumulate, chain, starmap
 from typing import BinaryIO
 
 from bamcountd.errors import SamtoolsBadOutput
@@ -100,30 +100,41 @@ def _walk(buffer: bytes, position: int, end: int, tally: list[int], positionless
 class Inflated:
     """The uncompressed bytes of a BGZF stream, as many blocks at a time as one read brings."""
 
-    def __init__(self, stream: BinaryIO, what: str) -> None:
+    def __init__(self, stream: BinaryIO, what: str, *, read_size: int = READ_BUFFER) -> None:
         self._stream = stream
         self._what = what
+        self._read_size = read_size
         self._blocks = self._inflate()
+        self._unread: list[bytes | memoryview] = []  # blocks of the last read that take() left whole
         self.pending = b""
 
     def take(self, size: int) -> bytes:
         while len(self.pending) < size:
-            pieces = next(self._blocks, None)
-            if pieces is None:
-                raise SamtoolsBadOutput(f"{self._what}: samtools' output ends inside the BAM header")
-            self.pending = b"".join([self.pending, *pieces])
+            if not self._unread:
+                pieces = next(self._blocks, None)
+                if pieces is None:
+                    raise SamtoolsBadOutput(f"{self._what}: samtools' output ends inside the BAM header")
+                self._unread = pieces[::-1]
+            self.pending = b"".join([self.pending, self._unread.pop()])
         taken, self.pending = self.pending[:size], self.pending[size:]
         return taken
 
     def chunks(self) -> Iterator[tuple[bytes, int, int]]:
         """What is left, a read's blocks at a time, joined to the unfinished record before them."""
-        for pieces in self._blocks:
+        for buffer, _ in self.blocks():
+            yield buffer, 0, len(buffer)
+
+    def blocks(self) -> Iterator[tuple[bytes, list[int]]]:
+        """As :meth:`chunks`, with where each block starts in the buffer, and its end last."""
+        unread, self._unread = self._unread[::-1], []
+        for pieces in chain([unread] if unread else [], self._blocks):
+            starts = list(accumulate(map(len, pieces), initial=len(self.pending)))
             buffer = b"".join([self.pending, *pieces])
             self.pending = b""
-            yield buffer, 0, len(buffer)
+            yield buffer, starts
         if self.pending:  # the header's last block may hold records too
             buffer, self.pending = self.pending, b""
-            yield buffer, 0, len(buffer)
+            yield buffer, [len(buffer)]
 
     def keep(self, buffer: bytes, start: int, end: int) -> None:
         self.pending = buffer[start:end]
@@ -134,7 +145,7 @@ class Inflated:
         what, header, unpack = self._what, _BLOCK_HEADER.size, _BLOCK_HEADER.unpack_from
         data = b""
         while True:
-            more = self._stream.read(READ_BUFFER)
+            more = self._stream.read(self._read_size)
             if not more:
                 if data:
                     raise SamtoolsBadOutput(f"{what}: samtools' output ends inside a block")
@@ -171,30 +182,60 @@ class Inflated:
 
 # --- a sweep's intervals ----------------------------------------------------------------------
 
-_INTERVALS_MAGIC = b"bamcountd-intervals 1\n"
+_INTERVALS_MAGIC = b"bamcountd-intervals 2\n"
+_COUNTS_MAGIC = b"bamcountd-counts 1\n"
+_HEAD = struct.Struct("<qq")
 
 
-def write_intervals_file(names: Sequence[str], rows: Iterable[tuple[int, int, int]]) -> bytes:
+def write_intervals_file(names: Sequence[str], references: list[int], starts: list[int], ends: list[int]) -> bytes:
     """A sweep's intervals for :mod:`bamcountd.overlaps`: the references' names (BED-safe, so
-    with no tab or newline) on one line, then ``(reference number, start, end)`` per interval
-    (0-based, half-open) as little-endian 64-bit integers, in the order the counts come back."""
-    numbers = array("q", [value for row in rows for value in row])
-    if sys.byteorder != "little":
-        numbers.byteswap()
-    return b"".join([_INTERVALS_MAGIC, os.fsencode("\t".join(names)), b"\n", numbers.tobytes()])
+    with no tab or newline) on one line, how many intervals, then the columns of their
+    reference numbers (into the names), starts and ends (0-based, half-open) as little-endian
+    64-bit integers, in the order the counts come back."""
+    columns = [_little(array("q", column)) for column in (references, starts, ends)]
+    return b"".join([_INTERVALS_MAGIC, os.fsencode("\t".join(names)), b"\n", _HEAD.pack(len(starts), 0), *columns])
 
 
-def read_intervals_file(data: bytes) -> tuple[list[bytes], array[int]]:
-    """The names and the flat ``(reference, start, end)`` numbers of :func:`write_intervals_file`."""
+def read_intervals_file(data: bytes) -> tuple[list[bytes], list[array[int]]]:
+    """The names and the three columns of :func:`write_intervals_file`.
+
+    :raises SamtoolsBadOutput: the data is not such a file
+    """
     if not data.startswith(_INTERVALS_MAGIC):
         raise SamtoolsBadOutput("the intervals file is not bamcountd's")
     line_end = data.index(b"\n", len(_INTERVALS_MAGIC))
     names = data[len(_INTERVALS_MAGIC) : line_end].split(b"\t")
+    count, _ = _HEAD.unpack_from(data, line_end + 1)
     numbers = array("q")
-    numbers.frombytes(data[line_end + 1 :])
+    numbers.frombytes(data[line_end + 1 + _HEAD.size :])
+    if len(numbers) != 3 * count:
+        raise SamtoolsBadOutput("the intervals file is cut short")
+    _little(numbers)
+    return names, [numbers[k * count : (k + 1) * count] for k in range(3)]
+
+
+def write_counts(counts: bytes, records: int) -> bytes:
+    """A sweep's answer: how many intervals and records, then each interval's count
+    (``counts``: little-endian 64-bit integers)."""
+    return b"".join([_COUNTS_MAGIC, _HEAD.pack(len(counts) // 8, records), counts])
+
+
+def read_counts(data: bytes, intervals: int) -> tuple[list[int], int] | None:
+    """The counts and records of :func:`write_counts`; None unless it holds ``intervals`` counts."""
+    if not data.startswith(_COUNTS_MAGIC) or len(data) != len(_COUNTS_MAGIC) + _HEAD.size + 8 * intervals:
+        return None
+    count, records = _HEAD.unpack_from(data, len(_COUNTS_MAGIC))
+    if count != intervals:
+        return None
+    numbers = array("q")
+    numbers.frombytes(data[len(_COUNTS_MAGIC) + _HEAD.size :])
+    return _little(numbers).tolist(), records
+
+
+def _little(numbers: array[int]) -> array[int]:
     if sys.byteorder != "little":
         numbers.byteswap()
-    return names, numbers
+    return numbers
 
 
 def write_intervals(rows: Iterable[tuple[str, int, int]]) -> bytes:

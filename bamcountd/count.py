@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -569,6 +569,9 @@ class _Job:
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
         self.ref_ids = {ref.name: i for i, ref in enumerate(self.header.references)}
+        # The whole references (and *) among the regions: the only ones an index has totals
+        # for, found without a Python step per region (a BED's 200,000 ranges have none).
+        self.whole = plan.whole_regions(self.regions)
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
@@ -617,11 +620,14 @@ class _Job:
     def _totals(self, by_name: dict[str, st.IndexStat]) -> list[int | None]:
         """Each region's records by the index (or a CRAM's container headers); None where they
         are known only with other references' (a multi-reference container's)."""
-        totals: list[int | None] = [_index_total(region, by_name) for region in self.regions]
+        totals: list[int | None] = [None] * len(self.regions)
+        for i in self.whole:
+            totals[i] = _index_total(self.regions[i], by_name)
         if self.containers is None:
             return totals
         unknown = self._shared_references()
-        for i, region in enumerate(self.regions):
+        for i in self.whole:
+            region = self.regions[i]
             if (region.everything and unknown) or (self._ref_id(region) in unknown):
                 totals[i] = None
         return totals
@@ -743,7 +749,7 @@ class _Job:
         verdict = self._verdict(index) if trust else None
         earlier = verdict is not None and verdict.holds()
         first = await self._pass(index, by_name, totals, account=filtered and not earlier)
-        missed = _mismatches(self.regions, first, totals)
+        missed = _mismatches(self.regions, self.whole, first, totals)
         # An earlier count proved the pair record by record (components included): a filtered
         # count that did not account for what it left out has nothing to set against them.
         checked = earlier or self._components_hold(first, totals) if self.containers is not None else True
@@ -758,11 +764,11 @@ class _Job:
             # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
             self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
             totals = [None if i in unplaced else total for i, total in enumerate(totals)]
-            missed = _mismatches(self.regions, first, totals)
+            missed = _mismatches(self.regions, self.whole, first, totals)
         if not missed:
             self._remember(index, first, totals)
             verification = "earlier" if earlier else "containers" if self.containers is not None else "index"
-            if not any(region.whole for region in self.regions):
+            if not self.whole:
                 verification = "none"
             return first.counts, verification, first.shards
         return await self._recover(index, by_name, totals, first, missed)
@@ -779,7 +785,7 @@ class _Job:
             account=account,
             min_reads=self.request.min_shard_reads,
             small_reads=small_reads,
-            tally=frozenset(i for i, total in enumerate(totals) if total is None and self.regions[i].whole),
+            tally=frozenset(i for i in self.whole if totals[i] is None),
             sweep_from=plan.SWEEP_FROM,
         )
         with _collector_paused():
@@ -808,8 +814,8 @@ class _Job:
         filtered counts of this pair (see inputs.Verdict)."""
         proven = {
             plan.UNPLACED if region.reference is None else region.reference
-            for region, reached, total in zip(self.regions, done.reached, totals, strict=True)
-            if total is not None and region.whole and not region.everything and reached is not None
+            for region, reached, total in ((self.regions[i], done.reached[i], totals[i]) for i in self.whole)
+            if total is not None and not region.everything and reached is not None
         }
         verdict = self._verdict(index) if {*self.lengths, plan.UNPLACED} <= proven else None
         if verdict is not None and not verdict.holds() and not verdict.record():
@@ -843,7 +849,7 @@ class _Job:
         bam, shards = self.bam, first.shards + 1
         if any(first.reached[i] is None for i in missed):  # an earlier proof, and yet: set it aside
             first = await self._pass(index, stats, totals, account=True)
-            missed = _mismatches(self.regions, first, totals)
+            missed = _mismatches(self.regions, self.whole, first, totals)
             shards += first.shards
             if not missed:
                 return first.counts, "index", shards
@@ -892,7 +898,7 @@ class _Job:
             self.index = fresh
             again = await self._pass(fresh, fresh_stats, totals, account=self.request.filters.active)
             shards += again.shards
-            missed = _mismatches(self.regions, again, totals)
+            missed = _mismatches(self.regions, self.whole, again, totals)
             unexplained = self._shortfalls(again, totals, missed, positionless)
             if unexplained:
                 raise IndexMismatch(
@@ -1075,12 +1081,11 @@ class _Job:
         (:mod:`bamcountd.overlaps`), which credits each read to every one of the shard's ranges
         it overlaps.  Its files are written here, so that the first sweeps run while the
         others' are written."""
-        rows = [self.regions[i] for i in shard.regions]
+        rows = list(map(self.regions.__getitem__, shard.regions))
         names = list(dict.fromkeys(map(_REFERENCE, rows)))
-        number = {name: k for k, name in enumerate(names)}
-        starts = map((-1).__add__, map(_START, rows))  # BED's 0-based starts
-        numbered = zip(map(number.__getitem__, map(_REFERENCE, rows)), starts, map(_END, rows), strict=True)
-        intervals.write_bytes(write_intervals_file(names, numbered))
+        numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, map(_REFERENCE, rows)))
+        starts = list(map((-1).__add__, map(_START, rows)))  # BED's 0-based starts
+        intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(_END, rows))))
         intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
@@ -1164,14 +1169,15 @@ def _named_failures(what: str, timeout: float | None) -> Iterator[None]:
         raise SamtoolsFailed(f"{what}: cannot start samtools: {error}") from None
 
 
-def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[int | None]) -> list[int]:
-    """Whole regions whose records reached differ from the index's (or, where filters left
-    records uncounted, whose count exceeds it)."""
+def _mismatches(
+    regions: Sequence[plan.Region], whole: Sequence[int], done: _Pass, totals: Sequence[int | None]
+) -> list[int]:
+    """Whole regions (``whole``, by number) whose records reached differ from the index's (or,
+    where filters left records uncounted, whose count exceeds it)."""
     missed: list[int] = []
-    for i, total in enumerate(totals):
-        if total is None:  # a range, or unknown to the index
-            continue
-        if not regions[i].whole:
+    for i in whole:
+        total = totals[i]
+        if total is None:  # unknown to the index
             continue
         reached = done.reached[i]
         if (reached is not None and reached != total) or (reached is None and done.counts[i] > total):
@@ -1218,8 +1224,11 @@ class _Pending:
     one by one."""
 
     def __init__(self, shards: Sequence[plan.Shard], regions: int) -> None:
-        uses = Counter(chain.from_iterable(shard.regions for shard in shards))
-        self.finished = regions - len(uses)  # regions in no shard at all
+        # A swept range is in one sweep and in no other shard (plan._sweeps): only the others
+        # are counted one by one.
+        swept = sum(len(shard.regions) for shard in shards if shard.kind == plan.SWEEP)
+        uses = Counter(chain.from_iterable(shard.regions for shard in shards if shard.kind != plan.SWEEP))
+        self.finished = regions - len(uses) - swept  # regions in no shard at all
         self._shared = {i: n for i, n in uses.items() if n > 1}
 
     def add(self, extras: Sequence[plan.Shard]) -> None:
@@ -1287,9 +1296,8 @@ class _Reducer:
             self._reached[shard.regions[0]] += shard.sign * reached
         elif shard.kind == plan.SWEEP:
             assert outcome.counts is not None
-            counts = self.counts
-            for i, found in zip(shard.regions, outcome.counts, strict=True):
-                counts[i] += found
+            # A swept range is in this sweep alone (plan._sweeps): its count is the sweep's.
+            deque(map(self.counts.__setitem__, shard.regions, outcome.counts), maxlen=0)
             self._unknown.update(shard.regions)  # ranges: nothing to set them against
             count = sum(outcome.counts)
         elif shard.kind == plan.SUM:

@@ -2,7 +2,7 @@
 
 ``python -m bamcountd.overlaps INTERVALS`` reads the uncompressed BAM that samtools writes for
 the stretches holding a shard's intervals, and prints each interval's count, a line each in the
-file's order, then ``records N``.  It runs in its own process, so a count's readers use every
+file's order, and the records it read (bamstream.write_counts).  It runs in its own process, so a count's readers use every
 core.  Only the walk along the records' ``block_size`` chain is a Python step per record; the
 fields, read ends and counts are taken a buffer at a time with numpy.
 
@@ -32,7 +32,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 import numpy.typing as npt
 
-from bamcountd.bamstream import Inflated, read_intervals_file, take_header
+from bamcountd.bamstream import Inflated, read_intervals_file, take_header, write_counts
 from bamcountd.errors import SamtoolsBadOutput
 
 _Ints = npt.NDArray[np.int64]
@@ -41,6 +41,9 @@ _SIZE = struct.Struct("<I")
 _REFERENCE_OPS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
 _UNMAPPED = 0x4
 _CORE = 32  # a record's fixed fields after block_size
+#: Pipe reads this big (a few MB) give a hundred or so blocks to walk at once (see _offsets).
+_READ_SIZE = 8 << 20
+_CHECK_EVERY = 32  # steps of _walk_blocks between looks at whether every chain is done
 
 
 class _Reference:
@@ -103,7 +106,7 @@ def count_overlaps(stream: BinaryIO, names: Sequence[bytes], rows: npt.NDArray[n
 
     :raises SamtoolsBadOutput: the stream is not a whole BAM, or holds a record it should not
     """
-    data = Inflated(stream, what)
+    data = Inflated(stream, what, read_size=_READ_SIZE)
     header_names = take_header(data, what)
     tids = {name: tid for tid, name in enumerate(header_names)}
     walker = _Walker(header_names, what)
@@ -114,8 +117,8 @@ def count_overlaps(stream: BinaryIO, names: Sequence[bytes], rows: npt.NDArray[n
         chosen = np.flatnonzero(rows[:, 0] == number)
         members[tids[name]] = chosen
         walker.references[tids[name]] = _Reference(rows[chosen, 1], rows[chosen, 2])
-    for buffer, start, end in data.chunks():
-        data.keep(buffer, walker.walk(buffer, start, end), end)
+    for buffer, starts in data.blocks():
+        data.keep(buffer, walker.walk(buffer, starts), len(buffer))
     if data.pending:
         raise SamtoolsBadOutput(f"{what}: samtools' output ends inside a record")
     counts = np.zeros(len(rows), np.int64)
@@ -136,19 +139,13 @@ class _Walker:
         self.done: set[int] = set()
         self.records = 0
 
-    def walk(self, buffer: bytes, offset: int, end: int) -> int:
-        """Sweep the whole records in ``buffer[offset:end]``; return where the first partial one starts."""
-        unpack, offsets = _SIZE.unpack_from, list[int]()
-        add = offsets.append
-        while offset + 4 <= end:
-            following = offset + 4 + unpack(buffer, offset)[0]
-            if following > end:
-                break
-            add(offset)
-            offset = following
-        if offsets:
-            self._records(buffer, np.array(offsets, np.int64))
-        return offset
+    def walk(self, buffer: bytes, starts: Sequence[int]) -> int:
+        """Sweep the whole records in ``buffer``, whose BGZF blocks start at ``starts`` (its end
+        last); return where the first partial record starts."""
+        offsets, end = _offsets(buffer, starts)
+        if len(offsets):
+            self._records(buffer, offsets)
+        return end
 
     def _records(self, buffer: bytes, offsets: _Ints) -> None:
         what, size = self.what, len(buffer)
@@ -197,6 +194,67 @@ class _Walker:
         reference.add(positions, stops)
 
 
+def _offsets(buffer: bytes, starts: Sequence[int]) -> tuple[_Ints, int]:
+    """Where the whole records of ``buffer`` start, and where the first partial one does.
+
+    htslib starts a new BGZF block rather than let a record cross one (bgzf_flush_try, for any
+    record that fits in a block), so samtools' blocks usually start at a record: then the chains
+    of all blocks are walked at once, a record of every block a step, and each must end exactly
+    where its block does.  Where one does not (a record longer than a block, or a stream written
+    otherwise), the buffer is walked one record after another from where the blocks were
+    entered, which is always right.
+    """
+    end = len(buffer)
+    head, at = _walk(buffer, 0, starts[0], end)  # the unfinished record before the first block
+    if at == starts[0] and len(starts) > 1:
+        found = _walk_blocks(buffer, np.array(starts, np.int64))
+        if found is not None:
+            return np.concatenate((np.array(head, np.int64), found)), end
+    tail, at = _walk(buffer, at, end, end)
+    return np.array(head + tail, np.int64), at
+
+
+def _walk(buffer: bytes, at: int, stop: int, end: int) -> tuple[list[int], int]:
+    """The records from ``at`` on, one after another, while they start before ``stop`` and end
+    by ``end``; and where the walk stopped."""
+    unpack, offsets = _SIZE.unpack_from, list[int]()
+    add = offsets.append
+    while at < stop and at + 4 <= end:
+        following = at + 4 + unpack(buffer, at)[0]
+        if following > end:
+            break
+        add(at)
+        at = following
+    return offsets, at
+
+
+def _walk_blocks(buffer: bytes, bounds: _Ints) -> _Ints | None:
+    """The records of every block (``bounds``: the blocks' starts, then the end), walked in
+    step; None if some block's chain does not end where the block does.
+
+    Every chain takes the same steps, checked only now and then: one that has reached its
+    block's end walks on into the next block (the next chain's records again) or is held at the
+    buffer's end, and what it finds there is dropped.
+    """
+    sizes = np.ndarray((len(buffer) - 3,), "<u4", buffer, 0, (1,))
+    current, ends = bounds[:-1].copy(), bounds[1:]
+    last, at = len(buffer) - 4, np.empty_like(current)
+    columns = [current.copy()]
+    while True:
+        for _ in range(_CHECK_EVERY):
+            np.minimum(current, last, out=at)  # (take's clip mode would copy the strided view)
+            current += sizes[at]
+            current += 4
+            columns.append(current.copy())
+        if bool((current >= ends).all()):
+            break
+    table = np.stack(columns, axis=1)  # a block's records in a row: the stream's order
+    if not bool((table == ends[:, None]).any(axis=1).all()):
+        return None
+    found: _Ints = table[table < ends[:, None]]
+    return found
+
+
 def _spans(i32: npt.NDArray[np.int32], cigars: _Ints, operations: _Ints) -> _Ints:
     """Each record's reference span: the lengths of its reference-consuming CIGAR operations."""
     total = int(operations.sum())
@@ -215,15 +273,15 @@ def main(argv: Sequence[str]) -> int:
     """``python -m bamcountd.overlaps INTERVALS``: see the module's docstring."""
     (path,) = argv
     gc.disable()  # a short-lived process whose arrays hold no cycles
-    with open(path, "rb") as handle:
-        names, rows = read_intervals_file(handle.read())
     try:
-        found = count_overlaps(sys.stdin.buffer, names, np.asarray(rows, np.int64).reshape(-1, 3), "the stream")
+        with open(path, "rb") as handle:
+            names, columns = read_intervals_file(handle.read())
+        rows = np.stack([np.frombuffer(column, np.int64) for column in columns], axis=1)
+        found = count_overlaps(sys.stdin.buffer, names, rows, "the stream")
     except SamtoolsBadOutput as error:
         print(error, file=sys.stderr)
         return 1
-    lines = "".join(map("{}\n".format, found.counts.tolist()))
-    sys.stdout.buffer.write(f"{lines}records {found.records}\n".encode())
+    sys.stdout.buffer.write(write_counts(found.counts.astype("<i8").tobytes(), found.records))
     return 0
 
 

@@ -20,10 +20,11 @@ import math
 import operator
 import os
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, compress, filterfalse, repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -370,6 +371,9 @@ class ShardPolicy:
 
     slots: int  # samtools processes that run at once
     pieces_per_slot: int = 3
+    # Each sweep's reader pays numpy's import (about what samtools takes for a few hundred
+    # thousand records): sweeps are cut more coarsely.
+    sweep_pieces_per_slot: int = 2
     min_reads: int = DEFAULT_MIN_SHARD_READS  # below this a split costs more in start-up than it saves
     split: bool = True  # cut large references into start-position shards (needs ``view -e``)
     group: bool = True  # count small references together instead of one process each
@@ -548,12 +552,21 @@ def swept_regions(regions: Sequence[Region], policy: ShardPolicy) -> list[int]:
     return ranges if len(ranges) >= policy.sweep_from else []
 
 
+def whole_regions(regions: Sequence[Region]) -> list[int]:
+    """The numbers of the regions that are whole references (or ``*``, or the whole file)."""
+    nones = repeat(None)
+    unbounded = map(
+        operator.and_, map(operator.is_, map(_START, regions), nones), map(operator.is_, map(_END, regions), nones)
+    )
+    return list(compress(range(len(regions)), unbounded))
+
+
 def _others(count: int, taken: Collection[int]) -> Iterable[int]:
     """The indices below ``count`` that are not in ``taken``, in order."""
     if not taken:
         return range(count)
     members = taken if isinstance(taken, set | frozenset) else set(taken)
-    return [i for i in range(count) if i not in members]
+    return list(filterfalse(members.__contains__, range(count)))
 
 
 _REFERENCE, _START, _END = operator.itemgetter(1), operator.itemgetter(2), operator.itemgetter(3)
@@ -584,16 +597,15 @@ def _stretches(
     ranks = list(map(header.get, map(_REFERENCE, regions), repeat(len(header))))
     order = sorted(swept, key=list(map(_START, regions)).__getitem__)
     order.sort(key=ranks.__getitem__)  # stable: by reference, then start
-    rows = [regions[i] for i in order]
+    rows = list(map(regions.__getitem__, order))
     starts = list(map((-1).__add__, map(_START, rows)))
     ends: list[int] = list(map(_END, rows))
+    in_order = list(map(ranks.__getitem__, order))
     stretches: list[_Stretch] = []
     first = 0
     while first < len(order):
         name = rows[first][1] or ""
-        last = first + 1
-        while last < len(order) and rows[last][1] == name:
-            last += 1
+        last = bisect_right(in_order, in_order[first], first)  # this reference's ranges end
         density = densities.get(name, 0.0)
         gap = SWEEP_GAP_READS / density if density > 0 else float("inf")
         # The highest end so far at each range (it holds across stretches: a stretch starts
@@ -620,9 +632,9 @@ def _sweeps(
     counted once for each range it overlaps, whichever shard holds the range."""
     order, starts, ends, stretches = _stretches(regions, swept, lengths, densities)
     weight = [densities.get(stretch.name, 0.0) * (stretch.high - stretch.low) for stretch in stretches]
-    target = max(sum(weight) / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
+    target = max(sum(weight) / max(policy.slots * policy.sweep_pieces_per_slot, 1), float(policy.min_reads))
     shards: list[Shard] = []
-    members: list[int] = []  # positions in ``order``, in runs
+    members: list[int] = []  # positions in ``order``: always one run, from the last shard's end on
     args: list[tuple[str, int, int]] = []
     load = 0.0
 
@@ -630,7 +642,7 @@ def _sweeps(
         nonlocal members, args, load
         if members:
             shown = tuple(_stretch(*stretch) for stretch in args)
-            chosen = tuple(order[k] for k in members) if len(members) < len(order) else tuple(order)
+            chosen = tuple(order[members[0] : members[-1] + 1])
             shards.append(Shard(chosen, shown, kind=SWEEP, weight=load, stretches=tuple(args)))
         members, args, load = [], [], 0.0
 

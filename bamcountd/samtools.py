@@ -686,25 +686,21 @@ def parse_tally(tally: Tally, what: str) -> dict[bytes, tuple[int, int]]:
     return {name: (passed + failed, passed) for name, (passed, failed) in found.items()}
 
 
-_SWEEP_OUTPUT = re.compile(rb"\A((?:[0-9]+\n)*)records ([0-9]+)\n\Z")
-
-
 def parse_sweep(tally: Tally, intervals: int, what: str) -> list[int]:
     """Each interval's count from a :func:`run_tally` whose reader was the interval sweep
-    (``python -m bamcountd.overlaps``), after checking both commands: one count per interval,
-    then the records it read."""
+    (``python -m bamcountd.overlaps``), after checking both commands: one count per interval
+    (bamstream.write_counts)."""
     reader = tally.selected
     if tally.view.returncode == -signal.SIGPIPE or any("Broken pipe" in line for line in tally.view.stderr_lines):
         _checked_reader(reader, what)  # the reader gave up first: its words say why
     _checked(tally.view, what)
     _checked_reader(reader, what)
-    match = _SWEEP_OUTPUT.match(reader.stdout)
-    counts = list(map(int, match.group(1).split())) if match is not None else []
-    if match is None or len(counts) != intervals:
-        raise SamtoolsBadOutput(
-            f"{what}: the interval sweep printed {reader.stdout[-200:]!r} for {intervals} intervals"
-        )
-    return counts
+    from bamcountd.bamstream import read_counts  # (imported only by counts that need it)
+
+    found = read_counts(reader.stdout, intervals)
+    if found is None:
+        raise SamtoolsBadOutput(f"{what}: the interval sweep printed {reader.stdout[-200:]!r}, not {intervals} counts")
+    return found[0]
 
 
 def _checked_reader(completed: Completed, what: str) -> None:

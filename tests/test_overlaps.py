@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bamcountd.bamstream import write_intervals_file
+from bamcountd.bamstream import read_counts, write_intervals_file
 from bamcountd.synth import Reference, write_bam
 from tests.support.bams import bam_records, samtools_count, write_raw_bam
 
@@ -42,7 +42,8 @@ def _sweep(
     stream: bytes, folder: Path, names: list[str], rows: list[tuple[int, int, int]]
 ) -> subprocess.CompletedProcess[bytes]:
     intervals = folder / "sweep.intervals"
-    intervals.write_bytes(write_intervals_file(names, rows))
+    numbers, starts, ends = (list(column) for column in zip(*rows, strict=True))
+    intervals.write_bytes(write_intervals_file(names, numbers, starts, ends))
     return subprocess.run(
         [sys.executable, "-m", "bamcountd.overlaps", str(intervals)], input=stream, capture_output=True, check=False
     )
@@ -59,9 +60,10 @@ def test_counts_equal_samtools(bam: Path, tmp_path: Path) -> None:
     stream = write_raw_bam(tmp_path / "a.bam", header, records).read_bytes()
     done = _sweep(stream, tmp_path, ["chrA"], ROWS)
     assert done.returncode == 0, done.stderr
-    *counts, last = done.stdout.decode().splitlines()
-    assert [int(n) for n in counts] == [samtools_count(bam, f"chrA:{s + 1}-{e}") for _, s, e in ROWS]
-    assert last == f"records {len(records)}"
+    assert read_counts(done.stdout, len(ROWS)) == (
+        [samtools_count(bam, f"chrA:{s + 1}-{e}") for _, s, e in ROWS],
+        len(records),
+    )
 
 
 def _damaged(records: list[bytes], number: int, offset: int, value: bytes) -> list[bytes]:
