@@ -100,3 +100,40 @@ def test_a_damaged_stream_is_refused(bam: Path, tmp_path: Path, damage: str, wor
     assert done.returncode == 1
     assert done.stdout == b""
     assert words in done.stderr.decode()
+
+
+def _block_buffers(stream: bytes) -> list[tuple[bytes, list[int]]]:
+    import io
+
+    from bamcountd.bamstream import Inflated, take_header
+
+    data = Inflated(io.BytesIO(stream), "the stream", read_size=1 << 20)
+    take_header(data, "the stream")
+    buffers = []
+    for buffer, starts in data.blocks():
+        buffers.append((bytes(buffer), starts))
+        data.keep(buffer, len(buffer), len(buffer))
+    return buffers
+
+
+def test_blocks_are_walked_at_once_where_samtools_wrote_them(bam: Path, tmp_path: Path) -> None:
+    """samtools starts a block at a record, so the walk in step is the one taken, and it finds
+    what a walk one record after another does; blocks cut anywhere make it step aside."""
+    import numpy as np
+
+    from bamcountd.overlaps import _walk, _walk_blocks
+
+    viewed = subprocess.run(["samtools", "view", "-u", str(bam)], capture_output=True, check=True).stdout
+    header, records = bam_records(bam)
+    cut_anywhere = write_raw_bam(tmp_path / "cut.bam", header, records).read_bytes()
+    for stream, aligned in ((viewed, True), (cut_anywhere, False)):
+        walked = 0
+        for buffer, starts in _block_buffers(stream):
+            one_by_one, _ = _walk(buffer, starts[0], len(buffer), len(buffer))
+            in_step = _walk_blocks(buffer, np.array(starts, np.int64))
+            if aligned:
+                assert in_step is not None and in_step.tolist() == one_by_one
+                walked += len(one_by_one)
+            elif len(starts) > 2:
+                assert in_step is None
+        assert walked == (len(records) if aligned else 0)
