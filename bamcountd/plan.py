@@ -362,7 +362,7 @@ class Shard:
 
 #: From this many ranges on they are swept (see SWEEP), else counted one command each: where
 #: benchmarks/bench_regions.py --parts switch finds the sweep as fast (README).
-SWEEP_FROM = 8
+SWEEP_FROM = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -529,7 +529,7 @@ def _groups(
 #: (benchmarks/bench_regions.py --parts switch; README).
 SWEEP_GAP_READS = 300
 #: At most this many stretches (region arguments) per sweep command.
-SWEEP_STRETCHES = 256
+SWEEP_STRETCHES = 512
 
 
 def swept_regions(regions: Sequence[Region], policy: ShardPolicy) -> list[int]:
