@@ -124,17 +124,7 @@ def parse_region(text: str, lengths: Mapping[str, int]) -> Region:
     if text == WHOLE_FILE:  # as in samtools, even when a reference is named "." ({.} is that one)
         return Region(WHOLE_FILE, None)
     if text.startswith("{"):
-        close = text.find("}")
-        while close != -1 and text[1:close] not in lengths:
-            close = text.find("}", close + 1)
-        if close == -1:
-            raise UnknownRegion(f"region {text!r}: no reference of that name in the BAM header{_known(lengths)}")
-        name, rest = text[1:close], text[close + 1 :]
-        if not rest:
-            return Region(text, name)
-        if not rest.startswith(":"):
-            raise UnknownRegion(f"region {text!r}: expected ':' after '}}'")
-        return _ranged(text, name, rest[1:], lengths)
+        return _braced(text, lengths)
     candidates: list[Region] = []
     if text in lengths:
         candidates.append(Region(text, text))
@@ -149,6 +139,36 @@ def parse_region(text: str, lengths: Mapping[str, int]) -> Region:
     if not candidates:
         raise UnknownRegion(f"region {text!r}: no reference of that name in the BAM header{_known(lengths)}")
     return candidates[0]
+
+
+def _braced(text: str, lengths: Mapping[str, int]) -> Region:
+    """``{NAME}`` or ``{NAME}:RANGE``, where NAME may hold ``}`` itself: every closing brace
+    after a name of the header is tried, and the one reading that parses is taken (with
+    references ``a`` and ``a}b``, ``{a}b}`` is ``a}b``, as samtools reads it)."""
+    readings: list[Region] = []
+    failure: UnknownRegion | None = None
+    close = text.find("}")
+    while close != -1:
+        name, rest = text[1:close], text[close + 1 :]
+        if name in lengths:
+            try:
+                if not rest:
+                    readings.append(Region(text, name))
+                elif not rest.startswith(":"):
+                    raise UnknownRegion(f"region {text!r}: expected ':' after '}}'")
+                else:
+                    readings.append(_ranged(text, name, rest[1:], lengths))
+            except UnknownRegion as error:
+                failure = failure or error
+        close = text.find("}", close + 1)
+    if len(readings) > 1:
+        names = " and ".join(repr(region.reference) for region in readings)
+        raise AmbiguousRegion(f"region {text!r} is ambiguous: it reads as a region of {names}")
+    if readings:
+        return readings[0]
+    if failure is not None:
+        raise failure
+    raise UnknownRegion(f"region {text!r}: no reference of that name in the BAM header{_known(lengths)}")
 
 
 def _ranged(text: str, name: str, spec: str, lengths: Mapping[str, int]) -> Region:

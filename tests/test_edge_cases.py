@@ -70,6 +70,25 @@ def test_names_with_braces(tmp_path: Path, capsys: pytest.CaptureFixture[str], f
     assert "cannot address a range" in capsys.readouterr().err
 
 
+def test_a_braced_name_that_holds_a_brace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With references ``a`` and ``a}b``, ``{a}b}`` is ``a}b`` (samtools reads it so) and ``{a}``
+    is ``a``; ``{a}b}:1-15`` is refused in words (samtools cannot read it: it warns, counts 0)."""
+    bam = write_bam(
+        tmp_path / "brace.bam",
+        [Reference("a", 1000), Reference("a}b", 1000)],
+        [read("r1", "a", 10), read("r2", "a}b", 10), read("r3", "a}b", 20)],
+    )
+    counts = tsv(capsys, bam, "-r", "{a}b}", "-r", "{a}")
+    assert counts == {"{a}b}": samtools_count(bam, "{a}b}"), "{a}": samtools_count(bam, "{a}"), "total": 3}
+    assert counts["{a}b}"] == 2
+    assert main(["count", str(bam), "-r", "{a}b}:1-15"]) == 2
+    assert "'a}b' contains '}', so samtools cannot address a range of it" in capsys.readouterr().err
+    assert main(["count", str(bam), "-r", "{a}c}"]) == 2
+    assert "region '{a}c}': expected ':' after '}'" in capsys.readouterr().err
+    assert main(["count", str(bam), "-r", "{b}"]) == 2
+    assert "region '{b}': no reference of that name" in capsys.readouterr().err
+
+
 def test_unplaced_region_when_there_are_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bam = write_bam(
         tmp_path / "placed.bam", [Reference("c", 1000), Reference("e", 10)], [read("r1", "c", 5), read("r2", "c", 50)]
