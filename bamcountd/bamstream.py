@@ -8,6 +8,7 @@ this only walks the records' ``block_size`` chain and reads each one's reference
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import sys
@@ -15,7 +16,6 @@ import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, chain, starmap
-from typing import BinaryIO
 
 from bamcountd.errors import SamtoolsBadOutput
 
@@ -23,6 +23,7 @@ _BLOCK_HEADER = struct.Struct("<4sIBBHBBHH")  # magic, MTIME, XFL, OS, XLEN=6, S
 _RECORD_HEAD = struct.Struct("<iii")  # block_size, refID, pos
 #: Read-ahead for the pipe from samtools (open it with this buffer size).
 READ_BUFFER = 1 << 20
+_MAX_BLOCK = 1 << 16  # a BGZF block's most bytes
 
 
 class StreamCounts:
@@ -42,7 +43,7 @@ class StreamCounts:
         return found
 
 
-def count_records(stream: BinaryIO, what: str) -> StreamCounts:
+def count_records(stream: io.BufferedIOBase, what: str) -> StreamCounts:
     """Read BGZF-compressed BAM from ``stream`` to its end and count its records per reference.
 
     :raises SamtoolsBadOutput: the stream is not a whole BAM
@@ -79,7 +80,9 @@ def take_header(data: Inflated, what: str) -> list[bytes]:
     return names
 
 
-def _walk(buffer: bytes, position: int, end: int, tally: list[int], positionless: list[int], what: str) -> int:
+def _walk(
+    buffer: bytes | memoryview, position: int, end: int, tally: list[int], positionless: list[int], what: str
+) -> int:
     """Count the whole records in ``buffer[position:end]``; return where the first partial one starts."""
     unpack = _RECORD_HEAD.unpack_from
     references = len(tally) - 1
@@ -98,14 +101,20 @@ def _walk(buffer: bytes, position: int, end: int, tally: list[int], positionless
 
 
 class Inflated:
-    """The uncompressed bytes of a BGZF stream, as many blocks at a time as one read brings."""
+    """The uncompressed bytes of a BGZF stream, as many blocks at a time as one read brings.
 
-    def __init__(self, stream: BinaryIO, what: str, *, read_size: int = READ_BUFFER) -> None:
+    The stream is read into one buffer and the blocks' bytes copied into a second, both kept
+    for the whole stream: a buffer that :meth:`blocks` or :meth:`chunks` hands out is good
+    until the next one is asked for (:meth:`keep` copies what must outlive it).
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, what: str, *, read_size: int = READ_BUFFER) -> None:
         self._stream = stream
         self._what = what
         self._read_size = read_size
         self._blocks = self._inflate()
         self._unread: list[bytes | memoryview] = []  # blocks of the last read that take() left whole
+        self._joined = bytearray(read_size)
         self.pending = b""
 
     def take(self, size: int) -> bytes:
@@ -119,41 +128,50 @@ class Inflated:
         taken, self.pending = self.pending[:size], self.pending[size:]
         return taken
 
-    def chunks(self) -> Iterator[tuple[bytes, int, int]]:
+    def chunks(self) -> Iterator[tuple[memoryview, int, int]]:
         """What is left, a read's blocks at a time, joined to the unfinished record before them."""
         for buffer, _ in self.blocks():
             yield buffer, 0, len(buffer)
 
-    def blocks(self) -> Iterator[tuple[bytes, list[int]]]:
+    def blocks(self) -> Iterator[tuple[memoryview, list[int]]]:
         """As :meth:`chunks`, with where each block starts in the buffer, and its end last."""
         unread, self._unread = self._unread[::-1], []
         for pieces in chain([unread] if unread else [], self._blocks):
             starts = list(accumulate(map(len, pieces), initial=len(self.pending)))
-            buffer = b"".join([self.pending, *pieces])
-            self.pending = b""
+            buffer, self.pending = self._join([self.pending, *pieces], starts[-1]), b""
             yield buffer, starts
         if self.pending:  # the header's last block may hold records too
-            buffer, self.pending = self.pending, b""
+            buffer, self.pending = self._join([self.pending], len(self.pending)), b""
             yield buffer, [len(buffer)]
 
-    def keep(self, buffer: bytes, start: int, end: int) -> None:
-        self.pending = buffer[start:end]
+    def keep(self, buffer: bytes | memoryview, start: int, end: int) -> None:
+        self.pending = bytes(buffer[start:end])
+
+    def _join(self, pieces: Iterable[bytes | memoryview], size: int) -> memoryview:
+        if len(self._joined) < size:  # a record longer than a read: a bigger buffer from now on
+            self._joined = bytearray(size)
+        joined, at = self._joined, 0
+        for piece in pieces:
+            joined[at : at + len(piece)] = piece
+            at += len(piece)
+        return memoryview(joined)[:size]
 
     def _inflate(self) -> Iterator[list[bytes | memoryview]]:
-        """Each read's whole blocks, uncompressed.  ``samtools view -u`` writes level 0: a block
-        is then one stored deflate block, whose bytes are taken as they are (no zlib call)."""
+        """Each read's whole blocks, uncompressed, good until the next read.  ``samtools view
+        -u`` writes level 0: a block is then one stored deflate block, whose bytes are taken as
+        they are (no zlib call)."""
         what, header, unpack = self._what, _BLOCK_HEADER.size, _BLOCK_HEADER.unpack_from
-        data = b""
+        data = bytearray(self._read_size + _MAX_BLOCK)
+        view = memoryview(data)
+        kept = 0  # an unfinished block's bytes, at the start of ``data``
         while True:
-            more = self._stream.read(self._read_size)
-            if not more:
-                if data:
+            got = self._stream.readinto(view[kept : kept + self._read_size])
+            if not got:
+                if kept:
                     raise SamtoolsBadOutput(f"{what}: samtools' output ends inside a block")
                 return
-            data = data + more if data else more
-            view = memoryview(data)
             pieces: list[bytes | memoryview] = []
-            at, end = 0, len(data)
+            at, end = 0, kept + got
             while at + header <= end:
                 fields = unpack(data, at)
                 if fields[0] != b"\x1f\x8b\x08\x04" or fields[4:8] != (6, 66, 67, 2) or fields[8] + 1 < header + 10:
@@ -175,9 +193,10 @@ class Inflated:
                 if size:
                     pieces.append(piece)
                 at = following
-            data = data[at:]
             if pieces:
                 yield pieces
+            kept = end - at
+            data[:kept] = data[at:end]
 
 
 # --- a sweep's intervals ----------------------------------------------------------------------

@@ -19,11 +19,12 @@ running sum.  Memory follows the intervals and one buffer, not the reads.
 from __future__ import annotations
 
 import gc
+import io
 import os
 import struct
 import sys
 from collections.abc import Sequence
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 # One reader per sweep already keeps a core busy: numpy's BLAS threads (which it starts as it is
 # imported, one per core) would only cost the start.
@@ -36,6 +37,7 @@ from bamcountd.bamstream import Inflated, read_intervals_file, take_header, writ
 from bamcountd.errors import SamtoolsBadOutput
 
 _Ints = npt.NDArray[np.int64]
+_Buffer = bytes | memoryview
 _SIZE = struct.Struct("<I")
 #: CIGAR operations that consume the reference (htslib's bam_cigar_type & 2): M, D, N, =, X.
 _REFERENCE_OPS = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 7) | (1 << 8)
@@ -96,7 +98,9 @@ class OverlapCounts(NamedTuple):
     records: int
 
 
-def count_overlaps(stream: BinaryIO, names: Sequence[bytes], rows: npt.NDArray[np.int64], what: str) -> OverlapCounts:
+def count_overlaps(
+    stream: io.BufferedIOBase, names: Sequence[bytes], rows: npt.NDArray[np.int64], what: str
+) -> OverlapCounts:
     """Read BGZF-compressed, coordinate-sorted BAM from ``stream`` (``samtools view -u`` of
     stretches that hold these intervals) and count, per interval, the records that overlap it.
 
@@ -139,7 +143,7 @@ class _Walker:
         self.done: set[int] = set()
         self.records = 0
 
-    def walk(self, buffer: bytes, starts: Sequence[int]) -> int:
+    def walk(self, buffer: _Buffer, starts: Sequence[int]) -> int:
         """Sweep the whole records in ``buffer``, whose BGZF blocks start at ``starts`` (its end
         last); return where the first partial record starts."""
         offsets, end = _offsets(buffer, starts)
@@ -147,7 +151,7 @@ class _Walker:
             self._records(buffer, offsets)
         return end
 
-    def _records(self, buffer: bytes, offsets: _Ints) -> None:
+    def _records(self, buffer: _Buffer, offsets: _Ints) -> None:
         what, size = self.what, len(buffer)
         u8 = np.frombuffer(buffer, np.uint8)
         i32 = np.ndarray((size - 3,), "<i4", buffer, 0, (1,))  # an int at every byte
@@ -194,7 +198,7 @@ class _Walker:
         reference.add(positions, stops)
 
 
-def _offsets(buffer: bytes, starts: Sequence[int]) -> tuple[_Ints, int]:
+def _offsets(buffer: _Buffer, starts: Sequence[int]) -> tuple[_Ints, int]:
     """Where the whole records of ``buffer`` start, and where the first partial one does.
 
     htslib starts a new BGZF block rather than let a record cross one (bgzf_flush_try, for any
@@ -214,7 +218,7 @@ def _offsets(buffer: bytes, starts: Sequence[int]) -> tuple[_Ints, int]:
     return np.array(head + tail, np.int64), at
 
 
-def _walk(buffer: bytes, at: int, stop: int, end: int) -> tuple[list[int], int]:
+def _walk(buffer: _Buffer, at: int, stop: int, end: int) -> tuple[list[int], int]:
     """The records from ``at`` on, one after another, while they start before ``stop`` and end
     by ``end``; and where the walk stopped."""
     unpack, offsets = _SIZE.unpack_from, list[int]()
@@ -228,7 +232,7 @@ def _walk(buffer: bytes, at: int, stop: int, end: int) -> tuple[list[int], int]:
     return offsets, at
 
 
-def _walk_blocks(buffer: bytes, bounds: _Ints) -> _Ints | None:
+def _walk_blocks(buffer: _Buffer, bounds: _Ints) -> _Ints | None:
     """The records of every block (``bounds``: the blocks' starts, then the end), walked in
     step; None if some block's chain does not end where the block does.
 
@@ -277,7 +281,8 @@ def main(argv: Sequence[str]) -> int:
         with open(path, "rb") as handle:
             names, columns = read_intervals_file(handle.read())
         rows = np.stack([np.frombuffer(column, np.int64) for column in columns], axis=1)
-        found = count_overlaps(sys.stdin.buffer, names, rows, "the stream")
+        with open(sys.stdin.fileno(), "rb", closefd=False) as stdin:
+            found = count_overlaps(stdin, names, rows, "the stream")
     except SamtoolsBadOutput as error:
         print(error, file=sys.stderr)
         return 1

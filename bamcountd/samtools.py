@@ -350,7 +350,7 @@ async def run_stream(
     stderr = b""
 
     def count(number: int, descriptor: int) -> None:
-        with os.fdopen(descriptor, "rb", buffering=READ_BUFFER) as stream:
+        with open(descriptor, "rb") as stream:  # (a read into Inflated's buffer bypasses stream's)
             try:
                 found[number] = count_records(stream, f"{bam}: the whole file")
             except SamtoolsBadOutput as error:
