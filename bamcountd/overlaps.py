@@ -169,11 +169,14 @@ class _Walker:
         tids = i32[offsets + 4].astype(np.int64)
         positions = i32[offsets + 8].astype(np.int64)
         flags = u16[offsets + 18]
-        if len(cigars) and int(operations.min()) == int(operations.max()) == 1:
-            ops = i32[cigars].astype(np.int64) & 0xFFFFFFFF
-            spans = (ops >> 4) * ((_REFERENCE_OPS >> (ops & 15)) & 1)
+        single = operations == 1  # most reads: one CIGAR operation, read straight
+        if bool(single.all()):
+            spans = _first_spans(i32, cigars)
         else:
-            spans = _spans(i32, cigars, operations)
+            spans = np.zeros(len(cigars), np.int64)
+            spans[single] = _first_spans(i32, cigars[single])
+            several = operations > 1
+            spans[several] = _spans(i32, cigars[several], operations[several])
         stops = positions + np.maximum(spans, 1)
         unmapped = (flags & _UNMAPPED) != 0
         stops[unmapped] = positions[unmapped] + 1
@@ -257,6 +260,13 @@ def _walk_blocks(buffer: _Buffer, bounds: _Ints) -> _Ints | None:
         return None
     found: _Ints = table[table < ends[:, None]]
     return found
+
+
+def _first_spans(i32: npt.NDArray[np.int32], cigars: _Ints) -> _Ints:
+    """The reference span of each record's first CIGAR operation."""
+    ops = i32[cigars].astype(np.int64) & 0xFFFFFFFF
+    spans: _Ints = (ops >> 4) * ((_REFERENCE_OPS >> (ops & 15)) & 1)
+    return spans
 
 
 def _spans(i32: npt.NDArray[np.int32], cigars: _Ints, operations: _Ints) -> _Ints:
