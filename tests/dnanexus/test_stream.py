@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import dxpy  # type: ignore[import-untyped]
@@ -62,7 +63,11 @@ def test_both_modes_give_the_seed_output(
         assert served <= 1.3 * (size + index_size), (served, size, index_size)
     else:
         # A CRAM's cross-check (samtools idxstats) reads every record over the URL too: twice.
-        assert served <= 2.3 * (size + index_size), (served, size, index_size, _retries(emulator, job.id))
+        # Each samtools also reads its header with a request open at the end and hangs up, and
+        # what the server sent by then (into the client's socket buffer) counts as served: more
+        # the busier the machine, so each such request is allowed a slack.
+        slack = _OPEN_ENDED_SLACK * _open_ended(emulator, data_id)
+        assert served <= 2 * size + index_size + slack, (served, size, slack, _retries(emulator, job.id))
         assert emulator.served[index_id] == index_size
     log = (emulator.work / "jobs" / job.id / "job.log").read_text()
     assert "/F/D/" not in log.replace("/F/D/REDACTED/", "")  # no URL token in the log
@@ -138,6 +143,14 @@ def test_a_cram_with_a_reference_counts_without_reading_it(
     assert emulator.served.get(reference_id, 0) == 0
     notes = json.loads(output_bytes(emulator, job, "counts_json"))["notes"]
     assert notes == ["reference_fasta was not read: counting decodes no bases, so it needs no reference"]
+
+
+_OPEN_ENDED_SLACK = 2 << 20
+
+
+def _open_ended(emulator: Emulator, dxid: str) -> int:
+    """The requests for ``dxid`` with a range open at the end (``bytes=N-``)."""
+    return sum(1 for asked_id, asked in emulator.downloads if asked_id == dxid and re.fullmatch(r"bytes=\d+-", asked))
 
 
 def _retries(emulator: Emulator, job_id: str) -> list[str]:
