@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import chain, repeat
@@ -213,16 +213,34 @@ async def count_bam(
     :raises BamcountdError: the input, the data, its server or samtools failed; nothing was counted
     """
     started = time.monotonic()
+    async with _opened(request) as opened:
+        return await _count(request, opened, started, limiter, progress)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """An input checked enough to count: its samtools, the file or URL, CRAM or not, a URL's state."""
+
+    executable: str
+    bam: Path | Url
+    cram: bool
+    fetched: _Remote | None
+    cache: Path
+
+
+@asynccontextmanager
+async def _opened(request: CountRequest) -> AsyncIterator[_Opened]:
+    """The request's input, checked; a URL's count has a private folder in the cache (samtools
+    works there: htslib drops a downloaded index in its working folder, and trusts one it finds
+    there; the index is fetched into it once), and its object is checked again at the end."""
     _validate(request)
     executable = st.find(request.samtools)
     source = parse_input(request.bam)
     cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
     if isinstance(source, Path):
         bam, cram = check_bam_file(source)
-        return await _count(request, executable, bam, cram, None, cache, started, limiter, progress)
-    # A URL's count has a private folder in the cache: samtools works there (htslib drops a
-    # downloaded index in its working folder, and trusts one it finds there), and the index is
-    # fetched into it once.
+        yield _Opened(executable, bam, cram, None, cache)
+        return
     try:
         cache.mkdir(parents=True, exist_ok=True)
         private = tempfile.TemporaryDirectory(prefix=".url-", dir=cache)
@@ -234,22 +252,28 @@ async def count_bam(
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
         fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
-        result = await _count(request, executable, source, cram, fetched, cache, started, limiter, progress)
+        yield _Opened(executable, source, cram, fetched, cache)
         await fetched.recheck()  # the object the count began with is the one it ended with
-    return result
 
 
-async def _count(
+class _Started(NamedTuple):
+    job: _Job
+    lookup: IndexLookup
+    fresh: Path | None  # the index to trust as it is
+    stats: list[st.IndexStat] | None  # its idxstats, if read already
+
+
+async def _start(
     request: CountRequest,
-    executable: str,
-    bam: Path | Url,
-    cram: bool,
-    fetched: _Remote | None,
-    cache: Path,
-    started: float,
+    opened: _Opened,
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
-) -> CountResult:
+    *,
+    stats: bool = True,
+) -> _Started:
+    """The checks, the header, the regions and the count's state; ``stats``: read the index's
+    totals too (a part of a scattered count has them in its plan)."""
+    bam, cram, fetched, cache = opened.bam, opened.cram, opened.fetched, opened.cache
     if cram and request.method == "index":
         raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
     if fetched is None:
@@ -262,6 +286,7 @@ async def _count(
     cwd = None if fetched is None else fetched.folder
     # A CRAM's idxstats reads every record: it is the count's cross-check, so no time limit but the user's.
     stats_timeout = request.timeout if cram else 300
+    executable = opened.executable
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
     for attempt in range(1, ATTEMPTS + 1):
@@ -271,7 +296,7 @@ async def _count(
                 partial(st.quickcheck, executable, bam, env=env, cwd=cwd),
                 partial(st.read_header, executable, bam, env=env, cwd=cwd),
                 partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout, cwd=cwd)
-                if fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
+                if stats and fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
                 else _no_stats,
             )
             break
@@ -310,6 +335,18 @@ async def _count(
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
         job.notes.append(f"its index {fresh} cannot be this BAM's, which is not coordinate-sorted: it was not used")
         fresh = early_stats = None
+    return _Started(job, lookup, fresh, early_stats)
+
+
+async def _count(
+    request: CountRequest,
+    opened: _Opened,
+    started: float,
+    limiter: anyio.CapacityLimiter | None,
+    progress: ProgressCallback | None,
+) -> CountResult:
+    job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress)
+    bam, cram, fetched, regions = opened.bam, opened.cram, opened.fetched, job.regions
     index = fresh if fresh is not None else await job.index_for(lookup)
     if index is None and request.method == "index":
         raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
@@ -327,9 +364,9 @@ async def _count(
         total=sum(counts),
         regions=rows,
         filters=request.filters,
-        samtools_version=samtools.version,
+        samtools_version=job.samtools.version,
         jobs=request.jobs,
-        threads=threads,
+        threads=job.threads,
         method=method,
         shards=shard_count,
         index=None if index_url is not None else index,
@@ -338,7 +375,7 @@ async def _count(
         notes=tuple(job.notes),
         index_url=index_url,
         object=None if fetched is None else fetched.info,
-        samples=header.samples,
+        samples=job.header.samples,
     )
     log.bind(bam=str(bam)).info(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
