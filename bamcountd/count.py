@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -668,35 +668,7 @@ class _Job:
         return {ref for refs, _ in self.containers.components for ref in refs}
 
     def _ref_id(self, region: plan.Region) -> int | None:
-        if region.everything:
-            return None
-        if region.reference is None:
-            return UNPLACED_ID
-        return self.ref_ids[region.reference]
-
-    def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
-        """Every component of references sharing multi-reference containers that the count
-        asked for reached as many records as its containers hold; their totals are then the
-        records reached.  False when one did not, or when only some of its references were
-        counted whole (nothing to set their records against)."""
-        assert self.containers is not None
-        by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
-        everything = any(region.everything for region in self.regions)
-        for refs, total in self.containers.components:
-            members = [by_ref.get(ref) for ref in refs]
-            if not everything and all(i is None for i in members):
-                continue  # none of it asked for
-            if any(i is None or done.reached[i] is None for i in members):
-                return False
-            if sum(done.reached[i] or 0 for i in members if i is not None) != total:
-                return False
-            for i in members:
-                assert i is not None
-                totals[i] = done.reached[i]
-        for i, region in enumerate(self.regions):
-            if region.everything:
-                totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
-        return True
+        return _ref_id(region, self.ref_ids)
 
     async def _idxstats(self, index: Path) -> list[st.IndexStat]:
         timeout = self.request.timeout if self.cram else 300
@@ -767,6 +739,36 @@ class _Job:
     async def view(self, index: Path, stats: Sequence[st.IndexStat]) -> tuple[list[int], str, int]:
         """Count every region through ``index``; verify whole references against it, and
         recover where region queries miss records that the BAM and the index both hold."""
+        by_name, totals, earlier, account = self.prepare(index, stats)
+        first = await self._pass(index, by_name, totals, account=account)
+        checked = _check_pass(
+            self.regions,
+            first,
+            totals,
+            components=None if self.containers is None else self.containers.components,
+            ref_ids=self.ref_ids,
+            earlier=earlier,
+            index=str(index),
+            unplaced_unrecorded=lambda: not self.cram and _uncounted_unplaced(index),
+        )
+        if checked.containers_differ:
+            # Set the records against samtools' own count of them instead (it explains what the
+            # headers cannot: which references differ, and why).
+            self.log.info("containers_differ", index=str(index), missed=len(checked.missed))
+            self.containers = None
+            return await self.view(index, await self._idxstats(index))
+        self.notes += checked.notes
+        if checked.verification is not None:
+            self._remember(index, first, checked.totals)
+            return first.counts, checked.verification, first.shards
+        return await self._recover(index, by_name, checked.totals, first, checked.missed)
+
+    def prepare(
+        self, index: Path, stats: Sequence[st.IndexStat]
+    ) -> tuple[dict[str, st.IndexStat], list[int | None], bool, bool]:
+        """What a count through ``index`` sets its regions against: the index's lines by name,
+        each region's total (see _totals), whether an earlier count proved the pair record by
+        record, and whether the shards must account for what the filters leave out."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
         if self.cram:  # a CRAI has no entry for a reference without records, and htslib says so
@@ -779,37 +781,27 @@ class _Job:
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
         verdict = self._verdict(index) if trust else None
         earlier = verdict is not None and verdict.holds()
-        first = await self._pass(index, by_name, totals, account=filtered and not earlier)
-        missed = _mismatches(self.regions, first, totals)
-        # An earlier count proved the pair record by record (components included): a filtered
-        # count that did not account for what it left out has nothing to set against them.
-        checked = earlier or self._components_hold(first, totals) if self.containers is not None else True
-        if self.containers is not None and (missed or not checked):
-            # Set the records against samtools' own count of them instead (it explains what the
-            # headers cannot: which references differ, and why).
-            self.log.info("containers_differ", index=str(index), missed=len(missed))
-            self.containers = None
-            return await self.view(index, await self._idxstats(index))
-        unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
-        if unplaced and all(totals[i] == 0 for i in unplaced) and not self.cram and _uncounted_unplaced(index):
-            # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
-            self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
-            totals = [None if i in unplaced else total for i, total in enumerate(totals)]
-            missed = _mismatches(self.regions, first, totals)
-        if not missed:
-            self._remember(index, first, totals)
-            verification = "earlier" if earlier else "containers" if self.containers is not None else "index"
-            if not any(region.whole for region in self.regions):
-                verification = "none"
-            return first.counts, verification, first.shards
-        return await self._recover(index, by_name, totals, first, missed)
+        return by_name, totals, earlier, filtered and not earlier
 
     async def _pass(
         self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
+        shards = self.plan_pass(stats, totals, account=account)
+        reducer = self.reducer(totals, account=account)
+        await self._run_shards(index, shards, reducer)
+        return _Pass(reducer.counts, reducer.reached(), len(shards))
+
+    def reducer(self, totals: Sequence[int | None], *, account: bool) -> _Reducer:
+        return _Reducer(self.bam, self.regions, totals, filtered=self.request.filters.active, account=account)
+
+    def plan_pass(
+        self, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool, slots: int | None = None
+    ) -> list[plan.Shard]:
+        """The shards of one pass, cut for ``slots`` processes at once (default: this count's)."""
+        slots = self.processes if slots is None else slots
         small_reads = min(self.request.min_shard_reads // 10, 20_000)
         policy = plan.ShardPolicy(
-            slots=self.processes,
+            slots=slots,
             split=self.request.split and self.samtools.supports_expressions,
             group=self.request.split,
             filtered=self.request.filters.active,
@@ -826,19 +818,15 @@ class _Job:
                 # Each CRAM shard pays samtools' start and its first container's decoding: cut into
                 # about as many shards as the policy aims for, references grouped up to that size
                 # (filtered, a group is tallied per reference, which costs more than the starts).
-                per_shard = int(sum(weights) / (self.processes * plan.ShardPolicy.pieces_per_slot))
+                per_shard = int(sum(weights) / (slots * plan.ShardPolicy.pieces_per_slot))
                 policy = replace(policy, small_reads=max(small_reads, per_shard))
             index_empty = not any(stat.reads for stat in stats.values())
             densities = plan.densities(stats, self.lengths)
             shards = plan.plan_shards(
                 self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities, swept=swept
             )
-        self.log.debug(
-            "planned", regions=len(self.regions), shards=len(shards), processes=self.processes, threads=self.threads
-        )
-        reducer = _Reducer(self.bam, self.regions, totals, filtered=self.request.filters.active, account=account)
-        await self._run_shards(index, shards, reducer)
-        return _Pass(reducer.counts, reducer.reached(), len(shards))
+        self.log.debug("planned", regions=len(self.regions), shards=len(shards), processes=slots, threads=self.threads)
+        return shards
 
     def _remember(self, index: Path, done: _Pass, totals: Sequence[int | None]) -> None:
         """Once every reference was set record by record against the index, say so for later
@@ -1210,6 +1198,95 @@ def _mismatches(regions: Sequence[plan.Region], done: _Pass, totals: Sequence[in
         if (reached is not None and reached != total) or (reached is None and done.counts[i] > total):
             missed.append(i)
     return missed
+
+
+def _ref_id(region: plan.Region, ref_ids: dict[str, int]) -> int | None:
+    if region.everything:
+        return None
+    if region.reference is None:
+        return UNPLACED_ID
+    return ref_ids[region.reference]
+
+
+#: A CRAM's components: references sharing multi-reference containers, and their records.
+_Components = Sequence[tuple[Collection[int], int]]
+
+
+def _components_hold(
+    components: _Components,
+    regions: Sequence[plan.Region],
+    ref_ids: dict[str, int],
+    done: _Pass,
+    totals: list[int | None],
+) -> bool:
+    """Every component of references sharing multi-reference containers that the count
+    asked for reached as many records as its containers hold; their totals are then the
+    records reached.  False when one did not, or when only some of its references were
+    counted whole (nothing to set their records against)."""
+    by_ref = {_ref_id(r, ref_ids): i for i, r in enumerate(regions) if r.whole and not r.everything}
+    everything = any(region.everything for region in regions)
+    for refs, total in components:
+        members = [by_ref.get(ref) for ref in refs]
+        if not everything and all(i is None for i in members):
+            continue  # none of it asked for
+        if any(i is None or done.reached[i] is None for i in members):
+            return False
+        if sum(done.reached[i] or 0 for i in members if i is not None) != total:
+            return False
+        for i in members:
+            assert i is not None
+            totals[i] = done.reached[i]
+    for i, region in enumerate(regions):
+        if region.everything:
+            totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
+    return True
+
+
+class _Checked(NamedTuple):
+    """What one pass's counts came to, set against the index (or a CRAM's containers)."""
+
+    verification: str | None  # None: whole regions missed records (``missed``): recover
+    missed: list[int]
+    totals: list[int | None]  # as the check left them (components' filled in, an unrecorded * dropped)
+    notes: list[str]
+    containers_differ: bool  # a CRAM's container headers do not explain the pass: ask idxstats
+
+
+def _check_pass(
+    regions: Sequence[plan.Region],
+    done: _Pass,
+    totals: Sequence[int | None],
+    *,
+    components: _Components | None,
+    ref_ids: dict[str, int],
+    earlier: bool,
+    index: str,
+    unplaced_unrecorded: Callable[[], bool],
+) -> _Checked:
+    """The one verification of a pass, a single job's or a scattered count's gathered parts:
+    whole regions' records reached against the index's totals (a CRAM's components by their
+    sum); ``unplaced_unrecorded`` says whether the index lacks the count of unplaced reads."""
+    checked_totals = list(totals)
+    missed = _mismatches(regions, done, checked_totals)
+    # An earlier count proved the pair record by record (components included): a filtered
+    # count that did not account for what it left out has nothing to set against them.
+    if components is not None:
+        held = earlier or _components_hold(components, regions, ref_ids, done, checked_totals)
+        if missed or not held:
+            return _Checked(None, missed, checked_totals, [], True)
+    notes: list[str] = []
+    unplaced = [i for i in missed if regions[i].reference is None and not regions[i].everything]
+    if unplaced and all(checked_totals[i] == 0 for i in unplaced) and unplaced_unrecorded():
+        # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
+        notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
+        checked_totals = [None if i in unplaced else total for i, total in enumerate(checked_totals)]
+        missed = _mismatches(regions, done, checked_totals)
+    if missed:
+        return _Checked(None, missed, checked_totals, notes, False)
+    verification = "earlier" if earlier else "containers" if components is not None else "index"
+    if not any(region.whole for region in regions):
+        verification = "none"
+    return _Checked(verification, [], checked_totals, notes, False)
 
 
 def _check_index_names(bam: Path | Url, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
