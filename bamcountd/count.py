@@ -10,13 +10,14 @@ cancels the other shards; cancellation kills their samtools processes (see
 from __future__ import annotations
 
 import gc
+import json
 import operator
 import os
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -39,6 +40,7 @@ from bamcountd.errors import (
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
+    PartsIncomplete,
     RemoteAccessDenied,
     RemoteChanged,
     RemoteNotFound,
@@ -526,6 +528,241 @@ def count_bams_sync(requests: Sequence[CountRequest], *, progress: CohortProgres
     return _run_sync(partial(count_bams, requests, progress=progress))
 
 
+# --- a count in parts: its plan, its shards counted anywhere, and the parts gathered -------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountPlan:
+    """A count cut into its exact shards, and what its verification sets them against: the
+    shards a :func:`count_bam` of the same request cuts (for ``slots`` processes at once).  Any
+    worker can count any of its shards (:func:`count_part`); :func:`gather_counts` sums them
+    and verifies as a single count does.  :meth:`as_json` and :meth:`from_json` carry it."""
+
+    bam: str  # the input as shown (a URL redacted), for messages
+    cram: bool
+    index: str  # the index the shards count through (``built``: one this count built)
+    built: bool
+    references: tuple[tuple[str, int], ...]  # the header's (name, length): each part checks its file's
+    regions: tuple[plan.Region, ...]
+    shards: tuple[plan.Shard, ...]
+    totals: tuple[int | None, ...]  # each region's records by the index (None: not known alone)
+    account: bool  # the shards account for the records their filters leave out
+    earlier: bool  # an earlier count proved this pair record by record
+    components: tuple[tuple[tuple[int, ...], int], ...] | None  # a local CRAM's (see _check_pass)
+    unplaced_unrecorded: bool  # the index does not record how many unplaced reads there are
+    empty: tuple[int, ...]  # a CRAM's references without records
+    samtools_version: str
+    notes: tuple[str, ...]
+    samples: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        """Only JSON types (a job's input, a file)."""
+        values = {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.name != "shards"}
+        values["regions"] = [list(region) for region in self.regions]
+        values["shards"] = [
+            [list(s.regions), list(s.args), s.expression, s.kind, s.sign, s.weight, [list(x) for x in s.stretches]]
+            for s in self.shards
+        ]
+        carried: dict[str, Any] = json.loads(json.dumps(values))  # tuples become lists, as they come back
+        return carried
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> CountPlan:
+        """:raises PartsIncomplete: ``values`` is not a plan's JSON"""
+        try:
+            shards = tuple(
+                plan.Shard(tuple(r), tuple(a), e, k, g, float(w), tuple((n, b, c) for n, b, c in x))
+                for r, a, e, k, g, w, x in values["shards"]
+            )
+            components = values["components"]
+            return cls(
+                **{key: values[key] for key in ("bam", "cram", "index", "built", "account", "earlier")},
+                **{key: values[key] for key in ("unplaced_unrecorded", "samtools_version")},
+                references=tuple((name, length) for name, length in values["references"]),
+                regions=tuple(plan.Region(*region) for region in values["regions"]),
+                shards=shards,
+                totals=tuple(values["totals"]),
+                components=None if components is None else tuple((tuple(r), t) for r, t in components),
+                empty=tuple(values["empty"]),
+                notes=tuple(values["notes"]),
+                samples=tuple(values["samples"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise PartsIncomplete(f"not a count's plan ({type(error).__name__}: {error})") from None
+
+
+class ShardCounts(NamedTuple):
+    """One shard's share of its regions (in the shard's order): reads counted, and records
+    reached (None where filters left records uncounted and nothing says how many)."""
+
+    shard: int  # its number in the plan
+    counts: tuple[int, ...]
+    reached: tuple[int | None, ...]
+
+
+async def plan_count(request: CountRequest, *, slots: int | None = None) -> CountPlan | None:
+    """The request's count cut into its exact shards, for ``slots`` processes at once (default:
+    as :func:`count_bam` would on this machine); None when it is not counted in shards (``--method
+    index``, or a BAM without an index that is not coordinate-sorted: one pass over it).
+
+    :raises BamcountdError: as :func:`count_bam`, for what its checks find
+    """
+    async with _opened(request) as opened:
+        job, lookup, fresh, early_stats = await _start(request, opened, None, None)
+        if request.method == "index":
+            return None
+        index = fresh if fresh is not None else await job.index_for(lookup)
+        if index is None:
+            return None
+        index, stats = await job.stats_for(index, early_stats)
+        by_name, totals, earlier, account = job.prepare(index, stats)
+        shards = job.plan_pass(by_name, totals, account=account, slots=slots)
+        containers = job.containers
+        return CountPlan(
+            bam=str(opened.bam),
+            cram=opened.cram,
+            index=str(index),
+            built=index == job.built,
+            references=tuple((ref.name, ref.length) for ref in job.header.references),
+            regions=tuple(job.regions),
+            shards=tuple(shards),
+            totals=tuple(totals),
+            account=account,
+            earlier=earlier,
+            components=None
+            if containers is None
+            else tuple((tuple(sorted(refs)), total) for refs, total in containers.components),
+            unplaced_unrecorded=not opened.cram and _uncounted_unplaced(index),
+            empty=tuple(sorted(job.empty)),
+            samtools_version=job.samtools.version,
+            notes=tuple(job.notes),
+            samples=job.header.samples,
+        )
+
+
+async def count_part(
+    request: CountRequest, counted: CountPlan, shards: Sequence[int], *, limiter: anyio.CapacityLimiter | None = None
+) -> list[ShardCounts]:
+    """Count the plan's ``shards`` (by number) over the request's input (a file, or a URL read by
+    byte ranges) and its index, which must be the plan's file and index; each shard's share of
+    its regions, in the order given.  Shards a result sends to be counted again (a group that
+    differs from the index) run here too, within their shard.
+
+    :raises PartsIncomplete: a shard number the plan does not have, or given twice
+    :raises IndexMismatch: the file's header is not the plan's
+    :raises BamcountdError: as :func:`count_bam`
+    """
+    if len(set(shards)) != len(shards) or not all(0 <= n < len(counted.shards) for n in shards):
+        raise PartsIncomplete(
+            f"{counted.bam}: shards {sorted(shards)} are not each once of the plan's 0 to {len(counted.shards) - 1}"
+        )
+    async with _opened(request) as opened:
+        job, lookup, fresh, _ = await _start(request, opened, limiter, None, stats=False)
+        if tuple((ref.name, ref.length) for ref in job.header.references) != counted.references:
+            raise IndexMismatch(f"{opened.bam}: its header is not the one its count was planned with")
+        if tuple(job.regions) != counted.regions:
+            raise PartsIncomplete(f"{opened.bam}: the regions asked for are not the ones the count was planned with")
+        index = fresh if fresh is not None else lookup.path
+        if index is None:
+            raise IndexMissing(f"{opened.bam}: a part of a count needs the index its plan counts through")
+        job.index, job.empty = index, frozenset(counted.empty)
+        chosen = [counted.shards[n] for n in shards]
+        reducer = _PartReducer(
+            opened.bam,
+            job.regions,
+            counted.totals,
+            filtered=request.filters.active,
+            account=counted.account,
+            origins={id(shard): n for shard, n in zip(chosen, shards, strict=True)},
+        )
+        await job._run_shards(index, chosen, reducer)
+    return [reducer.share(n, counted.shards[n]) for n in shards]
+
+
+def gather_counts(
+    counted: CountPlan, parts: Iterable[ShardCounts], *, filters: Filters, jobs: int, threads: int, seconds: float
+) -> CountResult | None:
+    """The count from its parts, verified as a single :func:`count_bam` verifies; None when
+    whole regions reached other numbers of records than the index holds (or a CRAM's container
+    headers do not explain them): only a single count's recovery, which reads the whole file,
+    can tell why, so count it as one.
+
+    :raises PartsIncomplete: the parts do not hold each of the plan's shards exactly once
+    """
+    regions = counted.regions
+    counts, reached = [0] * len(regions), [0] * len(regions)
+    unknown: set[int] = set()
+    seen: set[int] = set()
+    for part in parts:
+        if not 0 <= part.shard < len(counted.shards) or part.shard in seen:
+            raise PartsIncomplete(f"{counted.bam}: shard {part.shard} is not the plan's, or was counted twice")
+        seen.add(part.shard)
+        members = counted.shards[part.shard].regions
+        if not len(members) == len(part.counts) == len(part.reached):
+            raise PartsIncomplete(
+                f"{counted.bam}: shard {part.shard} came back with {len(part.counts)} counts for {len(members)} regions"
+            )
+        for i, count, records in zip(members, part.counts, part.reached, strict=True):
+            counts[i] += count
+            if records is None:
+                unknown.add(i)
+            else:
+                reached[i] += records
+    if len(seen) != len(counted.shards):
+        missing = sorted(set(range(len(counted.shards))) - seen)
+        raise PartsIncomplete(
+            f"{counted.bam}: {len(missing)} of the plan's {len(counted.shards)} shards were not counted ({missing[:5]})"
+        )
+    done = _Pass(counts, [None if i in unknown else n for i, n in enumerate(reached)], len(counted.shards))
+    checked = _check_pass(
+        regions,
+        done,
+        counted.totals,
+        components=counted.components,
+        ref_ids={name: i for i, (name, _) in enumerate(counted.references)},
+        earlier=counted.earlier,
+        index=counted.index,
+        unplaced_unrecorded=lambda: counted.unplaced_unrecorded,
+    )
+    if checked.verification is None:
+        return None
+    verification = "records" if counted.cram and checked.verification == "index" else checked.verification
+    with _collector_paused():
+        rows = _region_counts(regions, counts)
+    return CountResult(
+        bam=Path(counted.bam),
+        total=sum(counts),
+        regions=rows,
+        filters=filters,
+        samtools_version=counted.samtools_version,
+        jobs=jobs,
+        threads=threads,
+        method="view",
+        shards=len(counted.shards),
+        index=Path(counted.index),
+        seconds=seconds,
+        verification=verification,
+        notes=(*counted.notes, *checked.notes),
+        samples=counted.samples,
+    )
+
+
+def plan_count_sync(request: CountRequest, *, slots: int | None = None) -> CountPlan | None:
+    """:func:`plan_count` for callers without an event loop.
+
+    :raises BamcountdError: as :func:`plan_count`
+    """
+    return _run_sync(partial(plan_count, request, slots=slots))
+
+
+def count_part_sync(request: CountRequest, counted: CountPlan, shards: Sequence[int]) -> list[ShardCounts]:
+    """:func:`count_part` for callers without an event loop.
+
+    :raises BamcountdError: as :func:`count_part`
+    """
+    return _run_sync(partial(count_part, request, counted, shards))
+
+
 async def _no_stats() -> None:
     return None
 
@@ -613,6 +850,17 @@ class _Job:
     async def through(self, index: Path, stats: list[st.IndexStat] | None) -> _Counted:
         """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
         are its idxstats if they were read already."""
+        index, stats = await self.stats_for(index, stats)
+        if self.request.method == "index":
+            _check_whole(self.bam, self.regions)
+            by_name = {stat.name: stat for stat in stats}
+            return _Counted([_index_total(r, by_name) or 0 for r in self.regions], "index", "none", 0, index)
+        counts, verification, shards = await self.view(index, stats)
+        return _Counted(counts, "view", verification, shards, self.index)
+
+    async def stats_for(self, index: Path, stats: list[st.IndexStat] | None) -> tuple[Path, list[st.IndexStat]]:
+        """The index to count through and its totals per reference (``stats`` if read already):
+        a local CRAM's from its container headers; an index without statistics rebuilt."""
         if stats is None and self.cram and self.remote is None and self.request.method != "index":
             stats = await self._container_stats(index)
         if stats is None:
@@ -622,12 +870,7 @@ class _Job:
             index = await self.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
             stats = await self._idxstats(index)
         _check_index_names(self.bam, self.header, stats)
-        if self.request.method == "index":
-            _check_whole(self.bam, self.regions)
-            by_name = {stat.name: stat for stat in stats}
-            return _Counted([_index_total(r, by_name) or 0 for r in self.regions], "index", "none", 0, index)
-        counts, verification, shards = await self.view(index, stats)
-        return _Counted(counts, "view", verification, shards, self.index)
+        return index, stats
 
     async def _container_stats(self, index: Path) -> list[st.IndexStat] | None:
         """A local CRAM 3's records per reference from its container headers (cramfile), as
@@ -1448,6 +1691,39 @@ class _Reducer:
         if again:
             log.warning("group_recounted", bam=str(self.bam), references=len(again), of=len(shard.regions))
         return count, again
+
+
+class _PartReducer(_Reducer):
+    """A part's reducer: each shard's share of its regions, kept apart (with the shards a
+    result sends to run instead, which count within its regions)."""
+
+    def __init__(self, *args: Any, origins: dict[int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origins = origins  # id of a shard running -> the plan's shard it counts for
+        self._shares: dict[int, dict[int, tuple[int, int, bool]]] = {}
+
+    def add(self, outcome: _Outcome) -> list[plan.Shard]:
+        members = set(outcome.shard.regions)
+        origin = self.origins.pop(id(outcome.shard))
+        before = {i: (self.counts[i], self._reached[i]) for i in members}
+        kept, self._unknown = self._unknown, set()  # what this result leaves unknown, alone
+        extras = super().add(outcome)
+        marked, self._unknown = self._unknown, kept | self._unknown
+        share = self._shares.setdefault(origin, {})
+        for i in members:
+            count, reached, unknown = share.get(i, (0, 0, False))
+            share[i] = (
+                count + self.counts[i] - before[i][0],
+                reached + self._reached[i] - before[i][1],
+                unknown or i in marked,
+            )
+        self.origins.update((id(extra), origin) for extra in extras)
+        return extras
+
+    def share(self, number: int, shard: plan.Shard) -> ShardCounts:
+        share = self._shares.get(number, {})
+        rows = [share.get(i, (0, 0, False)) for i in shard.regions]
+        return ShardCounts(number, tuple(c for c, _, _ in rows), tuple(None if u else r for _, r, u in rows))
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
