@@ -554,10 +554,12 @@ class CountPlan:
     samtools_version: str
     notes: tuple[str, ...]
     samples: tuple[str, ...]
+    object: ObjectInfo | None = None  # a URL's object as planned: every part must read the same
 
     def as_json(self) -> dict[str, Any]:
         """Only JSON types (a job's input, a file)."""
         values = {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.name != "shards"}
+        values["object"] = None if self.object is None else self.object.as_dict()
         values["regions"] = [list(region) for region in self.regions]
         values["shards"] = [
             [list(s.regions), list(s.args), s.expression, s.kind, s.sign, s.weight, [list(x) for x in s.stretches]]
@@ -574,7 +576,7 @@ class CountPlan:
                 plan.Shard(tuple(r), tuple(a), e, k, g, float(w), tuple((n, b, c) for n, b, c in x))
                 for r, a, e, k, g, w, x in values["shards"]
             )
-            components = values["components"]
+            components, info = values["components"], values["object"]
             return cls(
                 **{key: values[key] for key in ("bam", "cram", "index", "built", "account", "earlier")},
                 **{key: values[key] for key in ("unplaced_unrecorded", "samtools_version")},
@@ -586,6 +588,7 @@ class CountPlan:
                 empty=tuple(values["empty"]),
                 notes=tuple(values["notes"]),
                 samples=tuple(values["samples"]),
+                object=None if info is None else ObjectInfo(**info),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise PartsIncomplete(f"not a count's plan ({type(error).__name__}: {error})") from None
@@ -637,6 +640,7 @@ async def plan_count(request: CountRequest, *, slots: int | None = None) -> Coun
             samtools_version=job.samtools.version,
             notes=tuple(job.notes),
             samples=job.header.samples,
+            object=None if opened.fetched is None else opened.fetched.info,
         )
 
 
@@ -658,6 +662,12 @@ async def count_part(
         )
     async with _opened(request) as opened:
         job, lookup, fresh, _ = await _start(request, opened, limiter, None, stats=False)
+        if opened.fetched is not None and counted.object is not None and opened.fetched.info != counted.object:
+            raise RemoteChanged(
+                f"{opened.bam}: the object is not the one its count was planned with (size, ETag, Last-Modified: "
+                f"{counted.object.size}, {counted.object.etag}, {counted.object.last_modified} then; "
+                f"{opened.fetched.info.size}, {opened.fetched.info.etag}, {opened.fetched.info.last_modified} now)"
+            )
         if tuple((ref.name, ref.length) for ref in job.header.references) != counted.references:
             raise IndexMismatch(f"{opened.bam}: its header is not the one its count was planned with")
         if tuple(job.regions) != counted.regions:
@@ -744,6 +754,7 @@ def gather_counts(
         verification=verification,
         notes=(*counted.notes, *checked.notes),
         samples=counted.samples,
+        object=counted.object,
     )
 
 
