@@ -182,3 +182,34 @@ def test_balance_spreads_one_references_shards_over_the_bins() -> None:
     assert max(loads) - min(loads) <= 2.0
     assert balance([5.0], 4) == [[0]]
     assert balance([], 3) == []
+
+
+def test_parts_that_disagree_with_the_index_are_counted_again_as_a_single_job(
+    emulator: Emulator, applet: str, files: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    # A fake samtools only to inject the fault: one piece of chr1, once, says a wrong number.
+    wrong = Fault("count", contains="{chr1}:", once=str(tmp_path / "once"), stdout="999999\n", end="exit:0")
+    fake = fake_samtools(tmp_path / "bin", wrong, name="samtools")
+    emulator.job_env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
+    data, index = files["bam"]
+    job_input = _input(emulator, data, index, "stream", scatter=True)
+    del job_input["exclude_flags"], job_input["min_mapq"]
+    job = run_job(emulator, applet, job_input)
+    assert job.state == "done", job.failure_message
+    assert (tmp_path / "once").exists()  # the fault did fire
+    assert output_bytes(emulator, job, "count_file").decode() == seed_text(data)
+    (gather_job,) = _subjobs(emulator, job, "gather")
+    assert "parts_differ" in (emulator.work / "jobs" / gather_job.id / "job.log").read_text()
+
+
+def test_an_expired_url_fails_a_scatter_with_the_platforms_words(
+    emulator: Emulator, applet: str, files: dict[str, tuple[Path, Path]]
+) -> None:
+    data, index = files["bam"]
+    emulator.url_lifetime = 0
+    job = run_job(emulator, applet, _input(emulator, data, index, "stream", scatter=True))
+    assert job.state == "failed"
+    assert job.failure_reason == "AppError"
+    assert job.failure_message is not None
+    assert "HTTP 403" in job.failure_message and "the download URL has expired" in job.failure_message
+    assert "/F/D/REDACTED/" in job.failure_message
