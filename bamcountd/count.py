@@ -170,23 +170,38 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
-    """(processes at once, threads per process) that fill the cores without oversubscribing.
+def process_threads(jobs: int, threads: int | None, cores: int) -> tuple[int, ...]:
+    """Each samtools process's threads (most first) that put every core to work while at most
+    ``jobs`` processes run.
 
     ``threads`` counts samtools' own thread: N means ``-@ N-1`` helpers.  Balanced shards make
     one thread per process the best use of the cores that ``--jobs`` lets processes fill: on 2
-    cores two single-threaded processes took 3.39 s where one with two helpers took 4.30 s.  A
-    single helper adds nothing (``samtools view -c -@1`` decompresses on one thread, as without
-    it: 5.70 s against 5.48 s on 2 cores; ten processes with ``-@1`` on 16 cores were no faster).
-    So only when ``--jobs`` leaves two or more cores per process idle does each process get a
-    helper per core (``-j 1`` on 2 cores: ``-@2``, 4.30 s instead of 6.60 s).  ``--threads`` is
-    taken as given, and then the process count shrinks to fit; ``--jobs`` always caps it.
+    cores two single-threaded processes took 3.39 s where one with two helpers took 4.30 s.  The
+    cores ``--jobs`` leaves over are shared out as evenly as they go, so that the processes'
+    shares of the cores sum to the cores: a process with one core runs alone, one with C >= 2
+    gets a helper per core (``-@C``: samtools' own thread mostly parses while the helpers
+    decompress; ``-j 1`` on 2 cores: ``-@2``, 4.30 s instead of 6.60 s).  Never a lone helper:
+    ``samtools view -c -@1`` decompresses on one thread, as without it (5.70 s against 5.48 s).
+    ``--threads`` is taken as given, and then the process count shrinks to fit; ``--jobs``
+    always caps it.
     """
     if threads is not None:
-        return max(1, min(jobs, cores // threads)), threads
+        return (threads,) * max(1, min(jobs, cores // threads))
+    return tuple(share + 1 if share >= 2 else 1 for share in process_cores(jobs, cores))
+
+
+def process_cores(jobs: int, cores: int) -> tuple[int, ...]:
+    """Each process's share of the cores, most first: ``min(jobs, cores)`` processes (at least
+    one), the cores shared out as evenly as they go; they sum to ``cores`` (or one)."""
     processes = max(1, min(jobs, cores))
-    helpers = cores // processes
-    return processes, helpers + 1 if helpers >= 2 else 1
+    base, more = divmod(max(cores, 1), processes)
+    return (base + 1,) * more + (base,) * (processes - more)
+
+
+def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
+    """(processes at once, the most threads a process gets): see :func:`process_threads`."""
+    slots = process_threads(jobs, threads, cores)
+    return len(slots), slots[0]
 
 
 def _validate(request: CountRequest) -> None:
@@ -318,7 +333,7 @@ async def _start(
         fields_needed = _required_fields(request, regions)
         samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference))
     samtools = replace(samtools, env=env, cwd=cwd)
-    processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
+    slots = process_threads(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
         bam=bam,
@@ -327,8 +342,9 @@ async def _start(
         request=request,
         regions=regions,
         whole_file=not request.regions and request.regions_file is None,
-        processes=processes,
-        threads=threads,
+        processes=len(slots),
+        threads=slots[0],
+        thread_slots=slots,
         limiter=limiter,
         progress=progress,
         remote=fetched,
@@ -841,7 +857,7 @@ class _Job:
     regions: Sequence[plan.Region]
     whole_file: bool  # the default rows: every reference, then *
     processes: int
-    threads: int
+    threads: int  # the most a process gets (``thread_slots``' first)
     limiter: anyio.CapacityLimiter | None
     progress: ProgressCallback | None
     notes: list[str] = field(default_factory=list)
@@ -850,6 +866,7 @@ class _Job:
     built: Path | None = None  # an index this count built (or found in its cache)
     remote: _Remote | None = None  # a URL's count
     containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
+    thread_slots: tuple[int, ...] = ()  # each process's threads, most first (process_threads); () for ``threads`` each
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -1255,7 +1272,7 @@ class _Job:
         extra shards the reducer asks for (to explain a mismatch) run the same way."""
         if not shards:
             return
-        local = anyio.CapacityLimiter(self.processes)
+        local = _Slots(self.thread_slots or (self.threads,) * self.processes)
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
@@ -1264,16 +1281,14 @@ class _Job:
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
-                        for number, shard in enumerate(shards):
-                            how = self._command(index, number, shard, scratch)
-                            group.start_soon(self._run_one, index, shard, how, send.clone(), local)
+                        for number, shard in enumerate(shards):  # biggest first: they take the most threads
+                            group.start_soon(self._run_one, index, shard, (number, scratch), send.clone(), local)
                         while reducer.done < started:
                             outcome = await receive.receive()
                             extras = reducer.add(outcome)
                             pending.add(extras)
                             for extra in extras:
-                                how = self._command(index, started, extra, scratch)
-                                group.start_soon(self._run_one, index, extra, how, send.clone(), local)
+                                group.start_soon(self._run_one, index, extra, (started, scratch), send.clone(), local)
                                 started += 1
                             pending.done(outcome.shard)
                             if self.progress is not None:
@@ -1285,19 +1300,20 @@ class _Job:
         self,
         index: Path,
         shard: plan.Shard,
-        how: _Command,
+        where: tuple[int, Path],
         results: ObjectSendStream[_Outcome],
-        local: anyio.CapacityLimiter,
+        local: _Slots,
     ) -> None:
         """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally.  A
         URL's shard that samtools could not read is tried again (bounded) while the object is
         still there and the same: htslib does not retry a dropped connection."""
         what = f"{self.bam}: region {shard.label}"
-        async with results, local:
+        async with results, local.take() as threads:
+            how = self._command(index, where[0], shard, where[1], threads)
             with _named_failures(what, self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
                     for attempt in range(1, ATTEMPTS + 1):
-                        outcome = await self._attempt(index, shard, how)
+                        outcome = await self._attempt(index, shard, how, threads)
                         failure = outcome.completed.describe_failure()
                         if self.remote is None or failure is None:
                             break
@@ -1313,20 +1329,20 @@ class _Job:
                         outcome = _Outcome(shard, outcome.completed, tallies)
             await results.send(outcome)
 
-    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command) -> _Outcome:
+    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command, threads: int) -> _Outcome:
         argv, where = how
         if shard.kind == plan.SWEEP:
-            return await self._sweep(index, shard, where)
+            return await self._sweep(index, shard, where, threads)
         if argv is None:
-            return await self._tally(index, shard, where)
+            return await self._tally(index, shard, where, threads)
         completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd)
         if shard.bed and self.empty:
             completed = st.without_empty_reference_notes(completed, self.empty)
         return _Outcome(shard, completed)
 
-    def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
-        """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
-        samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
+    def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path, threads: int) -> _Command:
+        """How shard ``number`` runs with ``threads``: its ``view -c`` argv, or None for a tally (see _Command)."""
+        samtools, bam, filters = self.samtools, self.bam, self.request.filters
         if shard.kind == plan.SWEEP:
             return None, scratch / f"sweep{number}.intervals"  # written as it starts (see _sweep)
         if shard.kind == plan.ACCOUNT:
@@ -1349,7 +1365,7 @@ class _Job:
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
-    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path) -> _Outcome:
+    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
         (bamstream), which credits each read to every one of the shard's ranges it overlaps.
         Its files are written here, so that the first sweeps run while the others' are written."""
@@ -1363,14 +1379,14 @@ class _Job:
             bed=intervals.with_suffix(".bed"),
             filters=self.request.filters,
             readers=[sys.executable, "-m", "bamcountd.bamstream", str(intervals)],
-            threads=self.threads,
+            threads=threads,
             cwd=intervals.parent,
             timeout=self.request.timeout,
         )
         counts = st.parse_sweep(tally, len(shard.regions), f"{self.bam}: region {shard.label}")
         return _Outcome(shard, tally.view, counts=counts)
 
-    async def _tally(self, index: Path, shard: plan.Shard, where: Path) -> _Outcome:
+    async def _tally(self, index: Path, shard: plan.Shard, where: Path, threads: int) -> _Outcome:
         """A shard counted with the records its filters leave out: a group by its BED (per
         reference), or one region (one total, ``-e`` applied to both streams)."""
         bam, request = self.bam, self.request
@@ -1388,7 +1404,7 @@ class _Job:
             filters=request.filters,
             expression=shard.expression,
             readers=readers,
-            threads=self.threads,
+            threads=threads,
             cwd=cwd,
             timeout=request.timeout,
         )
@@ -1574,6 +1590,26 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
     ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
+
+
+class _Slots:
+    """The processes that may run at once, each with its threads: a shard takes the free one
+    with the most threads, so that the shards started first (the biggest: plans sort them so)
+    get the most, and a big slot that frees goes to the next shard waiting."""
+
+    def __init__(self, threads: Sequence[int]) -> None:
+        self._free = sorted(threads, reverse=True)
+        self._limiter = anyio.CapacityLimiter(len(self._free))
+
+    @asynccontextmanager
+    async def take(self) -> AsyncIterator[int]:
+        async with self._limiter:  # waiters are served in the order they came
+            threads = self._free.pop(0)
+            try:
+                yield threads
+            finally:
+                self._free.append(threads)
+                self._free.sort(reverse=True)
 
 
 class _Pending:
