@@ -186,7 +186,7 @@ def _count_one(
             try:
                 result = _count_streamed(mappings_bam, bam_file, index_file, options)
             except (RemoteUnavailable, RemoteUnsupported) as error:
-                notes += (_fallback_note(error),)
+                notes += (_fallback_note(error, "the file was downloaded and counted from the download"),)
                 log.warning("stream_failed", failure=str(error), fallback="download")
     if result is None:
         request = download()
@@ -197,8 +197,8 @@ def _count_one(
     return replace(result, bam=Path(bam_file.name), index=index, notes=(*result.notes, *notes))
 
 
-def _fallback_note(error: BamcountdError) -> str:
-    return f"streaming failed ({error}); the file was downloaded and counted from the download"
+def _fallback_note(error: BamcountdError, then: str) -> str:
+    return f"streaming failed ({error}); {then}"
 
 
 def _downloaded(options: CountOptions) -> CountRequest:
@@ -265,19 +265,19 @@ def _scatter(
     started = time.time()
     subjobs = scatter_subjobs(bam_file.size, scatter_jobs)
     slots = subjobs * choose_parallelism(options.jobs, options.threads, available_cores())[0]
-    mode, planned = input_mode, None
-    if mode == "stream" and index_file is not None:
+    planned, mode = None, ""
+    if input_mode == "stream" and index_file is not None:
         with _app_errors():
             try:
                 planned = plan_count_sync(_streamed(mappings_bam, index_file, options), slots=slots)
+                mode = "stream"  # planned or not (a count not of shards): no download for the plan
             except (RemoteUnavailable, RemoteUnsupported) as error:
-                notes += (_fallback_note(error).replace("the file was", "the file is"),)
+                notes += (_fallback_note(error, "every subjob downloaded the file and counted from the download"),)
                 log.warning("stream_failed", failure=str(error), fallback="download")
-                mode = "download"
-    else:
+    elif input_mode == "stream":  # building an index reads the whole file: here, once
+        notes += ("no index_file was given: the file was downloaded, since building its index reads all of it",)
+    if not mode:
         mode = "download"
-        if input_mode == "stream":  # building an index reads the whole file: here, once
-            notes += ("no index_file was given: the file was downloaded, since building its index reads all of it",)
         request = _downloaded(options)
         with _app_errors():
             planned = plan_count_sync(request, slots=slots)
@@ -309,7 +309,7 @@ def _scatter(
             **common,
             "input_mode": mode,
             "parts": [_platform.output_ref(job, "parts") for job in jobs],
-            "modes": [_platform.output_ref(job, "mode") for job in jobs],
+            "fallbacks": [_platform.output_ref(job, "fallback") for job in jobs],
             "prefix": prefix,
             "bam_name": bam_file.name,
             "index_name": index_name,
@@ -356,20 +356,23 @@ def count_shards(
     options = _options(count_inputs, home)
     planned = _plan(plan, home)
     parts: list[ShardCounts] | None = None
-    mode = input_mode
+    mode, fallback = input_mode, ""
     if input_mode == "stream":
         with _app_errors():
             try:
                 parts = count_part_sync(_streamed(mappings_bam, index_file, options), planned, shards)
             except (RemoteUnavailable, RemoteUnsupported) as error:
                 log.warning("stream_failed", failure=str(error), fallback="download")
-                mode = f"download ({_fallback_note(error)})"
+                mode, fallback = (
+                    "download",
+                    _fallback_note(error, "a subjob downloaded the file and counted from the download"),
+                )
     if parts is None:
         request = _download_pair(mappings_bam, index_file, options, home / "shard")
         with _app_errors():
             parts = count_part_sync(request, planned, shards)
     log.info("shards_counted", shards=len(shards), total=sum(sum(part.counts) for part in parts))
-    return {"parts": [list(part) for part in parts], "mode": mode}
+    return {"parts": [list(part) for part in parts], "mode": mode, "fallback": fallback}
 
 
 def gather(
@@ -380,7 +383,7 @@ def gather(
     count_inputs: Json,
     input_mode: str,
     parts: list[list[Any]],
-    modes: list[str],
+    fallbacks: list[str],
     prefix: str,
     bam_name: str,
     index_name: str,
@@ -398,7 +401,6 @@ def gather(
         result = gather_counts(
             planned, shares, filters=options.filters, jobs=options.jobs, threads=threads, seconds=time.time() - started
         )
-    fallbacks = tuple(sorted({mode[len("download (") : -1] for mode in modes if mode.startswith("download (")}))
     if result is None:
         log.warning("parts_differ", action="counted as a single job")
         bam_file = _platform.describe_input(mappings_bam)
@@ -412,7 +414,12 @@ def gather(
             lambda: _download_pair(mappings_bam, index_file, options, home / "whole"),
         )
     else:
-        result = replace(result, bam=Path(bam_name), index=Path(index_name), notes=(*result.notes, *notes, *fallbacks))
+        result = replace(
+            result,
+            bam=Path(bam_name),
+            index=Path(index_name),
+            notes=(*result.notes, *notes, *sorted({f for f in fallbacks if f})),
+        )
     log.info("gathered", subjobs=len(parts), total=result.total)
     return _upload_results(result, prefix, home / "out")
 

@@ -214,3 +214,17 @@ def test_an_expired_url_fails_a_scatter_with_the_platforms_words(
     assert job.failure_message is not None
     assert "HTTP 403" in job.failure_message and "the download URL has expired" in job.failure_message
     assert "/F/D/REDACTED/" in job.failure_message
+
+
+def test_a_scatter_whose_stream_cannot_read_ranges_downloads_in_every_subjob(
+    emulator: Emulator, applet: str, files: dict[str, tuple[Path, Path]]
+) -> None:
+    data, index = files["bam"]
+    emulator.preauthenticated_ranges = False
+    job = run_job(emulator, applet, _input(emulator, data, index, "stream", scatter=True))
+    assert job.state == "done", job.failure_message
+    assert output_bytes(emulator, job, "count_file").decode() == seed_text(data, FILTERS)
+    notes = json.loads(output_bytes(emulator, job, "counts_json"))["notes"]
+    assert len(notes) == 1 and "ignores Range requests" in notes[0] and "every subjob downloaded" in notes[0]
+    workers = _subjobs(emulator, job, "count_shards")
+    assert workers and all(worker.input["input_mode"] == "download" for worker in workers)
