@@ -10,14 +10,15 @@ cancels the other shards; cancellation kills their samtools processes (see
 from __future__ import annotations
 
 import gc
+import json
 import operator
 import os
 import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import chain, repeat
@@ -39,6 +40,7 @@ from bamcountd.errors import (
     IndexMismatch,
     IndexMissing,
     NotCoordinateSorted,
+    PartsIncomplete,
     RemoteAccessDenied,
     RemoteChanged,
     RemoteNotFound,
@@ -168,23 +170,38 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
-    """(processes at once, threads per process) that fill the cores without oversubscribing.
+def process_threads(jobs: int, threads: int | None, cores: int) -> tuple[int, ...]:
+    """Each samtools process's threads (most first) that put every core to work while at most
+    ``jobs`` processes run.
 
     ``threads`` counts samtools' own thread: N means ``-@ N-1`` helpers.  Balanced shards make
     one thread per process the best use of the cores that ``--jobs`` lets processes fill: on 2
-    cores two single-threaded processes took 3.39 s where one with two helpers took 4.30 s.  A
-    single helper adds nothing (``samtools view -c -@1`` decompresses on one thread, as without
-    it: 5.70 s against 5.48 s on 2 cores; ten processes with ``-@1`` on 16 cores were no faster).
-    So only when ``--jobs`` leaves two or more cores per process idle does each process get a
-    helper per core (``-j 1`` on 2 cores: ``-@2``, 4.30 s instead of 6.60 s).  ``--threads`` is
-    taken as given, and then the process count shrinks to fit; ``--jobs`` always caps it.
+    cores two single-threaded processes took 3.39 s where one with two helpers took 4.30 s.  The
+    cores ``--jobs`` leaves over are shared out as evenly as they go, so that the processes'
+    shares of the cores sum to the cores: a process with one core runs alone, one with C >= 2
+    gets a helper per core (``-@C``: samtools' own thread mostly parses while the helpers
+    decompress; ``-j 1`` on 2 cores: ``-@2``, 4.30 s instead of 6.60 s).  Never a lone helper:
+    ``samtools view -c -@1`` decompresses on one thread, as without it (5.70 s against 5.48 s).
+    ``--threads`` is taken as given, and then the process count shrinks to fit; ``--jobs``
+    always caps it.
     """
     if threads is not None:
-        return max(1, min(jobs, cores // threads)), threads
+        return (threads,) * max(1, min(jobs, cores // threads))
+    return tuple(share + 1 if share >= 2 else 1 for share in process_cores(jobs, cores))
+
+
+def process_cores(jobs: int, cores: int) -> tuple[int, ...]:
+    """Each process's share of the cores, most first: ``min(jobs, cores)`` processes (at least
+    one), the cores shared out as evenly as they go; they sum to ``cores`` (or one)."""
     processes = max(1, min(jobs, cores))
-    helpers = cores // processes
-    return processes, helpers + 1 if helpers >= 2 else 1
+    base, more = divmod(max(cores, 1), processes)
+    return (base + 1,) * more + (base,) * (processes - more)
+
+
+def choose_parallelism(jobs: int, threads: int | None, cores: int) -> tuple[int, int]:
+    """(processes at once, the most threads a process gets): see :func:`process_threads`."""
+    slots = process_threads(jobs, threads, cores)
+    return len(slots), slots[0]
 
 
 def _validate(request: CountRequest) -> None:
@@ -213,16 +230,34 @@ async def count_bam(
     :raises BamcountdError: the input, the data, its server or samtools failed; nothing was counted
     """
     started = time.monotonic()
+    async with _opened(request) as opened:
+        return await _count(request, opened, started, limiter, progress)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """An input checked enough to count: its samtools, the file or URL, CRAM or not, a URL's state."""
+
+    executable: str
+    bam: Path | Url
+    cram: bool
+    fetched: _Remote | None
+    cache: Path
+
+
+@asynccontextmanager
+async def _opened(request: CountRequest) -> AsyncIterator[_Opened]:
+    """The request's input, checked; a URL's count has a private folder in the cache (samtools
+    works there: htslib drops a downloaded index in its working folder, and trusts one it finds
+    there; the index is fetched into it once), and its object is checked again at the end."""
     _validate(request)
     executable = st.find(request.samtools)
     source = parse_input(request.bam)
     cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
     if isinstance(source, Path):
         bam, cram = check_bam_file(source)
-        return await _count(request, executable, bam, cram, None, cache, started, limiter, progress)
-    # A URL's count has a private folder in the cache: samtools works there (htslib drops a
-    # downloaded index in its working folder, and trusts one it finds there), and the index is
-    # fetched into it once.
+        yield _Opened(executable, bam, cram, None, cache)
+        return
     try:
         cache.mkdir(parents=True, exist_ok=True)
         private = tempfile.TemporaryDirectory(prefix=".url-", dir=cache)
@@ -234,22 +269,28 @@ async def count_bam(
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
         fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
-        result = await _count(request, executable, source, cram, fetched, cache, started, limiter, progress)
+        yield _Opened(executable, source, cram, fetched, cache)
         await fetched.recheck()  # the object the count began with is the one it ended with
-    return result
 
 
-async def _count(
+class _Started(NamedTuple):
+    job: _Job
+    lookup: IndexLookup
+    fresh: Path | None  # the index to trust as it is
+    stats: list[st.IndexStat] | None  # its idxstats, if read already
+
+
+async def _start(
     request: CountRequest,
-    executable: str,
-    bam: Path | Url,
-    cram: bool,
-    fetched: _Remote | None,
-    cache: Path,
-    started: float,
+    opened: _Opened,
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
-) -> CountResult:
+    *,
+    stats: bool = True,
+) -> _Started:
+    """The checks, the header, the regions and the count's state; ``stats``: read the index's
+    totals too (a part of a scattered count has them in its plan)."""
+    bam, cram, fetched, cache = opened.bam, opened.cram, opened.fetched, opened.cache
     if cram and request.method == "index":
         raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
     if fetched is None:
@@ -262,6 +303,7 @@ async def _count(
     cwd = None if fetched is None else fetched.folder
     # A CRAM's idxstats reads every record: it is the count's cross-check, so no time limit but the user's.
     stats_timeout = request.timeout if cram else 300
+    executable = opened.executable
     # The checks are independent samtools runs: start them together (a count of a small BAM
     # is mostly these), then report the first failure in this order.
     for attempt in range(1, ATTEMPTS + 1):
@@ -271,7 +313,7 @@ async def _count(
                 partial(st.quickcheck, executable, bam, env=env, cwd=cwd),
                 partial(st.read_header, executable, bam, env=env, cwd=cwd),
                 partial(st.idxstats, executable, bam, fresh, env=env, timeout=stats_timeout, cwd=cwd)
-                if fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
+                if stats and fresh is not None and not (cram and fetched is None)  # a local CRAM's headers count
                 else _no_stats,
             )
             break
@@ -291,7 +333,7 @@ async def _count(
         fields_needed = _required_fields(request, regions)
         samtools = replace(samtools, view_options=st.cram_view_options(fields_needed, request.reference))
     samtools = replace(samtools, env=env, cwd=cwd)
-    processes, threads = choose_parallelism(request.jobs, request.threads, available_cores())
+    slots = process_threads(request.jobs, request.threads, available_cores())
     job = _Job(
         samtools=samtools,
         bam=bam,
@@ -300,8 +342,9 @@ async def _count(
         request=request,
         regions=regions,
         whole_file=not request.regions and request.regions_file is None,
-        processes=processes,
-        threads=threads,
+        processes=len(slots),
+        threads=slots[0],
+        thread_slots=slots,
         limiter=limiter,
         progress=progress,
         remote=fetched,
@@ -310,6 +353,18 @@ async def _count(
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
         job.notes.append(f"its index {fresh} cannot be this BAM's, which is not coordinate-sorted: it was not used")
         fresh = early_stats = None
+    return _Started(job, lookup, fresh, early_stats)
+
+
+async def _count(
+    request: CountRequest,
+    opened: _Opened,
+    started: float,
+    limiter: anyio.CapacityLimiter | None,
+    progress: ProgressCallback | None,
+) -> CountResult:
+    job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress)
+    bam, cram, fetched, regions = opened.bam, opened.cram, opened.fetched, job.regions
     index = fresh if fresh is not None else await job.index_for(lookup)
     if index is None and request.method == "index":
         raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
@@ -327,9 +382,9 @@ async def _count(
         total=sum(counts),
         regions=rows,
         filters=request.filters,
-        samtools_version=samtools.version,
+        samtools_version=job.samtools.version,
         jobs=request.jobs,
-        threads=threads,
+        threads=job.threads,
         method=method,
         shards=shard_count,
         index=None if index_url is not None else index,
@@ -338,7 +393,7 @@ async def _count(
         notes=tuple(job.notes),
         index_url=index_url,
         object=None if fetched is None else fetched.info,
-        samples=header.samples,
+        samples=job.header.samples,
     )
     log.bind(bam=str(bam)).info(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
@@ -489,6 +544,253 @@ def count_bams_sync(requests: Sequence[CountRequest], *, progress: CohortProgres
     return _run_sync(partial(count_bams, requests, progress=progress))
 
 
+# --- a count in parts: its plan, its shards counted anywhere, and the parts gathered -------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountPlan:
+    """A count cut into its exact shards, and what its verification sets them against: the
+    shards a :func:`count_bam` of the same request cuts (for ``slots`` processes at once).  Any
+    worker can count any of its shards (:func:`count_part`); :func:`gather_counts` sums them
+    and verifies as a single count does.  :meth:`as_json` and :meth:`from_json` carry it."""
+
+    bam: str  # the input as shown (a URL redacted), for messages
+    cram: bool
+    index: str  # the index the shards count through (``built``: one this count built)
+    built: bool
+    references: tuple[tuple[str, int], ...]  # the header's (name, length): each part checks its file's
+    regions: tuple[plan.Region, ...]
+    shards: tuple[plan.Shard, ...]
+    totals: tuple[int | None, ...]  # each region's records by the index (None: not known alone)
+    account: bool  # the shards account for the records their filters leave out
+    earlier: bool  # an earlier count proved this pair record by record
+    components: tuple[tuple[tuple[int, ...], int], ...] | None  # a local CRAM's (see _check_pass)
+    unplaced_unrecorded: bool  # the index does not record how many unplaced reads there are
+    empty: tuple[int, ...]  # a CRAM's references without records
+    samtools_version: str
+    notes: tuple[str, ...]
+    samples: tuple[str, ...]
+    object: ObjectInfo | None = None  # a URL's object as planned: every part must read the same
+
+    def as_json(self) -> dict[str, Any]:
+        """Only JSON types (a job's input, a file)."""
+        values = {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.name != "shards"}
+        values["object"] = None if self.object is None else self.object.as_dict()
+        values["regions"] = [list(region) for region in self.regions]
+        values["shards"] = [
+            [list(s.regions), list(s.args), s.expression, s.kind, s.sign, s.weight, [list(x) for x in s.stretches]]
+            for s in self.shards
+        ]
+        carried: dict[str, Any] = json.loads(json.dumps(values))  # tuples become lists, as they come back
+        return carried
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> CountPlan:
+        """:raises PartsIncomplete: ``values`` is not a plan's JSON"""
+        try:
+            shards = tuple(
+                plan.Shard(tuple(r), tuple(a), e, k, g, float(w), tuple((n, b, c) for n, b, c in x))
+                for r, a, e, k, g, w, x in values["shards"]
+            )
+            components, info = values["components"], values["object"]
+            return cls(
+                **{key: values[key] for key in ("bam", "cram", "index", "built", "account", "earlier")},
+                **{key: values[key] for key in ("unplaced_unrecorded", "samtools_version")},
+                references=tuple((name, length) for name, length in values["references"]),
+                regions=tuple(plan.Region(*region) for region in values["regions"]),
+                shards=shards,
+                totals=tuple(values["totals"]),
+                components=None if components is None else tuple((tuple(r), t) for r, t in components),
+                empty=tuple(values["empty"]),
+                notes=tuple(values["notes"]),
+                samples=tuple(values["samples"]),
+                object=None if info is None else ObjectInfo(**info),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise PartsIncomplete(f"not a count's plan ({type(error).__name__}: {error})") from None
+
+
+class ShardCounts(NamedTuple):
+    """One shard's share of its regions (in the shard's order): reads counted, and records
+    reached (None where filters left records uncounted and nothing says how many)."""
+
+    shard: int  # its number in the plan
+    counts: tuple[int, ...]
+    reached: tuple[int | None, ...]
+
+
+async def plan_count(request: CountRequest, *, slots: int | None = None) -> CountPlan | None:
+    """The request's count cut into its exact shards, for ``slots`` processes at once (default:
+    as :func:`count_bam` would on this machine); None when it is not counted in shards (``--method
+    index``, or a BAM without an index that is not coordinate-sorted: one pass over it).
+
+    :raises BamcountdError: as :func:`count_bam`, for what its checks find
+    """
+    async with _opened(request) as opened:
+        job, lookup, fresh, early_stats = await _start(request, opened, None, None)
+        if request.method == "index":
+            return None
+        index = fresh if fresh is not None else await job.index_for(lookup)
+        if index is None:
+            return None
+        index, stats = await job.stats_for(index, early_stats)
+        by_name, totals, earlier, account = job.prepare(index, stats)
+        shards = job.plan_pass(by_name, totals, account=account, slots=slots)
+        containers = job.containers
+        return CountPlan(
+            bam=str(opened.bam),
+            cram=opened.cram,
+            index=str(index),
+            built=index == job.built,
+            references=tuple((ref.name, ref.length) for ref in job.header.references),
+            regions=tuple(job.regions),
+            shards=tuple(shards),
+            totals=tuple(totals),
+            account=account,
+            earlier=earlier,
+            components=None
+            if containers is None
+            else tuple((tuple(sorted(refs)), total) for refs, total in containers.components),
+            unplaced_unrecorded=not opened.cram and _uncounted_unplaced(index),
+            empty=tuple(sorted(job.empty)),
+            samtools_version=job.samtools.version,
+            notes=tuple(job.notes),
+            samples=job.header.samples,
+            object=None if opened.fetched is None else opened.fetched.info,
+        )
+
+
+async def count_part(
+    request: CountRequest, counted: CountPlan, shards: Sequence[int], *, limiter: anyio.CapacityLimiter | None = None
+) -> list[ShardCounts]:
+    """Count the plan's ``shards`` (by number) over the request's input (a file, or a URL read by
+    byte ranges) and its index, which must be the plan's file and index; each shard's share of
+    its regions, in the order given.  Shards a result sends to be counted again (a group that
+    differs from the index) run here too, within their shard.
+
+    :raises PartsIncomplete: a shard number the plan does not have, or given twice
+    :raises IndexMismatch: the file's header is not the plan's
+    :raises BamcountdError: as :func:`count_bam`
+    """
+    if len(set(shards)) != len(shards) or not all(0 <= n < len(counted.shards) for n in shards):
+        raise PartsIncomplete(
+            f"{counted.bam}: shards {sorted(shards)} are not each once of the plan's 0 to {len(counted.shards) - 1}"
+        )
+    async with _opened(request) as opened:
+        job, lookup, fresh, _ = await _start(request, opened, limiter, None, stats=False)
+        if opened.fetched is not None and counted.object is not None and opened.fetched.info != counted.object:
+            raise RemoteChanged(
+                f"{opened.bam}: the object is not the one its count was planned with (size, ETag, Last-Modified: "
+                f"{counted.object.size}, {counted.object.etag}, {counted.object.last_modified} then; "
+                f"{opened.fetched.info.size}, {opened.fetched.info.etag}, {opened.fetched.info.last_modified} now)"
+            )
+        if tuple((ref.name, ref.length) for ref in job.header.references) != counted.references:
+            raise IndexMismatch(f"{opened.bam}: its header is not the one its count was planned with")
+        if tuple(job.regions) != counted.regions:
+            raise PartsIncomplete(f"{opened.bam}: the regions asked for are not the ones the count was planned with")
+        index = fresh if fresh is not None else lookup.path
+        if index is None:
+            raise IndexMissing(f"{opened.bam}: a part of a count needs the index its plan counts through")
+        job.index, job.empty = index, frozenset(counted.empty)
+        chosen = [counted.shards[n] for n in shards]
+        reducer = _PartReducer(
+            opened.bam,
+            job.regions,
+            counted.totals,
+            filtered=request.filters.active,
+            account=counted.account,
+            origins={id(shard): n for shard, n in zip(chosen, shards, strict=True)},
+        )
+        await job._run_shards(index, chosen, reducer)
+    return [reducer.share(n, counted.shards[n]) for n in shards]
+
+
+def gather_counts(
+    counted: CountPlan, parts: Iterable[ShardCounts], *, filters: Filters, jobs: int, threads: int, seconds: float
+) -> CountResult | None:
+    """The count from its parts, verified as a single :func:`count_bam` verifies; None when
+    whole regions reached other numbers of records than the index holds (or a CRAM's container
+    headers do not explain them): only a single count's recovery, which reads the whole file,
+    can tell why, so count it as one.
+
+    :raises PartsIncomplete: the parts do not hold each of the plan's shards exactly once
+    """
+    regions = counted.regions
+    counts, reached = [0] * len(regions), [0] * len(regions)
+    unknown: set[int] = set()
+    seen: set[int] = set()
+    for part in parts:
+        if not 0 <= part.shard < len(counted.shards) or part.shard in seen:
+            raise PartsIncomplete(f"{counted.bam}: shard {part.shard} is not the plan's, or was counted twice")
+        seen.add(part.shard)
+        members = counted.shards[part.shard].regions
+        if not len(members) == len(part.counts) == len(part.reached):
+            raise PartsIncomplete(
+                f"{counted.bam}: shard {part.shard} came back with {len(part.counts)} counts for {len(members)} regions"
+            )
+        for i, count, records in zip(members, part.counts, part.reached, strict=True):
+            counts[i] += count
+            if records is None:
+                unknown.add(i)
+            else:
+                reached[i] += records
+    if len(seen) != len(counted.shards):
+        missing = sorted(set(range(len(counted.shards))) - seen)
+        raise PartsIncomplete(
+            f"{counted.bam}: {len(missing)} of the plan's {len(counted.shards)} shards were not counted ({missing[:5]})"
+        )
+    done = _Pass(counts, [None if i in unknown else n for i, n in enumerate(reached)], len(counted.shards))
+    checked = _check_pass(
+        regions,
+        plan.whole_regions(regions),
+        done,
+        counted.totals,
+        components=counted.components,
+        ref_ids={name: i for i, (name, _) in enumerate(counted.references)},
+        earlier=counted.earlier,
+        index=counted.index,
+        unplaced_unrecorded=lambda: counted.unplaced_unrecorded,
+    )
+    if checked.verification is None:
+        return None
+    verification = "records" if counted.cram and checked.verification == "index" else checked.verification
+    with _collector_paused():
+        rows = _region_counts(regions, counts)
+    return CountResult(
+        bam=Path(counted.bam),
+        total=sum(counts),
+        regions=rows,
+        filters=filters,
+        samtools_version=counted.samtools_version,
+        jobs=jobs,
+        threads=threads,
+        method="view",
+        shards=len(counted.shards),
+        index=Path(counted.index),
+        seconds=seconds,
+        verification=verification,
+        notes=(*counted.notes, *checked.notes),
+        samples=counted.samples,
+        object=counted.object,
+    )
+
+
+def plan_count_sync(request: CountRequest, *, slots: int | None = None) -> CountPlan | None:
+    """:func:`plan_count` for callers without an event loop.
+
+    :raises BamcountdError: as :func:`plan_count`
+    """
+    return _run_sync(partial(plan_count, request, slots=slots))
+
+
+def count_part_sync(request: CountRequest, counted: CountPlan, shards: Sequence[int]) -> list[ShardCounts]:
+    """:func:`count_part` for callers without an event loop.
+
+    :raises BamcountdError: as :func:`count_part`
+    """
+    return _run_sync(partial(count_part, request, counted, shards))
+
+
 async def _no_stats() -> None:
     return None
 
@@ -556,7 +858,7 @@ class _Job:
     regions: Sequence[plan.Region]
     whole_file: bool  # the default rows: every reference, then *
     processes: int
-    threads: int
+    threads: int  # the most a process gets (``thread_slots``' first)
     limiter: anyio.CapacityLimiter | None
     progress: ProgressCallback | None
     notes: list[str] = field(default_factory=list)
@@ -565,6 +867,7 @@ class _Job:
     built: Path | None = None  # an index this count built (or found in its cache)
     remote: _Remote | None = None  # a URL's count
     containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
+    thread_slots: tuple[int, ...] = ()  # each process's threads, most first (process_threads); () for ``threads`` each
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -579,6 +882,17 @@ class _Job:
     async def through(self, index: Path, stats: list[st.IndexStat] | None) -> _Counted:
         """The counts through ``index`` (with ``--method index``, its own totals alone); ``stats``
         are its idxstats if they were read already."""
+        index, stats = await self.stats_for(index, stats)
+        if self.request.method == "index":
+            _check_whole(self.bam, self.regions)
+            by_name = {stat.name: stat for stat in stats}
+            return _Counted([_index_total(r, by_name) or 0 for r in self.regions], "index", "none", 0, index)
+        counts, verification, shards = await self.view(index, stats)
+        return _Counted(counts, "view", verification, shards, self.index)
+
+    async def stats_for(self, index: Path, stats: list[st.IndexStat] | None) -> tuple[Path, list[st.IndexStat]]:
+        """The index to count through and its totals per reference (``stats`` if read already):
+        a local CRAM's from its container headers; an index without statistics rebuilt."""
         if stats is None and self.cram and self.remote is None and self.request.method != "index":
             stats = await self._container_stats(index)
         if stats is None:
@@ -588,12 +902,7 @@ class _Job:
             index = await self.fresh_index(f"its index {index} has no per-reference statistics (written by bamtools?)")
             stats = await self._idxstats(index)
         _check_index_names(self.bam, self.header, stats)
-        if self.request.method == "index":
-            _check_whole(self.bam, self.regions)
-            by_name = {stat.name: stat for stat in stats}
-            return _Counted([_index_total(r, by_name) or 0 for r in self.regions], "index", "none", 0, index)
-        counts, verification, shards = await self.view(index, stats)
-        return _Counted(counts, "view", verification, shards, self.index)
+        return index, stats
 
     async def _container_stats(self, index: Path) -> list[st.IndexStat] | None:
         """A local CRAM 3's records per reference from its container headers (cramfile), as
@@ -637,35 +946,7 @@ class _Job:
         return {ref for refs, _ in self.containers.components for ref in refs}
 
     def _ref_id(self, region: plan.Region) -> int | None:
-        if region.everything:
-            return None
-        if region.reference is None:
-            return UNPLACED_ID
-        return self.ref_ids[region.reference]
-
-    def _components_hold(self, done: _Pass, totals: list[int | None]) -> bool:
-        """Every component of references sharing multi-reference containers that the count
-        asked for reached as many records as its containers hold; their totals are then the
-        records reached.  False when one did not, or when only some of its references were
-        counted whole (nothing to set their records against)."""
-        assert self.containers is not None
-        by_ref = {self._ref_id(r): i for i, r in enumerate(self.regions) if r.whole and not r.everything}
-        everything = any(region.everything for region in self.regions)
-        for refs, total in self.containers.components:
-            members = [by_ref.get(ref) for ref in refs]
-            if not everything and all(i is None for i in members):
-                continue  # none of it asked for
-            if any(i is None or done.reached[i] is None for i in members):
-                return False
-            if sum(done.reached[i] or 0 for i in members if i is not None) != total:
-                return False
-            for i in members:
-                assert i is not None
-                totals[i] = done.reached[i]
-        for i, region in enumerate(self.regions):
-            if region.everything:
-                totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
-        return True
+        return _ref_id(region, self.ref_ids)
 
     async def _idxstats(self, index: Path) -> list[st.IndexStat]:
         timeout = self.request.timeout if self.cram else 300
@@ -736,6 +1017,37 @@ class _Job:
     async def view(self, index: Path, stats: Sequence[st.IndexStat]) -> tuple[list[int], str, int]:
         """Count every region through ``index``; verify whole references against it, and
         recover where region queries miss records that the BAM and the index both hold."""
+        by_name, totals, earlier, account = self.prepare(index, stats)
+        first = await self._pass(index, by_name, totals, account=account)
+        checked = _check_pass(
+            self.regions,
+            self.whole,
+            first,
+            totals,
+            components=None if self.containers is None else self.containers.components,
+            ref_ids=self.ref_ids,
+            earlier=earlier,
+            index=str(index),
+            unplaced_unrecorded=lambda: not self.cram and _uncounted_unplaced(index),
+        )
+        if checked.containers_differ:
+            # Set the records against samtools' own count of them instead (it explains what the
+            # headers cannot: which references differ, and why).
+            self.log.info("containers_differ", index=str(index), missed=len(checked.missed))
+            self.containers = None
+            return await self.view(index, await self._idxstats(index))
+        self.notes += checked.notes
+        if checked.verification is not None:
+            self._remember(index, first, checked.totals)
+            return first.counts, checked.verification, first.shards
+        return await self._recover(index, by_name, checked.totals, first, checked.missed)
+
+    def prepare(
+        self, index: Path, stats: Sequence[st.IndexStat]
+    ) -> tuple[dict[str, st.IndexStat], list[int | None], bool, bool]:
+        """What a count through ``index`` sets its regions against: the index's lines by name,
+        each region's total (see _totals), whether an earlier count proved the pair record by
+        record, and whether the shards must account for what the filters leave out."""
         self.index = index
         by_name = {stat.name: stat for stat in stats}
         if self.cram:  # a CRAI has no entry for a reference without records, and htslib says so
@@ -748,37 +1060,27 @@ class _Job:
         trust = filtered and self.request.verify == "auto" and not self.samtools.supports_save_counts
         verdict = self._verdict(index) if trust else None
         earlier = verdict is not None and verdict.holds()
-        first = await self._pass(index, by_name, totals, account=filtered and not earlier)
-        missed = _mismatches(self.regions, self.whole, first, totals)
-        # An earlier count proved the pair record by record (components included): a filtered
-        # count that did not account for what it left out has nothing to set against them.
-        checked = earlier or self._components_hold(first, totals) if self.containers is not None else True
-        if self.containers is not None and (missed or not checked):
-            # Set the records against samtools' own count of them instead (it explains what the
-            # headers cannot: which references differ, and why).
-            self.log.info("containers_differ", index=str(index), missed=len(missed))
-            self.containers = None
-            return await self.view(index, await self._idxstats(index))
-        unplaced = [i for i in missed if self.regions[i].reference is None and not self.regions[i].everything]
-        if unplaced and all(totals[i] == 0 for i in unplaced) and not self.cram and _uncounted_unplaced(index):
-            # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
-            self.notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
-            totals = [None if i in unplaced else total for i, total in enumerate(totals)]
-            missed = _mismatches(self.regions, self.whole, first, totals)
-        if not missed:
-            self._remember(index, first, totals)
-            verification = "earlier" if earlier else "containers" if self.containers is not None else "index"
-            if not self.whole:
-                verification = "none"
-            return first.counts, verification, first.shards
-        return await self._recover(index, by_name, totals, first, missed)
+        return by_name, totals, earlier, filtered and not earlier
 
     async def _pass(
         self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
+        shards = self.plan_pass(stats, totals, account=account)
+        reducer = self.reducer(totals, account=account)
+        await self._run_shards(index, shards, reducer)
+        return _Pass(reducer.counts, reducer.reached(), len(shards))
+
+    def reducer(self, totals: Sequence[int | None], *, account: bool) -> _Reducer:
+        return _Reducer(self.bam, self.regions, totals, filtered=self.request.filters.active, account=account)
+
+    def plan_pass(
+        self, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool, slots: int | None = None
+    ) -> list[plan.Shard]:
+        """The shards of one pass, cut for ``slots`` processes at once (default: this count's)."""
+        slots = self.processes if slots is None else slots
         small_reads = min(self.request.min_shard_reads // 10, 20_000)
         policy = plan.ShardPolicy(
-            slots=self.processes,
+            slots=slots,
             split=self.request.split and self.samtools.supports_expressions,
             group=self.request.split,
             filtered=self.request.filters.active,
@@ -795,19 +1097,15 @@ class _Job:
                 # Each CRAM shard pays samtools' start and its first container's decoding: cut into
                 # about as many shards as the policy aims for, references grouped up to that size
                 # (filtered, a group is tallied per reference, which costs more than the starts).
-                per_shard = int(sum(weights) / (self.processes * plan.ShardPolicy.pieces_per_slot))
+                per_shard = int(sum(weights) / (slots * plan.ShardPolicy.pieces_per_slot))
                 policy = replace(policy, small_reads=max(small_reads, per_shard))
             index_empty = not any(stat.reads for stat in stats.values())
             densities = plan.densities(stats, self.lengths)
             shards = plan.plan_shards(
                 self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities, swept=swept
             )
-        self.log.debug(
-            "planned", regions=len(self.regions), shards=len(shards), processes=self.processes, threads=self.threads
-        )
-        reducer = _Reducer(self.bam, self.regions, totals, filtered=self.request.filters.active, account=account)
-        await self._run_shards(index, shards, reducer)
-        return _Pass(reducer.counts, reducer.reached(), len(shards))
+        self.log.debug("planned", regions=len(self.regions), shards=len(shards), processes=slots, threads=self.threads)
+        return shards
 
     def _remember(self, index: Path, done: _Pass, totals: Sequence[int | None]) -> None:
         """Once every reference was set record by record against the index, say so for later
@@ -982,7 +1280,7 @@ class _Job:
         extra shards the reducer asks for (to explain a mismatch) run the same way."""
         if not shards:
             return
-        local = anyio.CapacityLimiter(self.processes)
+        local = _Slots(self.thread_slots or (self.threads,) * self.processes)
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
             scratch = Path(scratch_name)
@@ -991,16 +1289,14 @@ class _Job:
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
-                        for number, shard in enumerate(shards):
-                            how = self._command(index, number, shard, scratch)
-                            group.start_soon(self._run_one, index, shard, how, send.clone(), local)
+                        for number, shard in enumerate(shards):  # biggest first: they take the most threads
+                            group.start_soon(self._run_one, index, shard, (number, scratch), send.clone(), local)
                         while reducer.done < started:
                             outcome = await receive.receive()
                             extras = reducer.add(outcome)
                             pending.add(extras)
                             for extra in extras:
-                                how = self._command(index, started, extra, scratch)
-                                group.start_soon(self._run_one, index, extra, how, send.clone(), local)
+                                group.start_soon(self._run_one, index, extra, (started, scratch), send.clone(), local)
                                 started += 1
                             pending.done(outcome.shard)
                             if self.progress is not None:
@@ -1012,19 +1308,20 @@ class _Job:
         self,
         index: Path,
         shard: plan.Shard,
-        how: _Command,
+        where: tuple[int, Path],
         results: ObjectSendStream[_Outcome],
-        local: anyio.CapacityLimiter,
+        local: _Slots,
     ) -> None:
         """Run one shard: a ``view -c`` (with the file it saves its counts to), or a tally.  A
         URL's shard that samtools could not read is tried again (bounded) while the object is
         still there and the same: htslib does not retry a dropped connection."""
         what = f"{self.bam}: region {shard.label}"
-        async with results, local:
+        async with results, local.take() as threads:
+            how = self._command(index, where[0], shard, where[1], threads)
             with _named_failures(what, self.request.timeout):
                 async with self.limiter if self.limiter is not None else nullcontext():
                     for attempt in range(1, ATTEMPTS + 1):
-                        outcome = await self._attempt(index, shard, how)
+                        outcome = await self._attempt(index, shard, how, threads)
                         failure = outcome.completed.describe_failure()
                         if self.remote is None or failure is None:
                             break
@@ -1040,20 +1337,20 @@ class _Job:
                         outcome = _Outcome(shard, outcome.completed, tallies)
             await results.send(outcome)
 
-    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command) -> _Outcome:
+    async def _attempt(self, index: Path, shard: plan.Shard, how: _Command, threads: int) -> _Outcome:
         argv, where = how
         if shard.kind == plan.SWEEP:
-            return await self._sweep(index, shard, where)
+            return await self._sweep(index, shard, where, threads)
         if argv is None:
-            return await self._tally(index, shard, where)
+            return await self._tally(index, shard, where, threads)
         completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd)
         if shard.bed and self.empty:
             completed = st.without_empty_reference_notes(completed, self.empty)
         return _Outcome(shard, completed)
 
-    def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path) -> _Command:
-        """How shard ``number`` runs: its ``view -c`` argv, or None for a tally (see _Command)."""
-        samtools, bam, filters, threads = self.samtools, self.bam, self.request.filters, self.threads
+    def _command(self, index: Path, number: int, shard: plan.Shard, scratch: Path, threads: int) -> _Command:
+        """How shard ``number`` runs with ``threads``: its ``view -c`` argv, or None for a tally (see _Command)."""
+        samtools, bam, filters = self.samtools, self.bam, self.request.filters
         if shard.kind == plan.SWEEP:
             return None, scratch / f"sweep{number}.intervals"  # written as it starts (see _sweep)
         if shard.kind == plan.ACCOUNT:
@@ -1076,7 +1373,7 @@ class _Job:
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
-    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path) -> _Outcome:
+    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
         (:mod:`bamcountd.overlaps`), which credits each read to every one of the shard's ranges
         it overlaps.  Its files are written here, so that the first sweeps run while the
@@ -1093,14 +1390,14 @@ class _Job:
             bed=intervals.with_suffix(".bed"),
             filters=self.request.filters,
             readers=[sys.executable, "-m", "bamcountd.overlaps", str(intervals)],
-            threads=self.threads,
+            threads=threads,
             cwd=intervals.parent,
             timeout=self.request.timeout,
         )
         counts = st.parse_sweep(tally, len(shard.regions), f"{self.bam}: region {shard.label}")
         return _Outcome(shard, tally.view, counts=counts)
 
-    async def _tally(self, index: Path, shard: plan.Shard, where: Path) -> _Outcome:
+    async def _tally(self, index: Path, shard: plan.Shard, where: Path, threads: int) -> _Outcome:
         """A shard counted with the records its filters leave out: a group by its BED (per
         reference), or one region (one total, ``-e`` applied to both streams)."""
         bam, request = self.bam, self.request
@@ -1118,7 +1415,7 @@ class _Job:
             filters=request.filters,
             expression=shard.expression,
             readers=readers,
-            threads=self.threads,
+            threads=threads,
             cwd=cwd,
             timeout=request.timeout,
         )
@@ -1185,6 +1482,96 @@ def _mismatches(
     return missed
 
 
+def _ref_id(region: plan.Region, ref_ids: dict[str, int]) -> int | None:
+    if region.everything:
+        return None
+    if region.reference is None:
+        return UNPLACED_ID
+    return ref_ids[region.reference]
+
+
+#: A CRAM's components: references sharing multi-reference containers, and their records.
+_Components = Sequence[tuple[Collection[int], int]]
+
+
+def _components_hold(
+    components: _Components,
+    regions: Sequence[plan.Region],
+    ref_ids: dict[str, int],
+    done: _Pass,
+    totals: list[int | None],
+) -> bool:
+    """Every component of references sharing multi-reference containers that the count
+    asked for reached as many records as its containers hold; their totals are then the
+    records reached.  False when one did not, or when only some of its references were
+    counted whole (nothing to set their records against)."""
+    by_ref = {_ref_id(r, ref_ids): i for i, r in enumerate(regions) if r.whole and not r.everything}
+    everything = any(region.everything for region in regions)
+    for refs, total in components:
+        members = [by_ref.get(ref) for ref in refs]
+        if not everything and all(i is None for i in members):
+            continue  # none of it asked for
+        if any(i is None or done.reached[i] is None for i in members):
+            return False
+        if sum(done.reached[i] or 0 for i in members if i is not None) != total:
+            return False
+        for i in members:
+            assert i is not None
+            totals[i] = done.reached[i]
+    for i, region in enumerate(regions):
+        if region.everything:
+            totals[i] = sum(done.reached[j] or 0 for j in by_ref.values())
+    return True
+
+
+class _Checked(NamedTuple):
+    """What one pass's counts came to, set against the index (or a CRAM's containers)."""
+
+    verification: str | None  # None: whole regions missed records (``missed``): recover
+    missed: list[int]
+    totals: list[int | None]  # as the check left them (components' filled in, an unrecorded * dropped)
+    notes: list[str]
+    containers_differ: bool  # a CRAM's container headers do not explain the pass: ask idxstats
+
+
+def _check_pass(
+    regions: Sequence[plan.Region],
+    whole: Sequence[int],
+    done: _Pass,
+    totals: Sequence[int | None],
+    *,
+    components: _Components | None,
+    ref_ids: dict[str, int],
+    earlier: bool,
+    index: str,
+    unplaced_unrecorded: Callable[[], bool],
+) -> _Checked:
+    """The one verification of a pass, a single job's or a scattered count's gathered parts:
+    whole regions' records reached against the index's totals (a CRAM's components by their
+    sum); ``unplaced_unrecorded`` says whether the index lacks the count of unplaced reads."""
+    checked_totals = list(totals)
+    missed = _mismatches(regions, whole, done, checked_totals)
+    # An earlier count proved the pair record by record (components included): a filtered
+    # count that did not account for what it left out has nothing to set against them.
+    if components is not None:
+        held = earlier or _components_hold(components, regions, ref_ids, done, checked_totals)
+        if missed or not held:
+            return _Checked(None, missed, checked_totals, [], True)
+    notes: list[str] = []
+    unplaced = [i for i in missed if regions[i].reference is None and not regions[i].everything]
+    if unplaced and all(checked_totals[i] == 0 for i in unplaced) and unplaced_unrecorded():
+        # A BAI's count of unplaced reads is optional: without it, * is counted, not checked.
+        notes.append(f"its index {index} does not record how many unplaced reads there are: * is not checked")
+        checked_totals = [None if i in unplaced else total for i, total in enumerate(checked_totals)]
+        missed = _mismatches(regions, whole, done, checked_totals)
+    if missed:
+        return _Checked(None, missed, checked_totals, notes, False)
+    verification = "earlier" if earlier else "containers" if components is not None else "index"
+    if not whole:
+        verification = "none"
+    return _Checked(verification, [], checked_totals, notes, False)
+
+
 def _check_index_names(bam: Path | Url, header: st.Header, stats: Sequence[st.IndexStat]) -> None:
     # idxstats prints the header's names with the index's numbers, so this catches an index
     # with a different number of references only; the count cross-check catches the rest.
@@ -1216,6 +1603,26 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
     ends = (plan.bed_end(lengths[name]) for name in names)
     path.write_bytes(b"".join(os.fsencode(f"{name}\t0\t{end}\n") for name, end in zip(names, ends, strict=True)))
     return path
+
+
+class _Slots:
+    """The processes that may run at once, each with its threads: a shard takes the free one
+    with the most threads, so that the shards started first (the biggest: plans sort them so)
+    get the most, and a big slot that frees goes to the next shard waiting."""
+
+    def __init__(self, threads: Sequence[int]) -> None:
+        self._free = sorted(threads, reverse=True)
+        self._limiter = anyio.CapacityLimiter(len(self._free))
+
+    @asynccontextmanager
+    async def take(self) -> AsyncIterator[int]:
+        async with self._limiter:  # waiters are served in the order they came
+            threads = self._free.pop(0)
+            try:
+                yield threads
+            finally:
+                self._free.append(threads)
+                self._free.sort(reverse=True)
 
 
 class _Pending:
@@ -1346,6 +1753,39 @@ class _Reducer:
         if again:
             log.warning("group_recounted", bam=str(self.bam), references=len(again), of=len(shard.regions))
         return count, again
+
+
+class _PartReducer(_Reducer):
+    """A part's reducer: each shard's share of its regions, kept apart (with the shards a
+    result sends to run instead, which count within its regions)."""
+
+    def __init__(self, *args: Any, origins: dict[int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origins = origins  # id of a shard running -> the plan's shard it counts for
+        self._shares: dict[int, dict[int, tuple[int, int, bool]]] = {}
+
+    def add(self, outcome: _Outcome) -> list[plan.Shard]:
+        members = set(outcome.shard.regions)
+        origin = self.origins.pop(id(outcome.shard))
+        before = {i: (self.counts[i], self._reached[i]) for i in members}
+        kept, self._unknown = self._unknown, set()  # what this result leaves unknown, alone
+        extras = super().add(outcome)
+        marked, self._unknown = self._unknown, kept | self._unknown
+        share = self._shares.setdefault(origin, {})
+        for i in members:
+            count, reached, unknown = share.get(i, (0, 0, False))
+            share[i] = (
+                count + self.counts[i] - before[i][0],
+                reached + self._reached[i] - before[i][1],
+                unknown or i in marked,
+            )
+        self.origins.update((id(extra), origin) for extra in extras)
+        return extras
+
+    def share(self, number: int, shard: plan.Shard) -> ShardCounts:
+        share = self._shares.get(number, {})
+        rows = [share.get(i, (0, 0, False)) for i in shard.regions]
+        return ShardCounts(number, tuple(c for c, _, _ in rows), tuple(None if u else r for _, r, u in rows))
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

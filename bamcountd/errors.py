@@ -93,6 +93,10 @@ class IndexMismatch(BamcountdError):
     """Counts disagree with the index's own totals: the index belongs to another file."""
 
 
+class PartsIncomplete(BamcountdError):
+    """A scattered count's parts do not hold each shard of its plan exactly once, as planned."""
+
+
 class RemoteUnavailable(BamcountdError):
     """A URL's server failed in a way worth another try (a dropped connection, a body shorter
     than its Content-Length, 5xx), after bounded retries."""

@@ -355,7 +355,12 @@ class CountOptions:
         True, "--no-split", convert=boolean, kind=OFF, help="one samtools per region (no balanced shards)"
     )
     min_shard_reads: int = option(
-        DEFAULT_MIN_SHARD_READS, "--min-shard-reads", convert=positive_int, metavar="N", help="smallest shard, in reads"
+        DEFAULT_MIN_SHARD_READS,
+        "--min-shard-reads",
+        convert=positive_int,
+        metavar="N",
+        applet="min_shard_reads",
+        help="smallest shard, in reads",
     )
     index: Path | Url | None = option(
         None,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bamcountd import CountRequest, Filters, count_bam_sync, plan
-from bamcountd.count import choose_parallelism
+from bamcountd.count import _Slots, choose_parallelism, process_cores, process_threads
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, UnknownRegion
 from bamcountd.plan import Region, ShardPolicy, default_region, default_regions, parse_region, plan_shards, read_bed
 from bamcountd.samtools import Header
@@ -165,14 +166,14 @@ def test_each_boundary_shard_agrees_with_samtools_on_its_own(dense_bam: Path) ->
     ("jobs", "threads", "cores", "expected"),
     [
         (10, None, 2, (2, 1)),  # a process per core
-        (10, None, 16, (10, 1)),  # --jobs caps processes; one helper each (-@1) adds nothing
+        (10, None, 16, (10, 3)),  # --jobs caps processes; the 6 spare cores: -@2 for 6 of them
         (16, None, 16, (16, 1)),
-        (10, None, 19, (10, 1)),
+        (10, None, 19, (10, 3)),
         (10, None, 1, (1, 1)),
         (1, None, 2, (1, 3)),  # cores --jobs leaves idle get helper threads: -@2
         (1, None, 16, (1, 17)),  # like samtools view -c -@16
         (8, None, 16, (8, 3)),
-        (4, None, 18, (4, 5)),
+        (4, None, 18, (4, 6)),  # 5, 5, 4, 4 cores: -@5 twice, -@4 twice
         (10, 1, 16, (10, 1)),  # --threads is taken as given
         (10, 4, 16, (4, 4)),  # ... and processes shrink so that cores are not oversubscribed
         (10, 4, 2, (1, 4)),
@@ -182,6 +183,67 @@ def test_processes_and_threads_fill_the_cores(
     jobs: int, threads: int | None, cores: int, expected: tuple[int, int]
 ) -> None:
     assert choose_parallelism(jobs, threads, cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("jobs", "cores", "shares"),
+    [
+        (10, 16, (2,) * 6 + (1,) * 4),  # the applet's default on its 16-core instance
+        (10, 2, (1, 1)),  # fewer cores than --jobs: a process per core
+        (10, 64, (7,) * 4 + (6,) * 6),
+        (10, 10, (1,) * 10),
+        (10, 11, (2,) + (1,) * 9),
+        (1, 2, (2,)),
+        (3, 1, (1,)),
+    ],
+)
+def test_every_core_works_while_at_most_jobs_processes_run(jobs: int, cores: int, shares: tuple[int, ...]) -> None:
+    assert process_cores(jobs, cores) == shares
+    assert sum(shares) == cores  # every core is some process's
+    assert len(shares) == min(jobs, cores) and min(shares) >= 1  # at most --jobs, none without a core
+    assert max(shares) - min(shares) <= 1  # as even as they go
+    threads = process_threads(jobs, None, cores)
+    # samtools' threads: alone on one core, a helper per core on more (-@C), never a lone -@1.
+    assert threads == tuple(share + 1 if share >= 2 else 1 for share in shares)
+    assert 2 not in threads
+    assert choose_parallelism(jobs, None, cores) == (len(threads), threads[0])
+
+
+@pytest.mark.parametrize(
+    ("jobs", "threads", "cores", "expected"),
+    [(10, 4, 16, (4,) * 4), (10, 3, 16, (3,) * 5), (10, 4, 2, (4,)), (2, 4, 64, (4, 4)), (10, 1, 16, (1,) * 10)],
+)
+def test_threads_given_are_taken_as_given(jobs: int, threads: int, cores: int, expected: tuple[int, ...]) -> None:
+    assert process_threads(jobs, threads, cores) == expected
+    assert sum(expected) <= max(cores, threads)  # never more than the cores (one process at least)
+
+
+def test_the_biggest_shards_take_the_processes_with_the_most_threads() -> None:
+    taken: list[tuple[int, int]] = []
+
+    async def main() -> None:
+        slots = _Slots(process_threads(10, None, 16)[::-1])  # given in any order
+        done = [anyio.Event() for _ in range(12)]
+
+        async def shard(number: int) -> None:
+            async with slots.take() as threads:
+                taken.append((number, threads))
+                await done[number].wait()
+
+        async with anyio.create_task_group() as group:
+            for number in range(12):  # in plan order: biggest first
+                group.start_soon(shard, number)
+                await anyio.wait_all_tasks_blocked()
+            assert [threads for _, threads in taken] == [3] * 6 + [1] * 4  # ten run, two wait
+            done[9].set()  # a one-thread process ends: the next shard waiting gets its slot
+            await anyio.wait_all_tasks_blocked()
+            done[0].set()  # a three-thread one ends: the next gets three
+            await anyio.wait_all_tasks_blocked()
+            assert taken[10:] == [(10, 1), (11, 3)]
+            for event in done:
+                event.set()
+
+    anyio.run(main)
 
 
 _BED_LENGTHS = {"chr1": 1_000, "track": 500, "c:2": 300}

@@ -6,10 +6,15 @@ over a preauthenticated download URL and the index is fetched small; ``download`
 the inputs first.  A stream that fails for a reason a download fixes (the URL cannot be read as
 samtools needs: :class:`~bamcountd.errors.RemoteUnsupported`, or the download server keeps
 failing: :class:`~bamcountd.errors.RemoteUnavailable`) is counted again from a download, which
-the log and the JSON's notes say.  For big BAMs (``scatter``) it balances whole references
-across ``count_shards`` subjobs by the index's own totals and hands their outputs, as
-job-based object references, to a ``gather`` subjob; the platform runs the subjobs on their
-own workers and resolves the references, so DNAnexus is the distributed engine.
+the log and the JSON's notes say.  For big BAMs (``scatter``) ``main`` plans the count into
+its exact shards (:func:`~bamcountd.count.plan_count`), spreads the shards (not references: one
+reference may span several subjobs) over ``count_shards`` subjobs by their expected records, one
+per :data:`SCATTER_BYTES_PER_JOB` of the file, at least two, at most ``scatter_jobs``; each
+counts its shards in the job's input mode (a stream reads only their byte ranges) through
+:func:`~bamcountd.count.count_part`, and ``gather`` sums and verifies them as a single job does
+(:func:`~bamcountd.count.gather_counts`).  Their outputs travel as job-based object references;
+the platform runs the subjobs on their own workers and resolves the references, so DNAnexus is
+the distributed engine.
 
 Errors: bad input (not a BAM, truncated, unknown region, bad option) is the platform's
 ``AppError``; a tool failure is ``AppInternalError``; both carry the core's message, which quotes
@@ -18,9 +23,11 @@ samtools' own words.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +36,18 @@ from typing import Any
 import structlog
 
 from bamcountd import logs
-from bamcountd.count import CountRequest, CountResult, RegionCount, count_bam_sync
+from bamcountd.count import (
+    CountPlan,
+    CountRequest,
+    CountResult,
+    ShardCounts,
+    available_cores,
+    choose_parallelism,
+    count_bam_sync,
+    count_part_sync,
+    gather_counts,
+    plan_count_sync,
+)
 from bamcountd.dnanexus.applet import options_from_inputs
 from bamcountd.dnanexus.local import prefix_of
 from bamcountd.dnanexus.model import DxFile, Json
@@ -43,14 +61,15 @@ from bamcountd.errors import (
     RemoteUnsupported,
     classify,
 )
-from bamcountd.options import CountOptions, Filters
-from bamcountd.plan import default_region
+from bamcountd.options import CountOptions
 from bamcountd.report import render, write_atomic
 
 log = structlog.get_logger("bamcountd.dnanexus")
 
 #: BAMs at least this big are scattered over subjobs unless the ``scatter`` input says otherwise.
 SCATTER_BYTES = 50 * 1024**3
+#: A scattered file gets one ``count_shards`` subjob per this many bytes (README: DNAnexus).
+SCATTER_BYTES_PER_JOB = 10 * 1024**3
 #: Most ``count_shards`` subjobs per BAM when ``scatter_jobs`` is not given.
 SCATTER_JOBS = 8
 #: How long a stream's download URLs last: longer than a job may run (dxapp.json: 24 hours).
@@ -115,10 +134,7 @@ def main(
 ) -> Json:
     """The count of one BAM; ``count_inputs`` are the options table's applet inputs (-F, -f, -q, -j)."""
     home = _setup()
-    try:
-        options = options_from_inputs(count_inputs, base=CountOptions(index_cache=home / "index-cache"))
-    except BadOption as error:
-        raise AppError(str(error)) from None
+    options = _options(count_inputs, home)
     if scatter_jobs < 1:
         raise AppError(f"scatter_jobs must be at least 1, not {scatter_jobs}")
     if input_mode not in INPUT_MODES:
@@ -128,14 +144,38 @@ def main(
     scattered = scatter if scatter is not None else bam_file.size >= SCATTER_BYTES
     log.info("job_started", bam=bam_file.name, size=bam_file.size, scatter=scattered, mode=input_mode)
     prefix = prefix_of(bam_file.name)
-    if scattered:  # the subjobs download (scatter by shards over streams is not built yet)
-        request = _downloaded(options)
-        return _scatter(request, mappings_bam, index_file, prefix, scatter_jobs)
     notes: tuple[str, ...] = ()
     if reference_fasta is not None:
         # A count decodes no bases (the core asks samtools for FLAG, RNAME, POS, MAPQ, CIGAR
         # only), so a reference is never read: not downloading it saves gigabytes.
         notes = ("reference_fasta was not read: counting decodes no bases, so it needs no reference",)
+    if scattered:
+        spread = _scatter(
+            mappings_bam, bam_file, index_file, options, count_inputs, input_mode, prefix, scatter_jobs, notes
+        )
+        if spread is not None:
+            return spread
+    result = _count_one(mappings_bam, bam_file, index_file, options, input_mode, notes, lambda: _downloaded(options))
+    return _upload_results(result, prefix, home / "out")
+
+
+def _options(count_inputs: Json, home: Path) -> CountOptions:
+    try:
+        return options_from_inputs(count_inputs, base=CountOptions(index_cache=home / "index-cache"))
+    except BadOption as error:
+        raise AppError(str(error)) from None
+
+
+def _count_one(
+    mappings_bam: Json,
+    bam_file: DxFile,
+    index_file: Json | None,
+    options: CountOptions,
+    input_mode: str,
+    notes: tuple[str, ...],
+    download: Callable[[], CountRequest],
+) -> CountResult:
+    """A single job's count: streamed, or from a download (``download``), named as the platform names it."""
     result: CountResult | None = None
     if input_mode == "stream" and index_file is None:
         # Without an index one must be built, which reads the whole file: download it once.
@@ -146,16 +186,19 @@ def main(
             try:
                 result = _count_streamed(mappings_bam, bam_file, index_file, options)
             except (RemoteUnavailable, RemoteUnsupported) as error:
-                notes += (f"streaming failed ({error}); the file was downloaded and counted from the download",)
+                notes += (_fallback_note(error, "the file was downloaded and counted from the download"),)
                 log.warning("stream_failed", failure=str(error), fallback="download")
     if result is None:
-        request = _downloaded(options)
+        request = download()
         with _app_errors():
             result = count_bam_sync(request)
     # The JSON names the BAM as the platform knows it, not a download path or a URL.
     index = None if result.index is None else Path(result.index.name)
-    result = replace(result, bam=Path(bam_file.name), index=index, notes=(*result.notes, *notes))
-    return _upload_results(result, prefix, home / "out")
+    return replace(result, bam=Path(bam_file.name), index=index, notes=(*result.notes, *notes))
+
+
+def _fallback_note(error: BamcountdError, then: str) -> str:
+    return f"streaming failed ({error}); {then}"
 
 
 def _downloaded(options: CountOptions) -> CountRequest:
@@ -165,137 +208,218 @@ def _downloaded(options: CountOptions) -> CountRequest:
     return CountRequest.of(bam, replace(options, index=index))
 
 
+def _download_pair(mappings_bam: Json, index_file: Json | None, options: CountOptions, work: Path) -> CountRequest:
+    """The file and its index downloaded into ``work`` under their own names (a subjob's inputs)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with _app_errors():
+        bam = work / _platform.describe_input(mappings_bam).name
+        _platform.download(mappings_bam, bam)
+        index = None
+        if index_file is not None:
+            index = work / _platform.describe_input(index_file).name
+            _platform.download(index_file, index)
+    return CountRequest.of(bam, replace(options, index=_fresh_index(bam, index)))
+
+
+def _streamed(mappings_bam: Json, index_file: Json, options: CountOptions) -> CountRequest:
+    """The request over preauthenticated URLs of the file and its index."""
+    bam = _platform.describe_input(mappings_bam)
+    index = _platform.describe_input(index_file)
+    bam_url = _platform.download_url(mappings_bam, project=bam.project, duration=URL_SECONDS)
+    index_url = _platform.download_url(index_file, project=index.project, duration=URL_SECONDS)
+    return CountRequest.of(bam_url, replace(options, index=index_url))
+
+
 def _count_streamed(mappings_bam: Json, bam_file: DxFile, index_file: Json, options: CountOptions) -> CountResult:
     """The count over preauthenticated URLs of the file and its index (fetched whole: it is small).
 
     :raises BamcountdError: as :func:`~bamcountd.count.count_bam`
     """
-    index = _platform.describe_input(index_file)
-    bam_url = _platform.download_url(mappings_bam, project=bam_file.project, duration=URL_SECONDS)
-    index_url = _platform.download_url(index_file, project=index.project, duration=URL_SECONDS)
-    result = count_bam_sync(CountRequest.of(bam_url, replace(options, index=index_url)))
-    return replace(result, index=Path(index.name), index_url=None)
+    result = count_bam_sync(_streamed(mappings_bam, index_file, options))
+    return replace(result, index=Path(_platform.describe_input(index_file).name), index_url=None)
 
 
-def _scatter(request: CountRequest, bam_link: Json, index_link: Json | None, prefix: str, scatter_jobs: int) -> Json:
-    # The index's own per-reference totals (no reads are read) weigh the references.
-    with _app_errors():
-        totals = count_bam_sync(
-            CountRequest(bam=request.bam, index=request.index, method="index", index_cache=request.index_cache)
-        )
-    assert totals.index is not None  # --method index always counts through one
-    if index_link is None:  # built here: share it so no worker builds it again
-        index_link = dxlink(_platform.upload(totals.index))
-    bins = balance([(r.region, r.count) for r in totals.regions], scatter_jobs)
-    with _app_errors():  # a name samtools cannot address fails here as it would in a single job
-        texts = [[default_region(label).samtools_arg() for label in labels] for labels in bins]
-    filters = request.filters.as_dict()
-    subjobs = [
+# --- scatter by shards ------------------------------------------------------------------------
+
+
+def scatter_subjobs(size: int, scatter_jobs: int) -> int:
+    """How many ``count_shards`` subjobs a scattered file of ``size`` bytes gets: one per
+    :data:`SCATTER_BYTES_PER_JOB` (rounded up), at least two, at most ``scatter_jobs``."""
+    return max(1, min(scatter_jobs, max(2, math.ceil(size / SCATTER_BYTES_PER_JOB))))
+
+
+def _scatter(
+    mappings_bam: Json,
+    bam_file: DxFile,
+    index_file: Json | None,
+    options: CountOptions,
+    count_inputs: Json,
+    input_mode: str,
+    prefix: str,
+    scatter_jobs: int,
+    notes: tuple[str, ...],
+) -> Json | None:
+    """Plan the count into its shards here, spread the shards over ``count_shards`` subjobs by
+    their expected records, and gather them in a ``gather`` subjob; None when the count is not
+    one of shards (then main counts it as a single job)."""
+    started = time.time()
+    subjobs = scatter_subjobs(bam_file.size, scatter_jobs)
+    slots = subjobs * choose_parallelism(options.jobs, options.threads, available_cores())[0]
+    planned, mode = None, ""
+    if input_mode == "stream" and index_file is not None:
+        with _app_errors():
+            try:
+                planned = plan_count_sync(_streamed(mappings_bam, index_file, options), slots=slots)
+                mode = "stream"  # planned or not (a count not of shards): no download for the plan
+            except (RemoteUnavailable, RemoteUnsupported) as error:
+                notes += (_fallback_note(error, "every subjob downloaded the file and counted from the download"),)
+                log.warning("stream_failed", failure=str(error), fallback="download")
+    elif input_mode == "stream":  # building an index reads the whole file: here, once
+        notes += ("no index_file was given: the file was downloaded, since building its index reads all of it",)
+    if not mode:
+        mode = "download"
+        request = _downloaded(options)
+        with _app_errors():
+            planned = plan_count_sync(request, slots=slots)
+    if planned is None or (planned.built and not Path(planned.index).is_file()):
+        log.info("not_scattered", reason="the count is not one of shards")
+        return None
+    if planned.built or index_file is None:
+        index_file = dxlink(_platform.upload(Path(planned.index)))  # shared: no subjob builds it again
+    # Named as a single job names it: the index it built, or the given one's platform name.
+    index_name = Path(planned.index).name if planned.built else _platform.describe_input(index_file).name
+    home = Path(os.environ.get("HOME", ".")).resolve()
+    plan_path = home / "plan" / f"{prefix}.plan.json"
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(plan_path, json.dumps(planned.as_json()).encode())
+    plan_link = dxlink(_platform.upload(plan_path))
+    bins = balance([shard.weight for shard in planned.shards], subjobs)
+    common = {"mappings_bam": mappings_bam, "index_file": index_file, "plan": plan_link, "count_inputs": count_inputs}
+    jobs = [
         _platform.new_subjob(
             "count_shards",
-            {
-                "mappings_bam": bam_link,
-                "index_file": index_link,
-                "regions": regions,
-                "filters": filters,
-                "jobs": request.jobs,
-            },
-            name=f"count {len(regions)} references",
+            {**common, "shards": numbers, "input_mode": mode},
+            name=f"count {len(numbers)} of {len(planned.shards)} shards",
         )
-        for regions in texts
+        for numbers in bins
     ]
     gather_job = _platform.new_subjob(
         "gather",
         {
-            "labels": bins,
-            "order": [r.region for r in totals.regions],
-            "parts": [_platform.output_ref(job, "counts") for job in subjobs],
-            "samtools": [_platform.output_ref(job, "samtools") for job in subjobs],
+            **common,
+            "input_mode": mode,
+            "parts": [_platform.output_ref(job, "parts") for job in jobs],
+            "fallbacks": [_platform.output_ref(job, "fallback") for job in jobs],
             "prefix": prefix,
-            "bam_name": request.bam.name,
-            "index_name": request.index.name if request.index is not None else request.bam.name + totals.index.suffix,
-            "filters": filters,
-            "jobs": request.jobs,
-            "started": time.time(),
+            "bam_name": bam_file.name,
+            "index_name": index_name,
+            "notes": list(notes),
+            "started": started,
         },
         name="gather counts",
     )
-    log.info("scattered", subjobs=len(subjobs), references=len(totals.regions), gather=gather_job)
+    log.info("scattered", subjobs=len(jobs), shards=len(planned.shards), mode=mode, gather=gather_job)
     return {field: _platform.output_ref(gather_job, field) for field in ("count_file", "counts_json", "total_reads")}
 
 
-def balance(weighted: list[tuple[str, int]], bins: int) -> list[list[str]]:
-    """Longest-processing-time packing: heaviest first, each into the lightest bin; order kept."""
-    order = {name: k for k, (name, _) in enumerate(weighted)}
-    loads: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(bins, len(weighted))))]
-    for name, weight in sorted(weighted, key=lambda item: -item[1]):
-        lightest = min(range(len(loads)), key=lambda k: loads[k][0])
-        load, names = loads[lightest]
-        loads[lightest] = (load + weight, [*names, name])
-    return [sorted(names, key=order.__getitem__) for _, names in loads if names]
+def balance(weights: Sequence[float], bins: int) -> list[list[int]]:
+    """Shards (by number) into at most ``bins`` lists of about equal expected records:
+    longest-processing-time packing, heaviest first, each into the lightest list (the first of
+    equals), every shard costing at least one record (a start); each list in shard order."""
+    loads: list[tuple[float, list[int]]] = [(0.0, []) for _ in range(max(1, min(bins, len(weights))))]
+    for number in sorted(range(len(weights)), key=lambda n: (-weights[n], n)):
+        lightest = min(range(len(loads)), key=lambda k: (loads[k][0], k))
+        load, numbers = loads[lightest]
+        loads[lightest] = (load + max(weights[number], 1.0), [*numbers, number])
+    return [sorted(numbers) for _, numbers in loads if numbers]
 
 
-def count_shards(*, mappings_bam: Json, index_file: Json, regions: list[str], filters: Json, jobs: int) -> Json:
-    home = _setup()
-    work = home / "shard"
-    work.mkdir(parents=True, exist_ok=True)
-    bam = work / "input.bam"
-    index = work / "input.bam.bai"
-    _platform.download(mappings_bam, bam)
-    _platform.download(index_file, index)
-    csi = _index_kind(index)
-    if csi:
-        index = index.rename(work / "input.bam.csi")
-    _fresh_index(bam, index)
-    request = CountRequest(
-        bam=bam, regions=tuple(regions), index=index, filters=Filters(**filters), jobs=jobs, build_index=False
-    )
+def _plan(plan: Json, home: Path) -> CountPlan:
+    path = home / "plan.json"
     with _app_errors():
-        result = count_bam_sync(request)
-    log.info("shard_counted", regions=len(regions), total=result.total)
-    return {"counts": [r.count for r in result.regions], "samtools": result.samtools_version}
+        _platform.download(plan, path)
+        return CountPlan.from_json(json.loads(path.read_bytes()))
 
 
-def _index_kind(index: Path) -> bool:
-    """True for a CSI index (gzip-compressed, ``CSI\\1``), False for a BAI (``BAI\\1``)."""
-    with index.open("rb") as handle:
-        return handle.read(4) != b"BAI\x01"
+def count_shards(
+    *,
+    mappings_bam: Json,
+    index_file: Json,
+    plan: Json,
+    shards: list[int],
+    count_inputs: Json,
+    input_mode: str,
+) -> Json:
+    """Count the plan's ``shards`` over a stream of the file (only their byte ranges are read)
+    or a download of it; each shard's share of its regions, and how the file was read."""
+    home = _setup()
+    options = _options(count_inputs, home)
+    planned = _plan(plan, home)
+    parts: list[ShardCounts] | None = None
+    mode, fallback = input_mode, ""
+    if input_mode == "stream":
+        with _app_errors():
+            try:
+                parts = count_part_sync(_streamed(mappings_bam, index_file, options), planned, shards)
+            except (RemoteUnavailable, RemoteUnsupported) as error:
+                log.warning("stream_failed", failure=str(error), fallback="download")
+                mode, fallback = (
+                    "download",
+                    _fallback_note(error, "a subjob downloaded the file and counted from the download"),
+                )
+    if parts is None:
+        request = _download_pair(mappings_bam, index_file, options, home / "shard")
+        with _app_errors():
+            parts = count_part_sync(request, planned, shards)
+    log.info("shards_counted", shards=len(shards), total=sum(sum(part.counts) for part in parts))
+    return {"parts": [list(part) for part in parts], "mode": mode, "fallback": fallback}
 
 
 def gather(
     *,
-    labels: list[list[str]],
-    order: list[str],
-    parts: list[list[int]],
-    samtools: list[str],
+    mappings_bam: Json,
+    index_file: Json,
+    plan: Json,
+    count_inputs: Json,
+    input_mode: str,
+    parts: list[list[Any]],
+    fallbacks: list[str],
     prefix: str,
     bam_name: str,
     index_name: str,
-    filters: Json,
-    jobs: int,
+    notes: list[str],
     started: float,
 ) -> Json:
+    """Sum the subjobs' shards into the regions and verify them as a single job does; if they
+    disagree with the index, count the file as a single job (whose recovery tells why)."""
     home = _setup()
-    counts: dict[str, int] = {}
-    for names, numbers in zip(labels, parts, strict=True):
-        if len(names) != len(numbers):
-            raise AppInternalError(f"a subjob returned {len(numbers)} counts for {len(names)} regions")
-        counts.update(zip(names, numbers, strict=True))
-    if sorted(counts) != sorted(order):
-        raise AppInternalError("the subjobs' regions do not cover the BAM's references exactly once")
-    result = CountResult(
-        bam=Path(bam_name),
-        total=sum(counts.values()),
-        regions=tuple(RegionCount(name, counts[name]) for name in order),
-        filters=Filters(**filters),
-        samtools_version=samtools[0] if samtools else "",
-        jobs=jobs,
-        threads=0,
-        method="view",
-        shards=len(parts),
-        index=Path(index_name),
-        seconds=max(time.time() - started, 0.0),
-    )
+    options = _options(count_inputs, home)
+    planned = _plan(plan, home)
+    shares = [ShardCounts(n, tuple(counts), tuple(reached)) for part in parts for n, counts, reached in part]
+    _, threads = choose_parallelism(options.jobs, options.threads, available_cores())
+    with _app_errors():
+        result = gather_counts(
+            planned, shares, filters=options.filters, jobs=options.jobs, threads=threads, seconds=time.time() - started
+        )
+    if result is None:
+        log.warning("parts_differ", action="counted as a single job")
+        bam_file = _platform.describe_input(mappings_bam)
+        result = _count_one(
+            mappings_bam,
+            bam_file,
+            index_file,
+            options,
+            input_mode,
+            tuple(notes),
+            lambda: _download_pair(mappings_bam, index_file, options, home / "whole"),
+        )
+    else:
+        result = replace(
+            result,
+            bam=Path(bam_name),
+            index=Path(index_name),
+            notes=(*result.notes, *notes, *sorted({f for f in fallbacks if f})),
+        )
     log.info("gathered", subjobs=len(parts), total=result.total)
     return _upload_results(result, prefix, home / "out")
 

@@ -14,7 +14,6 @@ import dxpy  # type: ignore[import-untyped]
 
 from bamcountd.dnanexus import job as job_module
 from bamcountd.options import OPTIONS
-from bamcountd.synth import tricky_bam
 from devtools.dnanexus_emulator import Emulator
 from tests.dnanexus.conftest import APPLET_DIR
 from tests.dnanexus.helpers import output_bytes, run_job
@@ -83,27 +82,6 @@ def test_truncated_bam_is_an_app_error_with_samtools_words(emulator: Emulator, a
     assert job.failure_reason == "AppError"
     assert job.failure_message is not None and "cut.bam" in job.failure_message
     assert "missing EOF block" in job.failure_message  # samtools quickcheck's own words
-
-
-def test_scatter_counts_through_subjobs(emulator: Emulator, applet: str, tmp_path: Path) -> None:
-    bam = tricky_bam(tmp_path / "big", reads=4000, seed=7, name="big.bam")
-    bam_id = emulator.add_file("big.bam", bam.read_bytes())
-    job_input = {"mappings_bam": dxpy.dxlink(bam_id), "scatter": True, "scatter_jobs": 3, "exclude_flags": "0x904"}
-    job = run_job(emulator, applet, job_input)
-    assert job.state == "done", job.failure_message
-    functions = sorted(j.function for j in emulator.jobs.values())
-    assert functions == ["count_shards", "count_shards", "count_shards", "gather", "main"]
-    assert output_bytes(emulator, job, "count_file").decode() == _seed_text(bam, ("-F", "0x904"))
-    assert job.output is not None and job.output["total_reads"] == samtools_count(bam, "-F", "0x904")
-    counts = json.loads(output_bytes(emulator, job, "counts_json"))
-    assert (counts["bam"], counts["index"], counts["filters"]["exclude_flags"]) == ("big.bam", "big.bam.bai", 0x904)
-    shard_regions = [j.input["regions"] for j in emulator.jobs.values() if j.function == "count_shards"]
-    assert sorted(r for regions in shard_regions for r in regions) == sorted(
-        ["*", *("{" + name + "}" for name in header_names(bam))]
-    )
-    # The index main built was shared with the workers, not rebuilt by each.
-    for shard in (j for j in emulator.jobs.values() if j.function == "count_shards"):
-        assert "building_index" not in (emulator.work / "jobs" / shard.id / "job.log").read_text()
 
 
 def test_samtools_crash_is_an_app_internal_error(
