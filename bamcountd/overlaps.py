@@ -1,10 +1,12 @@
 """Reads per interval in one pass: the reader at the end of a sweep's ``samtools view -u`` pipe.
 
 ``python -m bamcountd.overlaps INTERVALS`` reads the uncompressed BAM that samtools writes for
-the stretches holding a shard's intervals, and prints each interval's count, a line each in the
-file's order, and the records it read (bamstream.write_counts).  It runs in its own process, so a count's readers use every
-core.  Only the walk along the records' ``block_size`` chain is a Python step per record; the
-fields, read ends and counts are taken a buffer at a time with numpy.
+the stretches holding a shard's intervals (``INTERVALS``: bamstream.write_intervals_file), and
+writes each interval's count, in the file's order, and the records it read
+(bamstream.write_counts).  It runs in its own process, so a count's readers use every core.
+Nothing is a Python step per record: the records' ``block_size`` chains are walked a BGZF
+block each, all blocks of a buffer in step (see _offsets), and the fields, read ends and counts
+are taken a buffer at a time with numpy.
 
 A read covers ``[pos, stop)`` with htslib's ``bam_endpos`` (the reference-consuming CIGAR
 operations, and at least one base: a placed unmapped read or one without CIGAR covers one), and
