@@ -309,7 +309,7 @@ def _fast_bed(text: str, lengths: Mapping[str, int]) -> list[Region] | None:
     ):
         return None
     ones = list(map((1).__add__, starts))
-    labels = map("{}:{}-{}".format, references, ones, ends)
+    labels = map("%s:%d-%d".__mod__, zip(references, ones, ends, strict=True))  # % formats faster than format
     named = [name or None for name in fields[3::width]] if width > 3 else [None] * len(ends)
     # tuple.__new__ on the rows makes each Region with no Python call per row.
     return list(map(tuple.__new__, repeat(Region), zip(labels, references, ones, ends, named, strict=True)))
