@@ -249,10 +249,11 @@ class Runner:
         self._fail(entry.id, entry.project, entry.name, message, attempts=entry.attempts, stats=stats)
 
     def _source_of(self, entry: Entry) -> SourceBam:
-        described = self.platform.describe_file(entry.id, entry.project)
+        """The BAM to launch again, as the folder lists it (with its index), else as described."""
         for bam in self.closed_bams():
             if bam.id == entry.id:
                 return bam
+        described = self.platform.describe_file(entry.id, entry.project)
         return SourceBam(entry.id, entry.project, described.name, described.folder, described.size, {}, None)
 
     def _fail(self, file_id: str, project: str, name: str, message: str, *, attempts: int, stats: Stats) -> None:
