@@ -14,8 +14,8 @@ ldd "$samtools" | awk '/=> \// {print $3}' | grep -v -E '/(libc|libm|libpthread|
     xargs -I{} cp -L {} "$out/lib/"
 python=${PYTHON:-.venv/bin/python}
 "$python" -m pip wheel -q --no-deps -w "$out/wheels" .
-# Pure-Python dependencies, at the versions installed here.
-pins=$("$python" -m pip list --format=freeze 2>/dev/null | grep -i -E '^(anyio|structlog|idna|sniffio|typing.extensions)==')
+# The dependencies, at the versions installed here (numpy's wheel is the one for Python 3.12).
+pins=$("$python" -m pip list --format=freeze 2>/dev/null | grep -i -E '^(anyio|structlog|idna|sniffio|typing.extensions|numpy)==')
 # shellcheck disable=SC2086
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$out/wheels" $pins
 cat > "$out/run.sh" <<'RUN'
