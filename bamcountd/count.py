@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -402,7 +402,11 @@ async def _count(
 
 
 def _region_counts(regions: Sequence[plan.Region], counts: Sequence[int]) -> tuple[RegionCount, ...]:
-    labels, names = map(_LABEL, regions), map(_NAME, regions)
+    if isinstance(regions, plan.RegionTable):  # made from the columns: no Region per row
+        labels: Iterable[str] = regions.labels()
+        names: Iterable[str | None] = regions.names if regions.names is not None else [None] * len(regions)
+    else:
+        labels, names = map(_LABEL, regions), map(_NAME, regions)
     # tuple.__new__ on the rows makes each RegionCount with no Python call per row.
     return tuple(map(tuple.__new__, repeat(RegionCount), zip(labels, counts, names, strict=True)))
 
@@ -875,6 +879,7 @@ class _Job:
         # The whole references (and *) among the regions: the only ones an index has totals
         # for, found without a Python step per region (a BED's 200,000 ranges have none).
         self.whole = plan.whole_regions(self.regions)
+        self._columns: tuple[Sequence[str], Sequence[int], Sequence[int]] | None = None
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
@@ -1092,7 +1097,7 @@ class _Job:
         )
         with _collector_paused():
             swept = plan.swept_regions(self.regions, policy)
-            weights = plan.region_weights(self.regions, stats, self.lengths, skip=set(swept))
+            weights = plan.region_weights(self.regions, stats, self.lengths, skip=swept)
             if self.cram and self.request.split and not self.request.filters.active:
                 # Each CRAM shard pays samtools' start and its first container's decoding: cut into
                 # about as many shards as the policy aims for, references grouped up to that size
@@ -1373,16 +1378,25 @@ class _Job:
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
+    @property
+    def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
+        """The regions' references, starts and ends (for sweeps: ranges on named references)."""
+        if self._columns is None:
+            self._columns = cast(tuple[Sequence[str], Sequence[int], Sequence[int]], plan.region_columns(self.regions))
+        return self._columns
+
     async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
         (:mod:`bamcountd.overlaps`), which credits each read to every one of the shard's ranges
         it overlaps.  Its files are written here, so that the first sweeps run while the
         others' are written."""
-        rows = list(map(self.regions.__getitem__, shard.regions))
-        names = list(dict.fromkeys(map(_REFERENCE, rows)))
-        numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, map(_REFERENCE, rows)))
-        starts = list(map((-1).__add__, map(_START, rows)))  # BED's 0-based starts
-        intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(_END, rows))))
+        references, all_starts, all_ends = self.columns
+        chosen = shard.regions
+        mine = list(map(references.__getitem__, chosen))
+        names = list(dict.fromkeys(mine))
+        numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, mine))
+        starts = list(map((-1).__add__, map(all_starts.__getitem__, chosen)))  # BED's 0-based starts
+        intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(all_ends.__getitem__, chosen))))
         intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,

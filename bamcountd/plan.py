@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, filterfalse, repeat
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast, overload
 
 from bamcountd.errors import AmbiguousRegion, BadRegionsFile, BamNotFound, UnknownRegion
 from bamcountd.options import DEFAULT_MIN_SHARD_READS
@@ -67,6 +67,57 @@ class Region(NamedTuple):
         if start is None and end is None:
             return _quoted(self.reference)
         return f"{_quoted(self.reference, ranged=True)}:{start or 1}-{'' if end is None else end}"
+
+
+class RegionTable(Sequence[Region]):
+    """A BED file's regions held as columns: a :class:`Region` (and its label) is made only
+    when one is asked for, so 200,000 rows cost no object each while they are planned and
+    counted.  It compares equal to any sequence of the same regions."""
+
+    __slots__ = ("ends", "names", "references", "starts")
+
+    def __init__(
+        self, references: list[str], starts: list[int], ends: list[int], names: list[str | None] | None
+    ) -> None:
+        self.references = references
+        self.starts = starts  # 1-based, as Region's
+        self.ends = ends
+        self.names = names  # None: the file has no 4th column
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> Region: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Region]: ...
+
+    def __getitem__(self, index: int | slice) -> Region | list[Region]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        reference, start, end = self.references[index], self.starts[index], self.ends[index]
+        return Region(
+            f"{reference}:{start}-{end}", reference, start, end, None if self.names is None else self.names[index]
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(map(operator.eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def labels(self) -> list[str]:
+        """Every region's label, as :meth:`__getitem__` makes it, at once."""
+        return list(map("%s:%d-%d".__mod__, zip(self.references, self.starts, self.ends, strict=True)))
+
+
+def region_columns(
+    regions: Sequence[Region],
+) -> tuple[Sequence[str | None], Sequence[int | None], Sequence[int | None]]:
+    """The regions' references, starts and ends, as columns (a :class:`RegionTable` has them)."""
+    if isinstance(regions, RegionTable):
+        return regions.references, regions.starts, regions.ends
+    return list(map(_REFERENCE, regions)), list(map(_START, regions)), list(map(_END, regions))
 
 
 def _quoted(name: str, *, ranged: bool = False) -> str:
@@ -199,7 +250,7 @@ def _known(lengths: Mapping[str, int]) -> str:
     return f" (it has {len(names)}: {shown})" if names else " (it has no @SQ lines)"
 
 
-def read_bed(path: Path, lengths: Mapping[str, int]) -> list[Region]:
+def read_bed(path: Path, lengths: Mapping[str, int]) -> Sequence[Region]:
     """Regions from a BED file (0-based, half-open; plain or gzip/BGZF-compressed), labelled
     1-based like samtools regions, in the file's order (duplicates too).  Columns after the
     third are ignored but the 4th, the row's name.  ``#``, ``track`` and ``browser`` lines are
@@ -271,7 +322,7 @@ def _header(line: str, first: str, interval: bool, lengths: Mapping[str, int]) -
     return (line.startswith("#") or first in ("track", "browser")) and not (interval and first in lengths)
 
 
-def _fast_bed(text: str, lengths: Mapping[str, int]) -> list[Region] | None:
+def _fast_bed(text: str, lengths: Mapping[str, int]) -> RegionTable | None:
     """The regions of a BED file whose lines after its header lines are all tab-separated with
     the same number of columns, no spaces, every interval valid, without a Python step per
     line; None for any other file, which the line-by-line reader then reads (and names the
@@ -308,11 +359,8 @@ def _fast_bed(text: str, lengths: Mapping[str, int]) -> list[Region] | None:
         map(operator.lt, starts, map(lengths.__getitem__, references))
     ):
         return None
-    ones = list(map((1).__add__, starts))
-    labels = map("%s:%d-%d".__mod__, zip(references, ones, ends, strict=True))  # % formats faster than format
-    named = [name or None for name in fields[3::width]] if width > 3 else [None] * len(ends)
-    # tuple.__new__ on the rows makes each Region with no Python call per row.
-    return list(map(tuple.__new__, repeat(Region), zip(labels, references, ones, ends, named, strict=True)))
+    named = [name or None for name in fields[3::width]] if width > 3 else None
+    return RegionTable(references, list(map((1).__add__, starts)), ends, named)
 
 
 # Control bytes other than tab and carriage return: no BED line has them.
@@ -329,11 +377,13 @@ def _gunzipped(path: Path, data: bytes) -> bytes:
         raise BadRegionsFile(f"{path}: cannot decompress the gzip file ({error})") from None
 
 
-def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> list[Region]:
+def resolve_regions(header: Header, texts: Sequence[str], bed: Path | None) -> Sequence[Region]:
     """The user's regions in the order given, or every reference plus ``*``."""
     if not texts and bed is None:
         return default_regions(header)
     lengths = {ref.name: ref.length for ref in header.references}
+    if not texts and bed is not None:
+        return read_bed(bed, lengths)
     regions = [parse_region(text, lengths) for text in texts]
     if bed is not None:
         regions += read_bed(bed, lengths)
@@ -454,7 +504,7 @@ def plan_shards(
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
     shards: list[Shard] = _sweeps(regions, swept, lengths, densities, policy) if swept else []
     small: list[int] = []
-    uses = Counter(map(_REFERENCE, regions))
+    uses = Counter(region_columns(regions)[0])
     for index in rest:
         region, weight = regions[index], weights[index]
         kind = ACCOUNT if policy.account and region.whole else COUNT
@@ -560,24 +610,24 @@ def swept_regions(regions: Sequence[Region], policy: ShardPolicy) -> list[int]:
     on its own."""
     if not (policy.split and policy.group):
         return []
-    references = list(map(_REFERENCE, regions))
+    references, starts, ends = region_columns(regions)
     safe = {name for name in set(references) if name is not None and _bed_safe(name)}
-    nones = repeat(None)
-    bounded = map(
-        operator.and_,
-        map(operator.is_not, map(_START, regions), nones),
-        map(operator.is_not, map(_END, regions), nones),
-    )
-    ranges = list(compress(range(len(regions)), map(operator.and_, map(safe.__contains__, references), bounded)))
+    if isinstance(regions, RegionTable) and len(safe) == len(set(references)):
+        ranges = list(range(len(regions)))  # a BED's rows: every one a range, on a name a BED holds
+    else:
+        nones = repeat(None)
+        bounded = map(operator.and_, map(operator.is_not, starts, nones), map(operator.is_not, ends, nones))
+        ranges = list(compress(range(len(regions)), map(operator.and_, map(safe.__contains__, references), bounded)))
     return ranges if len(ranges) >= policy.sweep_from else []
 
 
 def whole_regions(regions: Sequence[Region]) -> list[int]:
     """The numbers of the regions that are whole references (or ``*``, or the whole file)."""
+    if isinstance(regions, RegionTable):
+        return []  # a BED's rows are ranges
     nones = repeat(None)
-    unbounded = map(
-        operator.and_, map(operator.is_, map(_START, regions), nones), map(operator.is_, map(_END, regions), nones)
-    )
+    _, starts, ends = region_columns(regions)
+    unbounded = map(operator.and_, map(operator.is_, starts, nones), map(operator.is_, ends, nones))
     return list(compress(range(len(regions)), unbounded))
 
 
@@ -585,6 +635,8 @@ def _others(count: int, taken: Collection[int]) -> Iterable[int]:
     """The indices below ``count`` that are not in ``taken``, in order."""
     if not taken:
         return range(count)
+    if len(taken) >= count:  # (indices below ``count``, each once: all of them)
+        return []
     members = taken if isinstance(taken, set | frozenset) else set(taken)
     return list(filterfalse(members.__contains__, range(count)))
 
@@ -614,17 +666,19 @@ def _stretches(
     in that order, and the stretches that hold them: ranges joined while the gap between them
     is worth fewer than SWEEP_GAP_READS expected reads."""
     header = {name: k for k, name in enumerate(lengths)}
-    ranks = list(map(header.get, map(_REFERENCE, regions), repeat(len(header))))
-    order = sorted(swept, key=list(map(_START, regions)).__getitem__)
+    columns = region_columns(regions)
+    # Swept regions are ranges on named references: no None among their columns.
+    references, all_starts, all_ends = cast(tuple[Sequence[str], Sequence[int], Sequence[int]], columns)
+    ranks = list(map(header.get, references, repeat(len(header))))
+    order = sorted(swept, key=all_starts.__getitem__)
     order.sort(key=ranks.__getitem__)  # stable: by reference, then start
-    rows = list(map(regions.__getitem__, order))
-    starts = list(map((-1).__add__, map(_START, rows)))
-    ends: list[int] = list(map(_END, rows))
+    starts = list(map((-1).__add__, map(all_starts.__getitem__, order)))
+    ends = list(map(all_ends.__getitem__, order))
     in_order = list(map(ranks.__getitem__, order))
     stretches: list[_Stretch] = []
     first = 0
     while first < len(order):
-        name = rows[first][1] or ""
+        name = references[order[first]] or ""
         last = bisect_right(in_order, in_order[first], first)  # this reference's ranges end
         density = densities.get(name, 0.0)
         gap = SWEEP_GAP_READS / density if density > 0 else float("inf")

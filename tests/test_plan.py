@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -279,7 +280,7 @@ def test_bed_fast_path_reads_as_line_by_line(tmp_path: Path, lines: list[str], n
     path = tmp_path / "x.bed"
     path.write_text("\n".join(lines) + ("\n" if newline else ""))
 
-    def read(fast: bool) -> list[Region] | str:
+    def read(fast: bool) -> Sequence[Region] | str:
         saved = plan._fast_bed
         if not fast:
             plan._fast_bed = lambda text, lengths: None
@@ -291,3 +292,22 @@ def test_bed_fast_path_reads_as_line_by_line(tmp_path: Path, lines: list[str], n
             plan._fast_bed = saved
 
     assert read(True) == read(False)
+
+
+def test_a_bed_read_whole_is_held_as_columns(tmp_path: Path) -> None:
+    """A plain BED comes back as a RegionTable: each Region made when asked for, equal to the
+    line-by-line reader's list, and its labels made at once the same way."""
+    bed = tmp_path / "t.bed"
+    bed.write_text("chr1\t0\t10\tfirst\nchr1\t99\t100\tsecond\nchrX\t5\t9\tthird\n")
+    regions = read_bed(bed, {**_BED_LENGTHS, "chrX": 100})
+    assert isinstance(regions, plan.RegionTable)
+    expected = [
+        Region("chr1:1-10", "chr1", 1, 10, "first"),
+        Region("chr1:100-100", "chr1", 100, 100, "second"),
+        Region("chrX:6-9", "chrX", 6, 9, "third"),
+    ]
+    assert regions == expected and expected == regions and list(regions) == expected
+    assert regions[-1] == expected[-1] and regions[1:] == expected[1:]
+    assert regions.labels() == [region.label for region in expected]
+    assert plan.whole_regions(regions) == []
+    assert regions != expected[:2] and regions != "chr1"
