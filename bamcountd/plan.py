@@ -201,16 +201,15 @@ def _braced(text: str, lengths: Mapping[str, int]) -> Region:
     close = text.find("}")
     while close != -1:
         name, rest = text[1:close], text[close + 1 :]
-        if name in lengths:
+        if name in lengths and not rest:
+            readings.append(Region(text, name))
+        elif name in lengths and rest.startswith(":"):
             try:
-                if not rest:
-                    readings.append(Region(text, name))
-                elif not rest.startswith(":"):
-                    raise UnknownRegion(f"region {text!r}: expected ':' after '}}'")
-                else:
-                    readings.append(_ranged(text, name, rest[1:], lengths))
+                readings.append(_ranged(text, name, rest[1:], lengths))
             except UnknownRegion as error:
                 failure = failure or error
+        elif name in lengths:
+            failure = failure or UnknownRegion(f"region {text!r}: expected ':' after '}}'")
         close = text.find("}", close + 1)
     if len(readings) > 1:
         names = " and ".join(repr(region.reference) for region in readings)
