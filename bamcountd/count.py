@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
+from functools import cached_property, partial
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
@@ -879,7 +879,6 @@ class _Job:
         # The whole references (and *) among the regions: the only ones an index has totals
         # for, found without a Python step per region (a BED's 200,000 ranges have none).
         self.whole = plan.whole_regions(self.regions)
-        self._columns: tuple[Sequence[str], Sequence[int], Sequence[int]] | None = None
         request = self.request
         self.cache = Path(request.index_cache) if request.index_cache is not None else default_cache_dir()
         self.log = log.bind(bam=str(self.bam))
@@ -1378,12 +1377,10 @@ class _Job:
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
-    @property
+    @cached_property
     def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
         """The regions' references, starts and ends (for sweeps: ranges on named references)."""
-        if self._columns is None:
-            self._columns = cast(tuple[Sequence[str], Sequence[int], Sequence[int]], plan.region_columns(self.regions))
-        return self._columns
+        return cast(tuple[Sequence[str], Sequence[int], Sequence[int]], plan.region_columns(self.regions))
 
     async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
