@@ -217,6 +217,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     logs.configure(level=_log_level(args), json=_log_json(args.log_format), stream=sys.stdout)
     import anyio
 
+    from bamcountd.samtools import wait_through_pidfds
+
+    wait_through_pidfds()
     anyio.run(partial(serve, config, reload=partial(load, flags)))
     return EXIT_OK
 

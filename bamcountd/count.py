@@ -423,6 +423,7 @@ def _run_sync(call: Callable[[], Awaitable[_T]]) -> _T:
     async def main() -> None:
         box.append(await call())
 
+    st.wait_through_pidfds()
     anyio.run(main)
     return box[0]
 
@@ -1293,7 +1294,7 @@ class _Job:
             try:
                 with send, receive:  # ours stays open until every shard, extra ones too, reported
                     async with anyio.create_task_group() as group:
-                        for number, shard in enumerate(shards):  # biggest first: they take the most threads
+                        for number, shard in enumerate(shards):  # costliest first: they take the most threads
                             group.start_soon(self._run_one, index, shard, (number, scratch), send.clone(), local)
                         while reducer.done < started:
                             outcome = await receive.receive()
@@ -1618,7 +1619,7 @@ def _write_bed(path: Path, names: Sequence[str], lengths: dict[str, int]) -> Pat
 
 class _Slots:
     """The processes that may run at once, each with its threads: a shard takes the free one
-    with the most threads, so that the shards started first (the biggest: plans sort them so)
+    with the most threads, so that the shards started first (the costliest: plans sort them so)
     get the most, and a big slot that frees goes to the next shard waiting."""
 
     def __init__(self, threads: Sequence[int]) -> None:

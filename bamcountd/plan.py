@@ -427,10 +427,19 @@ class Shard:
         return self.kind in (TALLY, SUM)
 
     @property
+    def cost(self) -> float:
+        """The work it is expected to take, in records: a tally's weighed up (TALLY_COST)."""
+        return self.weight * TALLY_COST if self.kind == TALLY else self.weight
+
+    @property
     def label(self) -> str:
         shown = " ".join(self.args[:3]) or "(whole file)"
         return shown + (f" (+{len(self.args) - 3} more)" if len(self.args) > 3 else "")
 
+
+#: A tally's time per record against a count's: ``view -u`` encodes each record for the readers
+#: to decode (measured on CRAM and BAM, README).  Shards start, and subjobs are filled, by cost.
+TALLY_COST = 1.5
 
 #: From this many ranges on they are swept (see SWEEP), else counted one command each: where
 #: benchmarks/bench_regions.py --parts switch finds the sweep as fast (README).
@@ -493,7 +502,7 @@ def plan_shards(
     densities: Mapping[str, float] | None = None,
     swept: Sequence[int] | None = None,
 ) -> list[Shard]:
-    """Cut regions into shards of similar size, biggest first.
+    """Cut regions into shards of similar size, costliest first.
 
     ``index_empty``: the index holds no reads at all, so ``*`` cannot be looked up in it.
     ``densities``: expected records per base of each reference, for sweeps.
@@ -530,7 +539,7 @@ def plan_shards(
         else:
             shards.append(Shard((index,), (region.samtools_arg(),), kind=kind, weight=weight))
     shards += _groups(small, regions, weights, policy, limit=min(float(policy.group_reads), target))
-    shards.sort(key=lambda shard: shard.weight, reverse=True)
+    shards.sort(key=lambda shard: shard.cost, reverse=True)
     return shards
 
 

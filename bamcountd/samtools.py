@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -187,6 +188,26 @@ async def run(
         stderr=output["stderr"],
         seconds=time.monotonic() - started,
     )
+
+
+def wait_through_pidfds() -> None:
+    """Have asyncio learn of its children's exits through pidfds, as Python 3.12 does by itself.
+
+    Python 3.11's default watcher starts a thread per child, which blocks in ``waitpid``: a count
+    of many shards pays for a thread and its hand-over to the event loop per samtools.  Called
+    before an event loop of bamcountd's own starts; where pidfds are missing (Linux < 5.3, or a
+    sandbox that forbids them), the default stays.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    import asyncio
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    if not isinstance(asyncio.get_child_watcher(), asyncio.PidfdChildWatcher):
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
 async def spawn(argv: Sequence[str], **options: Any) -> anyio.abc.Process:

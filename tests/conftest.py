@@ -13,6 +13,15 @@ def shared_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tricky_bam(tmp_path_factory.mktemp("shared"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _children_waited_for_as_the_cli_does() -> None:
+    # cli.main() has asyncio wait for samtools through pidfds from its first count on: every
+    # test's count waits so, not only those that run after a test that called it.
+    from bamcountd.samtools import wait_through_pidfds
+
+    wait_through_pidfds()
+
+
 @pytest.fixture(autouse=True)
 def _private_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Built indexes go to a per-test cache, never to the developer's ~/.cache.

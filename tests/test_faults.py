@@ -401,6 +401,32 @@ def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, tmp_path: Path, toke
     assert not (tmp_path / "o.tsv").exists()
 
 
+def test_the_cli_waits_for_samtools_through_pidfds(bam: Path) -> None:
+    """Python 3.11 would start a thread per samtools to wait for it; the CLI's event loop learns
+    of exits through pidfds instead (3.12 does so by itself, and is left as it is)."""
+    code = (
+        "import asyncio, sys\n"
+        "from bamcountd.cli import main\n"
+        f"status = main(['count', {str(bam)!r}, '--format', 'tsv'])\n"
+        "watcher = getattr(asyncio.get_event_loop_policy(), '_watcher', None)\n"  # None: 3.12's own way
+        "print('WATCHER', type(watcher).__name__, file=sys.stderr)\n"
+        "sys.exit(status)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines()[-1] == f"total\t{samtools_count(bam)}"
+    expected = "PidfdChildWatcher" if sys.version_info < (3, 12) and _pidfds_work() else "NoneType"
+    assert f"WATCHER {expected}" in completed.stderr
+
+
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def test_index_cache_blocked_is_one_line_not_a_traceback(
     bam: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

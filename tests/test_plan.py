@@ -108,6 +108,17 @@ def test_split_shards_tile_the_region() -> None:
     assert "{chr1}:101-233" in ranged and "{chr1}:767-900" in ranged
 
 
+def test_a_tally_starts_before_a_count_of_as_many_records() -> None:
+    """A group tallied per reference costs half again its records (samtools encodes each one for
+    the readers), so it starts before a count of a few more records, not after it."""
+    lengths = {"big": 10_000, **{f"u{i}": 100 for i in range(4)}}
+    regions = [Region("big", "big"), *(Region(f"u{i}", f"u{i}") for i in range(4))]
+    policy = ShardPolicy(slots=2, pieces_per_slot=1, min_reads=1, split=False, filtered=True, small_reads=500)
+    shards = plan_shards(regions, [1000.0, 200.0, 200.0, 200.0, 200.0], lengths, policy)
+    assert [(s.kind, s.weight) for s in shards] == [(plan.TALLY, 800.0), (plan.COUNT, 1000.0)]
+    assert shards[0].cost == 800.0 * plan.TALLY_COST
+
+
 @pytest.fixture(scope="module")
 def dense_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Reads starting at every position, of several lengths, mapped and placed-unmapped, so

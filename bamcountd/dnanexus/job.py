@@ -293,7 +293,7 @@ def _scatter(
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(plan_path, json.dumps(planned.as_json()).encode())
     plan_link = dxlink(_platform.upload(plan_path))
-    bins = balance([shard.weight for shard in planned.shards], subjobs)
+    bins = balance([shard.cost for shard in planned.shards], subjobs)
     common = {"mappings_bam": mappings_bam, "index_file": index_file, "plan": plan_link, "count_inputs": count_inputs}
     jobs = [
         _platform.new_subjob(
