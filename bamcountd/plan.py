@@ -595,7 +595,9 @@ def _groups(
         members, load = [], 0.0
 
     for index in small:
-        if members and load + weights[index] > limit:
+        # A group holding one region to tally is tallied whole: regions that need none go in
+        # groups of their own, which cost a count, not a tally.
+        if members and (load + weights[index] > limit or (index in policy.tally) != (members[-1] in policy.tally)):
             close()
         members.append(index)
         load += weights[index]

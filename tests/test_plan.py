@@ -119,6 +119,21 @@ def test_a_tally_starts_before_a_count_of_as_many_records() -> None:
     assert shards[0].cost == 800.0 * plan.TALLY_COST
 
 
+def test_regions_to_tally_are_grouped_apart_from_those_summed() -> None:
+    """A CRAM's small contigs that share multi-reference containers need a tally; the
+    references beside them, whose records the containers tell, are summed in groups of their
+    own rather than swept into the tally."""
+    names = ["a", "b", "c", "d", "e"]
+    regions = [Region(name, name) for name in names]
+    policy = ShardPolicy(slots=1, pieces_per_slot=1, min_reads=1, split=False, small_reads=500, tally=frozenset({2, 3}))
+    shards = plan_shards(regions, [100.0] * 5, dict.fromkeys(names, 100), policy)
+    assert sorted((s.kind, s.args) for s in shards) == [
+        (plan.COUNT, ("{e}",)),
+        (plan.SUM, ("a", "b")),
+        (plan.TALLY, ("c", "d")),
+    ]
+
+
 @pytest.fixture(scope="module")
 def dense_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Reads starting at every position, of several lengths, mapped and placed-unmapped, so
