@@ -8,7 +8,9 @@ reads.  Then runs, alternately, with no filters and with ``-F 0x904 -q 20``:
 - ``samtools view -c`` and ``samtools view -c -@N`` with samtools' own defaults (every field
   decoded; the reference given with ``-T``),
 - ``samtools view -c -@N`` with ``required_fields`` and ``decode_md=0`` chosen by hand,
-- ``bamcountd count`` (the CLI, Python start-up included).
+- ``bamcountd count`` (the CLI, Python start-up included; ``BAMCOUNTD`` names another
+  bamcountd to time, as in bench_count.py: an installed wheel starts ~20 ms sooner than the
+  editable install of a checkout, whose import hook runs at every start).
 
     .venv/bin/python benchmarks/bench_cram.py [--reads 2000000] [--repeats 3]
 """
@@ -22,10 +24,11 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_count import BAMCOUNTD
 
 HERE = Path(__file__).resolve().parent
 SAMTOOLS = shutil.which("samtools") or "samtools"
@@ -110,7 +113,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cram-") as scratch:
         # No reference server: samtools gets the FASTA with -T; bamcountd needs none.
         env = {**os.environ, "REF_PATH": f"{scratch}/none/%s", "XDG_CACHE_HOME": scratch}
-        bamcountd = [sys.executable, "-m", "bamcountd", "count", str(cram), "--format", "json"]
+        bamcountd = [*BAMCOUNTD, "count", str(cram), "--format", "json"]
         print(
             f"# {cram.name}: {args.reads} reads, {cram.stat().st_size >> 20} MiB; {cores} cores; {args.repeats} rounds"
         )
