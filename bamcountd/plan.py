@@ -453,8 +453,8 @@ class ShardPolicy:
     slots: int  # samtools processes that run at once
     pieces_per_slot: int = 3
     # Each sweep's reader pays numpy's import (about what samtools takes for a few hundred
-    # thousand records): sweeps are cut more coarsely.
-    sweep_pieces_per_slot: int = 2
+    # thousand records): one sweep per process, of equal expected reads, started together.
+    sweep_pieces_per_slot: int = 1
     min_reads: int = DEFAULT_MIN_SHARD_READS  # below this a split costs more in start-up than it saves
     split: bool = True  # cut large references into start-position shards (needs ``view -e``)
     group: bool = True  # count small references together instead of one process each
@@ -719,38 +719,50 @@ def _sweeps(
     counted once for each range it overlaps, whichever shard holds the range."""
     order, starts, ends, stretches = _stretches(regions, swept, lengths, densities)
     weight = [densities.get(stretch.name, 0.0) * (stretch.high - stretch.low) for stretch in stretches]
-    target = max(sum(weight) / max(policy.slots * policy.sweep_pieces_per_slot, 1), float(policy.min_reads))
+    total = sum(weight)
+    # Shards of equal expected reads, none below min_reads: each ends where the running sum
+    # reaches its share, cutting a stretch between its ranges, and the last takes what is
+    # left (a greedy fill left a sliver over, one more reader's start for a few reads).
+    pieces = max(1, min(policy.slots * policy.sweep_pieces_per_slot, int(total // max(policy.min_reads, 1))))
+    target = total / pieces
     shards: list[Shard] = []
     members: list[int] = []  # positions in ``order``: always one run, from the last shard's end on
     args: list[tuple[str, int, int]] = []
-    load = 0.0
+    load = assigned = 0.0  # this shard's expected reads; those of the shards before it
+    passed = 0  # shares filled
 
     def close() -> None:
-        nonlocal members, args, load
+        nonlocal members, args, load, assigned
         if members:
             shown = tuple(_stretch(*stretch) for stretch in args)
             chosen = tuple(order[members[0] : members[-1] + 1])
             shards.append(Shard(chosen, shown, kind=SWEEP, weight=load, stretches=tuple(args)))
+        assigned += load
         members, args, load = [], [], 0.0
 
+    def full(extra: float) -> bool:
+        """Whether ``extra`` more reads take this shard past its share (the last has no end)."""
+        return passed < pieces - 1 and assigned + load + extra > target * (passed + 1)
+
     for stretch, heavy in zip(stretches, weight, strict=True):
-        if members and (load + heavy > target or len(args) >= SWEEP_STRETCHES):
+        if members and len(args) >= SWEEP_STRETCHES:
             close()
-        if heavy <= target:
+        if not full(heavy):
             members += range(stretch.first, stretch.last)
             args.append((stretch.name, stretch.low, stretch.high))
             load += heavy
             continue
-        # A stretch heavier than a shard is cut between its ranges: each piece's stretch then
-        # starts at its first range, and the pieces' stretches may overlap.
+        # The stretch is cut between its ranges where the share is reached: each piece's
+        # stretch then starts at its first range, and the pieces' stretches may overlap.
         density = densities.get(stretch.name, 0.0)
         low = high = -1
         for k in range(stretch.first, stretch.last):
             start, end = starts[k], ends[k]
-            if low >= 0 and members and load + density * (max(end, high) - low) > target:
+            if low >= 0 and full(density * (max(end, high) - low)):
                 args.append((stretch.name, low, high))
                 load += density * (high - low)
                 close()
+                passed += 1
                 low = -1
             if low < 0:
                 low, high = start, end

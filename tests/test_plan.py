@@ -337,3 +337,24 @@ def test_a_bed_read_whole_is_held_as_columns(tmp_path: Path) -> None:
     assert regions.labels() == [region.label for region in expected]
     assert plan.whole_regions(regions) == []
     assert regions != expected[:2] and regions != "chr1"
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_sweeps_share_the_reads_evenly_one_per_process(slots: int) -> None:
+    """Many ranges make one sweep per process, of equal expected reads (stretches cut between
+    ranges where a share ends), and no small one over: each sweep's reader pays a start."""
+    lengths = {"chr1": 1_000_000, "chr2": 600_000, "chr3": 50_000}
+    regions = [
+        Region(f"{name}:{start + 1}-{start + 100}", name, start + 1, start + 100)
+        for name, length in lengths.items()
+        for start in range(0, length - 100, 250)  # gaps read through: a stretch per reference
+    ]
+    densities = dict.fromkeys(lengths, 1.0)
+    policy = ShardPolicy(slots=slots, min_reads=1)
+    shards = plan_shards(regions, [0.0] * len(regions), lengths, policy, densities=densities)
+    assert [shard.kind for shard in shards] == [plan.SWEEP] * slots
+    weights = [shard.weight for shard in shards]
+    assert max(weights) - min(weights) <= 500  # at most about a range and its gap apart
+    assert sorted(i for shard in shards for i in shard.regions) == list(range(len(regions)))
+    few = plan_shards(regions, [0.0] * len(regions), lengths, ShardPolicy(slots=slots, min_reads=10**9))
+    assert len(few) == 1  # below min_reads a share: one sweep
