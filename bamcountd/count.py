@@ -1380,7 +1380,7 @@ class _Job:
 
     @cached_property
     def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
-        """The regions' references, starts and ends (for sweeps: ranges on named references)."""
+        """The regions' references, 0-based starts and ends (for sweeps: ranges on named references)."""
         return cast(tuple[Sequence[str], Sequence[int], Sequence[int]], plan.region_columns(self.regions))
 
     async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
@@ -1393,7 +1393,7 @@ class _Job:
         mine = list(map(references.__getitem__, chosen))
         names = list(dict.fromkeys(mine))
         numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, mine))
-        starts = list(map((-1).__add__, map(all_starts.__getitem__, chosen)))  # BED's 0-based starts
+        starts = list(map(all_starts.__getitem__, chosen))  # 0-based, as a BED's
         intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(all_ends.__getitem__, chosen))))
         intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(

@@ -84,7 +84,7 @@ class RegionTable(Sequence[Region]):
         self, references: list[str], starts: list[int], ends: list[int], names: list[str | None] | None
     ) -> None:
         self.references = references
-        self.starts = starts  # 1-based, as Region's
+        self.starts = starts  # 0-based, as the BED's (a Region's are 1-based)
         self.ends = ends
         self.names = names  # None: the file has no 4th column
 
@@ -100,7 +100,7 @@ class RegionTable(Sequence[Region]):
     def __getitem__(self, index: int | slice) -> Region | list[Region]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        reference, start, end = self.references[index], self.starts[index], self.ends[index]
+        reference, start, end = self.references[index], self.starts[index] + 1, self.ends[index]
         name = None if self.names is None else self.names[index]
         return Region(_BED_LABEL % (reference, start, end), reference, start, end, name)
 
@@ -111,16 +111,19 @@ class RegionTable(Sequence[Region]):
 
     def labels(self) -> list[str]:
         """Every region's label, as :meth:`__getitem__` makes it, at once."""
-        return list(map(_BED_LABEL.__mod__, zip(self.references, self.starts, self.ends, strict=True)))
+        starts = map((1).__add__, self.starts)
+        return list(map(_BED_LABEL.__mod__, zip(self.references, starts, self.ends, strict=True)))
 
 
 def region_columns(
     regions: Sequence[Region],
 ) -> tuple[Sequence[str | None], Sequence[int | None], Sequence[int | None]]:
-    """The regions' references, starts and ends, as columns (a :class:`RegionTable` has them)."""
+    """The regions' references, starts (0-based, as a BED's) and ends, as columns (a
+    :class:`RegionTable` has them)."""
     if isinstance(regions, RegionTable):
         return regions.references, regions.starts, regions.ends
-    return list(map(_REFERENCE, regions)), list(map(_START, regions)), list(map(_END, regions))
+    starts = [None if start is None else start - 1 for start in map(_START, regions)]
+    return list(map(_REFERENCE, regions)), starts, list(map(_END, regions))
 
 
 def _quoted(name: str, *, ranged: bool = False) -> str:
@@ -266,7 +269,7 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> Sequence[Region]:
         raise BamNotFound(f"{path}: cannot read regions file ({error.strerror})") from None
     if data[:2] == b"\x1f\x8b":
         data = _gunzipped(path, data)
-    binary = _BINARY.search(data)
+    binary = _BINARY.search(data) if data.translate(None, _TEXT_BYTES) else None
     if binary is not None:
         number = data.count(b"\n", 0, binary.start()) + 1
         raise BadRegionsFile(f"{path}:{number}: not a text BED file (binary data; compressed other than with gzip?)")
@@ -340,33 +343,48 @@ def _fast_bed(text: str, lengths: Mapping[str, int]) -> RegionTable | None:
             if not _header(line, fields[0], interval, lengths):
                 break
         header = cut + 1
-    lines = body[header:].split("\n")
-    lines.pop()  # after the last newline
-    tabs = set(map(str.count, lines, repeat("\t")))
-    if len(tabs) != 1 or "\r" in body or " " in body[header:]:
-        return None  # blank lines, lines of different widths, CRLF or spaces: line by line
-    width = tabs.pop() + 1
+    rows = body[header:]
+    if not rows or "\r" in rows or " " in rows:
+        return None  # no rows, CRLF or spaces: line by line
+    width = rows.count("\t", 0, rows.index("\n")) + 1  # the first row's
     if width < 3:
         return None
-    fields = "\t".join(lines).split("\t")
-    references, first, last = fields[0::width], fields[1::width], fields[2::width]
-    digits = all(map(str.isdigit, first)) and all(map(str.isdigit, last))
-    if not (digits and all(map(str.isascii, first)) and all(map(str.isascii, last))):
+    # A newline before each row, and a tab before each newline: a newline then only ever opens
+    # a field, and the rows of ``width`` fields are the lines exactly when every row's first
+    # field opens with one (blank lines and lines of other widths shift some off).
+    fields = ("\n" + rows[:-1]).replace("\n", "\t\n").split("\t")
+    del fields[0]  # before the first tab
+    lines = rows.count("\n")
+    firsts = fields[0::width]
+    if len(fields) != width * lines or "".join(firsts).count("\n") != lines:
         return None
-    if not set(references) <= lengths.keys():
+    known = {"\n" + name: name for name in lengths}
+    references = list(map(known.get, firsts))
+    first, last = fields[1::width], fields[2::width]
+    if None in references:
         return None
-    starts = list(map(int, first))
-    ends = list(map(int, last))
+    try:
+        starts = list(map(int, first))
+        ends = list(map(int, last))
+    except ValueError:
+        return None
+    # int() also takes signs, "_" and other digits than ASCII's: the columns joined must hold
+    # ASCII digits alone (an empty field failed int() already), checked as bytes in one step.
+    joined = "".join(first) + "".join(last)
+    if not (joined.isascii() and joined.encode().isdigit()):
+        return None
     if not all(map(operator.lt, starts, ends)) or not all(
-        map(operator.lt, starts, map(lengths.__getitem__, references))
+        map(operator.lt, starts, map(lengths.__getitem__, cast(list[str], references)))
     ):
         return None
     named = [name or None for name in fields[3::width]] if width > 3 else None
-    return RegionTable(references, list(map((1).__add__, starts)), ends, named)
+    return RegionTable(cast(list[str], references), starts, ends, named)
 
 
 # Control bytes other than tab and carriage return: no BED line has them.
 _BINARY = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Every byte but those (what deleting them leaves is the binary ones: faster than the search).
+_TEXT_BYTES = bytes(byte for byte in range(256) if not _BINARY.match(bytes((byte,))))
 
 
 def _gunzipped(path: Path, data: bytes) -> bytes:
@@ -685,7 +703,7 @@ def _stretches(
     ranks = list(map(header.get, references, repeat(len(header))))
     order = sorted(swept, key=all_starts.__getitem__)
     order.sort(key=ranks.__getitem__)  # stable: by reference, then start
-    starts = list(map((-1).__add__, map(all_starts.__getitem__, order)))
+    starts = list(map(all_starts.__getitem__, order))
     ends = list(map(all_ends.__getitem__, order))
     in_order = list(map(ranks.__getitem__, order))
     stretches: list[_Stretch] = []
