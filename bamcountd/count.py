@@ -287,6 +287,7 @@ async def _start(
     progress: ProgressCallback | None,
     *,
     stats: bool = True,
+    readers: Sequence[_ReaderAhead] = (),
 ) -> _Started:
     """The checks, the header, the regions and the count's state; ``stats``: read the index's
     totals too (a part of a scattered count has them in its plan)."""
@@ -348,6 +349,7 @@ async def _start(
         limiter=limiter,
         progress=progress,
         remote=fetched,
+        readers=list(readers),
     )
     if fresh is not None and header.sort_order in ("unsorted", "queryname"):
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
@@ -363,17 +365,18 @@ async def _count(
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
 ) -> CountResult:
-    job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress)
-    bam, cram, fetched, regions = opened.bam, opened.cram, opened.fetched, job.regions
-    index = fresh if fresh is not None else await job.index_for(lookup)
-    if index is None and request.method == "index":
-        raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
-    if index is None:
-        counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
-    else:
-        counts, method, verification, shard_count, index = await job.through(index, early_stats)
-        if cram and verification == "index":
-            verification = "records"  # a CRAI has no totals: idxstats counted the records (README: Outputs)
+    async with _readers_ahead(request, limiter) as readers:
+        job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress, readers=readers)
+        bam, cram, fetched, regions = opened.bam, opened.cram, opened.fetched, job.regions
+        index = fresh if fresh is not None else await job.index_for(lookup)
+        if index is None and request.method == "index":
+            raise IndexMissing(f"{bam}: --method index needs an index, and this BAM is not coordinate-sorted")
+        if index is None:
+            counts, method, verification, shard_count = await job.stream(), "stream", "stream", 1
+        else:
+            counts, method, verification, shard_count, index = await job.through(index, early_stats)
+            if cram and verification == "index":
+                verification = "records"  # a CRAI has no totals: idxstats counted the records (README: Outputs)
     index_url = fetched.index_url if fetched is not None and index == lookup.path else None
     with _collector_paused():
         rows = _region_counts(regions, counts)
@@ -399,6 +402,39 @@ async def _count(
         "counted", total=result.total, regions=len(regions), shards=shard_count, seconds=round(result.seconds, 3)
     )
     return result
+
+
+#: A reader started ahead of its sweep, and the intervals file to write for it before its samtools starts.
+_ReaderAhead = tuple[st.Reader, Path]
+
+
+@asynccontextmanager
+async def _readers_ahead(
+    request: CountRequest, limiter: anyio.CapacityLimiter | None
+) -> AsyncIterator[list[_ReaderAhead]]:
+    """A sweep reader for each process the count will run, started as the count starts when
+    its regions file may well be swept (big enough for plan.SWEEP_FROM rows of 16 bytes): a
+    reader's start is mostly numpy's import, which then runs on a core that would wait while
+    the file is read and the sweeps are planned.  None under a shared limiter (the daemon's,
+    whose counts may wait their turn); those not taken are dropped (count._Job._pass)."""
+    try:
+        big = request.regions_file is not None and request.regions_file.stat().st_size >= plan.SWEEP_FROM * 16
+    except OSError:
+        big = False  # read_bed says why
+    if not (big and request.split and request.method != "index" and limiter is None):
+        yield []
+        return
+    processes = len(process_threads(request.jobs, request.threads, available_cores()))
+    with tempfile.TemporaryDirectory(prefix="bamcountd-readers-") as name:
+        folder = Path(name)
+        paths = [folder / f"reader{k}.intervals" for k in range(processes)]
+        async with st.readers_ahead([_reader_argv(path) for path in paths], cwd=folder) as readers:
+            yield list(zip(readers, paths, strict=True))
+
+
+def _reader_argv(intervals: Path) -> list[str]:
+    """The interval sweep's reader of ``intervals`` (see bamcountd.overlaps)."""
+    return [sys.executable, "-m", "bamcountd.overlaps", str(intervals)]
 
 
 def _region_counts(regions: Sequence[plan.Region], counts: Sequence[int]) -> tuple[RegionCount, ...]:
@@ -873,6 +909,7 @@ class _Job:
     remote: _Remote | None = None  # a URL's count
     containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
     thread_slots: tuple[int, ...] = ()  # each process's threads, most first (process_threads); () for ``threads`` each
+    readers: list[_ReaderAhead] = field(default_factory=list)  # sweep readers started already (_readers_ahead)
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -1071,6 +1108,10 @@ class _Job:
         self, index: Path, stats: dict[str, st.IndexStat], totals: Sequence[int | None], *, account: bool
     ) -> _Pass:
         shards = self.plan_pass(stats, totals, account=account)
+        sweeps = sum(shard.kind == plan.SWEEP for shard in shards)
+        for reader, _ in self.readers[sweeps:]:  # no sweep for them: they would only take a core
+            reader.drop()
+        del self.readers[sweeps:]
         reducer = self.reducer(totals, account=account)
         await self._run_shards(index, shards, reducer)
         return _Pass(reducer.counts, reducer.reached(), len(shards))
@@ -1383,11 +1424,15 @@ class _Job:
         """The regions' references, 0-based starts and ends (for sweeps: ranges on named references)."""
         return cast(tuple[Sequence[str], Sequence[int], Sequence[int]], plan.region_columns(self.regions))
 
-    async def _sweep(self, index: Path, shard: plan.Shard, intervals: Path, threads: int) -> _Outcome:
+    async def _sweep(self, index: Path, shard: plan.Shard, where: Path, threads: int) -> _Outcome:
         """A sweep: ``view -u [filters]`` of the shard's stretches into the interval sweep
         (:mod:`bamcountd.overlaps`), which credits each read to every one of the shard's ranges
-        it overlaps.  Its files are written here, so that the first sweeps run while the
-        others' are written."""
+        it overlaps.  Its files are written here (``where``: its intervals file, unless its
+        reader was started ahead with its own), so that the first sweeps run while the others'
+        are written."""
+        ahead = self.readers.pop() if self.readers else None
+        # A reader started already reads its own file, once samtools starts.
+        intervals = where if ahead is None else ahead[1]
         references, all_starts, all_ends = self.columns
         chosen = shard.regions
         mine = list(map(references.__getitem__, chosen))
@@ -1395,15 +1440,16 @@ class _Job:
         numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, mine))
         starts = list(map(all_starts.__getitem__, chosen))  # 0-based, as a BED's
         intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(all_ends.__getitem__, chosen))))
-        intervals.with_suffix(".bed").write_bytes(write_intervals(shard.stretches))
+        stretches = where.with_suffix(".bed")
+        stretches.write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
             st.with_index(self.bam, index),
-            bed=intervals.with_suffix(".bed"),
+            bed=stretches,
             filters=self.request.filters,
-            readers=[sys.executable, "-m", "bamcountd.overlaps", str(intervals)],
+            readers=_reader_argv(intervals) if ahead is None else ahead[0],
             threads=threads,
-            cwd=intervals.parent,
+            cwd=where.parent,
             timeout=self.request.timeout,
         )
         counts = st.parse_sweep(tally, len(shard.regions), f"{self.bam}: region {shard.label}")

@@ -1,9 +1,9 @@
 """Reads per interval in one pass: the reader at the end of a sweep's ``samtools view -u`` pipe.
 
 ``python -m bamcountd.overlaps INTERVALS`` reads the uncompressed BAM that samtools writes for
-the stretches holding a shard's intervals (``INTERVALS``: bamstream.write_intervals_file), and
-writes each interval's count, in the file's order, and the records it read
-(bamstream.write_counts).  It runs in its own process, so a count's readers use every core.
+the stretches holding a shard's intervals (``INTERVALS``: bamstream.write_intervals_file, read
+once samtools' first bytes arrive), and writes each interval's count, in the file's order, and
+the records it read (bamstream.write_counts); nothing, and exit status 0, for an empty stdin.  It runs in its own process, so a count's readers use every core.
 Nothing is a Python step per record: the records' ``block_size`` chains are walked a BGZF
 block each, all blocks of a buffer in step (see _offsets), and the fields, read ends and counts
 are taken a buffer at a time with numpy.
@@ -290,10 +290,15 @@ def main(argv: Sequence[str]) -> int:
     (path,) = argv
     gc.disable()  # a short-lived process whose arrays hold no cycles
     try:
-        with open(path, "rb") as handle:
-            names, columns = read_intervals_file(handle.read())
-        rows = np.stack([np.frombuffer(column, np.int64) for column in columns], axis=1)
         with open(sys.stdin.fileno(), "rb", closefd=False) as stdin:
+            # A reader may start before its sweep is planned (samtools.start_reader): its
+            # intervals are written before samtools starts, so they are read once samtools'
+            # first bytes are here; none at all is a sweep that never came.
+            if not stdin.peek(1):
+                return 0
+            with open(path, "rb") as handle:
+                names, columns = read_intervals_file(handle.read())
+            rows = np.stack([np.frombuffer(column, np.int64) for column in columns], axis=1)
             found = count_overlaps(stdin, names, rows, "the stream")
     except SamtoolsBadOutput as error:
         print(error, file=sys.stderr)

@@ -16,8 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -238,6 +238,58 @@ class Tally:
     unselected: Completed | None
 
 
+@dataclass
+class Reader:
+    """A reader process started ahead of the samtools command that feeds it (an interval
+    sweep's, whose imports then overlap the planning): it waits for its stdin, the read end of
+    a pipe whose write end, ``feed``, becomes samtools' stdout (:func:`run_tally` takes it);
+    any file it is to read must be written before that samtools starts.  Its ``feed`` closed
+    unused (by the :func:`readers_ahead` that started it), it ends."""
+
+    process: anyio.abc.Process
+    argv: tuple[str, ...]
+    feed: int | None  # None once taken: whoever took it closes it
+
+    def take(self) -> int:
+        feed, self.feed = self.feed, None
+        assert feed is not None, "a reader feeds one samtools"
+        return feed
+
+    def drop(self) -> None:
+        """Not needed after all (nothing will feed it): killed now, even while it is starting."""
+        if self.feed is not None:
+            os.close(self.take())
+            if self.process.returncode is None:
+                self.process.kill()
+
+
+@asynccontextmanager
+async def readers_ahead(argvs: Sequence[Sequence[str]], *, cwd: Path) -> AsyncIterator[list[Reader]]:
+    """Start a :class:`Reader` for each command line; at the end, whichever of them
+    :func:`run_tally` has not taken are killed (they have nothing to read), and every one reaped."""
+    readers: list[Reader] = []
+    async with AsyncExitStack() as stack:
+        for argv in argvs:
+            stdin, feed = os.pipe()
+            try:
+                process = await spawn(argv, stdin=stdin, cwd=cwd)
+            except BaseException:
+                os.close(feed)
+                raise
+            finally:
+                os.close(stdin)
+            reader = Reader(process, tuple(argv), feed)
+            stack.push_async_callback(_reap, reader)
+            readers.append(reader)
+        yield readers
+
+
+async def _reap(reader: Reader) -> None:
+    reader.drop()  # if not taken
+    async with reader.process:  # its pipes closed and it waited for (killed if that is cancelled)
+        pass
+
+
 #: How a tally's readers count: per reference (``idxstats -``), or one total for the whole stream.
 PER_REFERENCE = "per-reference"
 TOTAL = "total"
@@ -253,7 +305,7 @@ async def run_tally(
     bed: Path | None = None,
     filters: Filters,
     expression: str | None = None,
-    readers: str | Sequence[str] = PER_REFERENCE,
+    readers: str | Sequence[str] | Reader = PER_REFERENCE,
     threads: int = 1,
     cwd: Path,
     timeout: float | None = None,
@@ -267,11 +319,13 @@ async def run_tally(
     Passed + failed is what the query reached, which must equal the index's count for a whole
     reference.  On cancellation or timeout every process is killed.  ``cwd`` is private:
     idxstats looks for ``-.bai`` there, which must not exist.  ``readers`` may also be a
-    command line of its own (the interval sweep), which then reads the passing records alone.
+    command line of its own (the interval sweep), which then reads the passing records alone,
+    or such a :class:`Reader` started already.
     """
     started = time.monotonic()
-    split = (filters.active or expression is not None) and readers in (PER_REFERENCE, TOTAL)
-    selected_read, selected_write = os.pipe()
+    ahead = readers if isinstance(readers, Reader) else None
+    split = ahead is None and (filters.active or expression is not None) and readers in (PER_REFERENCE, TOTAL)
+    selected_read, selected_write = os.pipe() if ahead is None else (-1, ahead.take())
     unselected_read, unselected_write = os.pipe() if split else (-1, -1)
     view = _uncompressed_view(samtools, filters, threads)
     if expression is not None:
@@ -283,7 +337,9 @@ async def run_tally(
     if len(regions) > 1:
         view.append("-M")  # the multi-region iterator: each record once, however many regions it overlaps
     view += [source, *regions]
-    if not isinstance(readers, str):
+    if isinstance(readers, Reader):
+        reader = unselected_reader = list(readers.argv)
+    elif not isinstance(readers, str):
         reader = unselected_reader = list(readers)
     elif readers == PER_REFERENCE:
         reader = [samtools.executable, "idxstats", "-"]
@@ -293,8 +349,9 @@ async def run_tally(
         unselected_reader = reader if expression is None else [*reader[:-1], "-e", expression, "-"]
     plan: list[tuple[list[str], int, int, tuple[int, ...]]] = [
         (view, subprocess.DEVNULL, selected_write, (unselected_write,) if split else ()),
-        (reader, selected_read, subprocess.PIPE, ()),
     ]
+    if ahead is None:
+        plan.append((reader, selected_read, subprocess.PIPE, ()))
     if split:
         plan.append((unselected_reader, unselected_read, subprocess.PIPE, ()))
     outputs: dict[tuple[int, str], bytes] = {}
@@ -309,6 +366,8 @@ async def run_tally(
             for argv, stdin, stdout, passed in plan:
                 process = await spawn(argv, stdin=stdin, stdout=stdout, pass_fds=passed, cwd=cwd, env=samtools.env)
                 processes.append(await stack.enter_async_context(process))
+            if ahead is not None:
+                processes.append(ahead.process)  # its own readers_ahead reaps it
         finally:  # ours would keep the pipes from ever closing
             for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
                 if descriptor >= 0:
@@ -331,7 +390,8 @@ async def run_tally(
             raise
     seconds = time.monotonic() - started
     done = []
-    for number, ((argv, *_), process) in enumerate(zip(plan, processes, strict=True)):
+    commands = [view, reader, *([unselected_reader] if split else [])]
+    for number, (argv, process) in enumerate(zip(commands, processes, strict=True)):
         assert process.returncode is not None
         printed = outputs.get((number, "stdout"), b"")
         done.append(Completed(tuple(argv), process.returncode, printed, outputs[(number, "stderr")], seconds))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,23 @@ def test_blocks_are_walked_at_once_where_samtools_wrote_them(bam: Path, tmp_path
             elif len(starts) > 2:
                 assert in_step is None
         assert walked == (len(records) if aligned else 0)
+
+
+def test_a_reader_started_ahead_reads_its_intervals_once_samtools_writes(bam: Path, tmp_path: Path) -> None:
+    """Started before its intervals file exists (samtools.readers_ahead), a reader reads it only
+    once the stream's first bytes come; with no stream at all it ends quietly."""
+    header, records = _chr_a(bam)
+    stream = write_raw_bam(tmp_path / "a.bam", header, records).read_bytes()
+    intervals = tmp_path / "later.intervals"
+    argv = [sys.executable, "-m", "bamcountd.overlaps", str(intervals)]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
+        time.sleep(1)  # about when it waits for its stdin, started
+        numbers, starts, ends = (list(column) for column in zip(*ROWS, strict=True))
+        intervals.write_bytes(write_intervals_file(["chrA"], numbers, starts, ends))
+        out, err = reader.communicate(stream)
+    assert reader.returncode == 0, err
+    assert read_counts(out, len(ROWS)) == ([samtools_count(bam, f"chrA:{s + 1}-{e}") for _, s, e in ROWS], len(records))
+    unused = subprocess.run(
+        [*argv[:-1], str(tmp_path / "never.intervals")], input=b"", capture_output=True, check=False
+    )
+    assert (unused.returncode, unused.stdout, unused.stderr) == (0, b"", b"")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,8 @@ from hypothesis import strategies as hst
 
 from bamcountd import CountRequest, Filters, count_bam_sync
 from bamcountd.cli import main
+from bamcountd.count import available_cores, process_threads
+from bamcountd.errors import BadRegionsFile
 from bamcountd.synth import Reference, write_bam
 from tests.support.bams import samtools_count
 
@@ -178,3 +182,67 @@ def test_sample_names_from_read_groups(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "region\tNA1\tNA1_2\tb2.bam\tb3.bam"
     assert out[-1] == "total\t" + "\t".join(str(samtools_count(bam)) for bam in bams)
+
+
+def _our_readers() -> list[int]:
+    """This process's children that are sweep readers (``python -m bamcountd.overlaps``), live."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(stat[1]) == os.getpid() and stat[0] != "Z" and b"bamcountd.overlaps" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _reader_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """How each sweep's reader came: 'ahead' (started as the count began) or 'own' (with its sweep)."""
+    from bamcountd import samtools
+
+    kinds: list[str] = []
+    real = samtools.run_tally
+
+    async def recording(*args: Any, **kwargs: Any) -> samtools.Tally:
+        kinds.append("ahead" if isinstance(kwargs.get("readers"), samtools.Reader) else "own")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(samtools, "run_tally", recording)
+    return kinds
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_sweeps_take_the_readers_started_ahead(
+    edge_bam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    """A BED big enough to be swept starts a reader per process as the count starts; each sweep
+    takes one (its intervals written before its samtools starts), and none outlives the count."""
+    kinds = _reader_kinds(monkeypatch)
+    rows = _intervals(random.Random(jobs))
+    bed = _bed(tmp_path / "t.bed", rows)
+    result = count_bam_sync(CountRequest(bam=edge_bam, regions_file=bed, jobs=jobs, min_shard_reads=1))
+    assert [r.count for r in result.regions] == _expected(edge_bam, rows, ())
+    processes = len(process_threads(jobs, None, available_cores()))
+    assert kinds == ["ahead"] * processes  # one sweep per process, each with a reader started ahead
+    assert _our_readers() == []
+
+
+def test_readers_ahead_without_sweeps_are_dropped(
+    edge_bam: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BED big enough for a sweep that holds too few rows for one (long lines) counts one
+    command per row; the readers started ahead are killed, and a bad BED fails as before."""
+    kinds = _reader_kinds(monkeypatch)
+    bed = tmp_path / "few.bed"
+    bed.write_text("".join(f"chrA\t{k * 100}\t{k * 100 + 50}\t{'n' * 80}{k}\n" for k in range(4)))
+    result = count_bam_sync(CountRequest(bam=edge_bam, regions_file=bed))
+    assert [r.count for r in result.regions] == [
+        samtools_count(edge_bam, f"chrA:{k * 100 + 1}-{k * 100 + 50}") for k in range(4)
+    ]
+    assert kinds == [] and _our_readers() == []
+    bed.write_text(bed.read_text() + "chrZ\t1\t2\n")
+    with pytest.raises(BadRegionsFile, match="chrZ"):
+        count_bam_sync(CountRequest(bam=edge_bam, regions_file=bed))
+    assert _our_readers() == []
