@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, partial
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast, overload
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -105,11 +105,53 @@ class RegionCount(NamedTuple):
         return self.region if self.name is None else self.name
 
 
+class RegionCounts(Sequence[RegionCount]):
+    """A plain BED's rows of a result: its :class:`plan.RegionTable` and the counts, its
+    :class:`RegionCount` rows made the first time any is asked for (all at once, then kept),
+    so that output made from the columns (report's TSV) never makes 200,000 of them.  It
+    compares equal to any sequence of the same rows."""
+
+    __slots__ = ("_rows", "counts", "table")
+
+    def __init__(self, table: plan.RegionTable, counts: list[int]) -> None:
+        self.table = table
+        self.counts = counts
+        self._rows: tuple[RegionCount, ...] | None = None
+
+    def rows(self) -> tuple[RegionCount, ...]:
+        if self._rows is None:
+            names = self.table.names if self.table.names is not None else repeat(None, len(self.counts))
+            with _collector_paused():  # tuple.__new__ makes each RegionCount with no Python call per row
+                rows = zip(self.table.labels(), self.counts, names, strict=True)
+                self._rows = tuple(map(tuple.__new__, repeat(RegionCount), rows))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @overload
+    def __getitem__(self, index: int) -> RegionCount: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[RegionCount, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> RegionCount | tuple[RegionCount, ...]:
+        return self.rows()[index]
+
+    def __iter__(self) -> Iterator[RegionCount]:
+        return iter(self.rows())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(map(operator.eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, kw_only=True)
 class CountResult:
     bam: Input  # a URL shows itself redacted
     total: int
-    regions: tuple[RegionCount, ...]
+    regions: Sequence[RegionCount]  # a tuple, or a plain BED's RegionCounts
     filters: Filters
     samtools_version: str
     jobs: int
@@ -437,14 +479,12 @@ def _reader_argv(intervals: Path) -> list[str]:
     return [sys.executable, "-m", "bamcountd.overlaps", str(intervals)]
 
 
-def _region_counts(regions: Sequence[plan.Region], counts: Sequence[int]) -> tuple[RegionCount, ...]:
-    if isinstance(regions, plan.RegionTable):  # made from the columns: no Region per row
-        labels: Iterable[str] = regions.labels()
-        names: Iterable[str | None] = regions.names if regions.names is not None else [None] * len(regions)
-    else:
-        labels, names = map(_LABEL, regions), map(_NAME, regions)
+def _region_counts(regions: Sequence[plan.Region], counts: list[int]) -> Sequence[RegionCount]:
+    if isinstance(regions, plan.RegionTable):  # made from the columns, if at all
+        return RegionCounts(regions, counts)
     # tuple.__new__ on the rows makes each RegionCount with no Python call per row.
-    return tuple(map(tuple.__new__, repeat(RegionCount), zip(labels, counts, names, strict=True)))
+    rows = zip(map(_LABEL, regions), counts, map(_NAME, regions), strict=True)
+    return tuple(map(tuple.__new__, repeat(RegionCount), rows))
 
 
 _LABEL, _REFERENCE, _START, _END, _NAME = map(operator.itemgetter, range(5))  # Region's fields
@@ -1740,7 +1780,9 @@ class _Reducer:
         return total
 
     def reached(self) -> list[int | None]:
-        return [None if i in self._unknown else n for i, n in enumerate(self._reached)]
+        reached: list[int | None] = list(self._reached)
+        deque(map(reached.__setitem__, self._unknown, repeat(None)), maxlen=0)  # (a sweep's 200,000 at C speed)
+        return reached
 
     def add(self, outcome: _Outcome) -> list[plan.Shard]:
         """Take one result; return shards that must run instead of it (a group to recount)."""

@@ -69,8 +69,9 @@ class Region(NamedTuple):
         return f"{_quoted(self.reference, ranged=True)}:{start or 1}-{'' if end is None else end}"
 
 
-#: A BED row's label, 1-based as samtools' regions (``%`` formats it faster than ``str.format``).
-_BED_LABEL = "%s:%d-%d"
+#: A BED row's label, 1-based as samtools' regions (``%`` formats it faster than ``str.format``),
+#: of :meth:`RegionTable.label_columns`.
+BED_LABEL = "%s:%d-%d"
 
 
 class RegionTable(Sequence[Region]):
@@ -102,7 +103,7 @@ class RegionTable(Sequence[Region]):
             return [self[i] for i in range(*index.indices(len(self)))]
         reference, start, end = self.references[index], self.starts[index] + 1, self.ends[index]
         name = None if self.names is None else self.names[index]
-        return Region(_BED_LABEL % (reference, start, end), reference, start, end, name)
+        return Region(BED_LABEL % (reference, start, end), reference, start, end, name)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(other) == len(self) and all(map(operator.eq, self, other))
@@ -111,8 +112,11 @@ class RegionTable(Sequence[Region]):
 
     def labels(self) -> list[str]:
         """Every region's label, as :meth:`__getitem__` makes it, at once."""
-        starts = map((1).__add__, self.starts)
-        return list(map(_BED_LABEL.__mod__, zip(self.references, starts, self.ends, strict=True)))
+        return list(map(BED_LABEL.__mod__, zip(*self.label_columns(), strict=True)))
+
+    def label_columns(self) -> tuple[list[str], Iterable[int], list[int]]:
+        """What :data:`BED_LABEL` spells each row's label with: references, 1-based starts, ends."""
+        return self.references, map((1).__add__, self.starts), self.ends
 
 
 def region_columns(
@@ -301,7 +305,7 @@ def read_bed(path: Path, lengths: Mapping[str, int]) -> Sequence[Region]:
                 f"{path}:{number}: region {first}:{start0 + 1}-{end}: starts past the end of {first} (length {length})"
             )
         name = fields[3] if len(fields) > 3 and fields[3] else None
-        append(Region(_BED_LABEL % (first, start0 + 1, end), first, start0 + 1, end, name))
+        append(Region(BED_LABEL % (first, start0 + 1, end), first, start0 + 1, end, name))
     if not regions:
         raise BadRegionsFile(f"{path}: no regions in the file")
     return regions

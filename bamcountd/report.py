@@ -8,8 +8,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bamcountd.count import CountResult
+from bamcountd.count import CountResult, RegionCounts
 from bamcountd.errors import CohortRowsDiffer
+from bamcountd.plan import BED_LABEL
 
 FORMATS = ("table", "tsv", "json", "seed")
 
@@ -26,9 +27,26 @@ def format_table(result: CountResult) -> str:
 
 
 def format_tsv(result: CountResult) -> str:
-    lines = [f"{region if name is None else name}\t{count}" for region, count, name in result.regions]
+    lines = _bed_tsv_rows(result.regions) if isinstance(result.regions, RegionCounts) else None
+    if lines is None:
+        lines = [f"{region if name is None else name}\t{count}" for region, count, name in result.regions]
     lines.append(f"total\t{result.total}")
     return "\n".join(lines) + "\n"
+
+
+#: A TSV row of a BED interval without a name: its label, then its count.
+_LABELLED_COUNT = BED_LABEL + "\t%d"
+
+
+def _bed_tsv_rows(regions: RegionCounts) -> list[str] | None:
+    """A plain BED's TSV rows from its columns, a format each (no RegionCount made); None for
+    a BED whose rows are named only some of them."""
+    table, counts = regions.table, regions.counts
+    if table.names is None:
+        return list(map(_LABELLED_COUNT.__mod__, zip(*table.label_columns(), counts, strict=True)))
+    if None not in table.names:
+        return list(map("%s\t%d".__mod__, zip(table.names, counts, strict=True)))
+    return None
 
 
 def json_text(document: object) -> str:

@@ -246,3 +246,34 @@ def test_readers_ahead_without_sweeps_are_dropped(
     with pytest.raises(BadRegionsFile, match="chrZ"):
         count_bam_sync(CountRequest(bam=edge_bam, regions_file=bed))
     assert _our_readers() == []
+
+
+@pytest.mark.parametrize("named", ["none", "all", "some"])
+def test_a_bed_result_is_its_columns_and_its_tsv_is_the_rows(edge_bam: Path, tmp_path: Path, named: str) -> None:
+    """A plain BED's result rows (RegionCounts) are made only when asked for, equal the rows
+    of any other result, and the TSV written from its columns is the one its rows give."""
+    from bamcountd.count import RegionCount, RegionCounts
+    from bamcountd.report import format_tsv
+
+    rows = _intervals(random.Random(named))
+    names = {"none": [""] * len(rows), "all": [f"n{k}" for k in range(len(rows))]}.get(
+        named, [f"n{k}" if k % 3 else "" for k in range(len(rows))]
+    )
+    bed = tmp_path / "t.bed"
+    bed.write_text(
+        "".join(
+            f"{n}\t{s}\t{e}" + (f"\t{name}" if named != "none" else "") + "\n"
+            for (n, s, e), name in zip(rows, names, strict=True)
+        )
+    )
+    result = count_bam_sync(CountRequest(bam=edge_bam, regions_file=bed))
+    assert isinstance(result.regions, RegionCounts)
+    counts = _expected(edge_bam, rows, ())
+    expected = [
+        RegionCount(f"{n}:{s + 1}-{e}", count, name or None)
+        for (n, s, e), count, name in zip(rows, counts, names, strict=True)
+    ]
+    assert result.regions == expected and expected == list(result.regions) and result.regions[-1] == expected[-1]
+    assert result.regions[1:3] == tuple(expected[1:3]) and len(result.regions) == len(expected)
+    lines = [f"{row.row}\t{row.count}" for row in expected]
+    assert format_tsv(result) == "\n".join([*lines, f"total\t{sum(counts)}"]) + "\n"
