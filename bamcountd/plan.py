@@ -24,7 +24,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, filterfalse, repeat
+from itertools import accumulate, compress, filterfalse, islice, repeat
 from pathlib import Path
 from typing import NamedTuple, cast, overload
 
@@ -705,11 +705,15 @@ def _stretches(
     # Swept regions are ranges on named references: no None among their columns.
     references, all_starts, all_ends = cast(tuple[Sequence[str], Sequence[int], Sequence[int]], columns)
     ranks = list(map(header.get, references, repeat(len(header))))
-    order = sorted(swept, key=all_starts.__getitem__)
-    order.sort(key=ranks.__getitem__)  # stable: by reference, then start
-    starts = list(map(all_starts.__getitem__, order))
-    ends = list(map(all_ends.__getitem__, order))
-    in_order = list(map(ranks.__getitem__, order))
+    if len(swept) == len(ranks) and _in_order(ranks, all_starts):
+        # Every region, in order already (a sorted BED): what the sorts would give.
+        order, starts, ends, in_order = list(swept), list(all_starts), list(all_ends), ranks
+    else:
+        order = sorted(swept, key=all_starts.__getitem__)
+        order.sort(key=ranks.__getitem__)  # stable: by reference, then start
+        starts = list(map(all_starts.__getitem__, order))
+        ends = list(map(all_ends.__getitem__, order))
+        in_order = list(map(ranks.__getitem__, order))
     stretches: list[_Stretch] = []
     first = 0
     while first < len(order):
@@ -726,6 +730,16 @@ def _stretches(
             stretches.append(_Stretch(name, starts[first], high[cut - 1 - base], first, cut))
             first = cut
     return order, starts, ends, stretches
+
+
+def _in_order(ranks: list[int], starts: Sequence[int]) -> bool:
+    """Whether the rows are by reference rank, then start: a start below the one before it
+    only where the rank goes up, and no rank below the one before it."""
+    after = islice(ranks, 1, None)
+    if not all(map(operator.le, ranks, after)):
+        return False
+    rising = map(operator.le, starts, islice(starts, 1, None))
+    return all(map(operator.or_, rising, map(operator.lt, ranks, islice(ranks, 1, None))))
 
 
 def _sweeps(

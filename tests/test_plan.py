@@ -358,3 +358,27 @@ def test_sweeps_share_the_reads_evenly_one_per_process(slots: int) -> None:
     assert sorted(i for shard in shards for i in shard.regions) == list(range(len(regions)))
     few = plan_shards(regions, [0.0] * len(regions), lengths, ShardPolicy(slots=slots, min_reads=10**9))
     assert len(few) == 1  # below min_reads a share: one sweep
+
+
+def test_sweeps_of_regions_in_order_skip_the_sorts_for_the_same_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows by reference, then start (a sorted BED, duplicates and equal starts too) are
+    planned as the sorts would order them; rows out of order are sorted."""
+    lengths = {"chr1": 100_000, "chr2": 50_000}
+    spans = [("chr1", 10, 90), ("chr1", 10, 20), ("chr1", 500, 900), ("chr1", 500, 900), ("chr2", 0, 5), ("chr2", 7, 9)]
+    spans += [("chr2", 100 * k, 100 * k + 50) for k in range(1, 40)]
+    policy = ShardPolicy(slots=2, min_reads=1)
+    densities = dict.fromkeys(lengths, 0.5)
+
+    def planned(rows: list[tuple[str, int, int]]) -> list[plan.Shard]:
+        table = plan.RegionTable([r for r, _, _ in rows], [s for _, s, _ in rows], [e for _, _, e in rows], None)
+        return plan_shards(table, [0.0] * len(rows), lengths, policy, densities=densities)
+
+    in_order = plan._in_order
+    assert in_order([0, 0, 1, 1], [5, 5, 1, 3]) and not in_order([0, 0, 1], [5, 4, 9])
+    assert not in_order([0, 1, 0], [1, 2, 3])
+    fast = planned(spans)
+    monkeypatch.setattr(plan, "_in_order", lambda ranks, starts: False)
+    assert fast == planned(spans)
+    shuffled = [*spans[3:], *spans[:3]]
+    monkeypatch.setattr(plan, "_in_order", in_order)
+    assert [len(shard.regions) for shard in planned(shuffled)] == [len(shard.regions) for shard in fast]
