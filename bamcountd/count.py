@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, nullcontext
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, partial
 from itertools import chain, repeat
@@ -329,10 +329,11 @@ async def _start(
     progress: ProgressCallback | None,
     *,
     stats: bool = True,
-    readers: Sequence[_ReaderAhead] = (),
+    ahead: AsyncExitStack | None = None,
 ) -> _Started:
     """The checks, the header, the regions and the count's state; ``stats``: read the index's
-    totals too (a part of a scattered count has them in its plan)."""
+    totals too (a part of a scattered count has them in its plan); ``ahead``: start sweep
+    readers ahead (_readers_ahead), held there (for as long as the count)."""
     bam, cram, fetched, cache = opened.bam, opened.cram, opened.fetched, opened.cache
     if cram and request.method == "index":
         raise BadOption(f"{bam}: --method index cannot count a CRAM: its index (CRAI) holds no read counts")
@@ -370,6 +371,8 @@ async def _start(
             await anyio.sleep(pause(attempt))
     if request.reference is not None:
         check_reference(request.reference, header, bam)
+    # After the checks, whose samtools they would slow: the BED is read and the plan made meanwhile.
+    readers = [] if ahead is None else await ahead.enter_async_context(_readers_ahead(request, limiter))
     with _collector_paused():
         regions = plan.resolve_regions(header, request.regions, request.regions_file)
     if cram:
@@ -391,7 +394,7 @@ async def _start(
         limiter=limiter,
         progress=progress,
         remote=fetched,
-        readers=list(readers),
+        readers=readers,
     )
     if fresh is not None and header.sort_order in ("unsorted", "queryname"):
         # samtools indexes only coordinate-sorted BAMs: this index was made from another file.
@@ -407,8 +410,8 @@ async def _count(
     limiter: anyio.CapacityLimiter | None,
     progress: ProgressCallback | None,
 ) -> CountResult:
-    async with _readers_ahead(request, limiter) as readers:
-        job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress, readers=readers)
+    async with AsyncExitStack() as ahead:
+        job, lookup, fresh, early_stats = await _start(request, opened, limiter, progress, ahead=ahead)
         bam, cram, fetched, regions = opened.bam, opened.cram, opened.fetched, job.regions
         index = fresh if fresh is not None else await job.index_for(lookup)
         if index is None and request.method == "index":
@@ -454,8 +457,8 @@ _ReaderAhead = tuple[st.Reader, Path]
 async def _readers_ahead(
     request: CountRequest, limiter: anyio.CapacityLimiter | None
 ) -> AsyncIterator[list[_ReaderAhead]]:
-    """A sweep reader for each process the count will run, started as the count starts when
-    its regions file may well be swept (big enough for plan.SWEEP_FROM rows of 16 bytes): a
+    """A sweep reader for each process the count will run, started before the regions file is
+    read when it may well be swept (big enough for plan.SWEEP_FROM rows of 16 bytes): a
     reader's start is mostly numpy's import, which then runs on a core that would wait while
     the file is read and the sweeps are planned.  None under a shared limiter (the daemon's,
     whose counts may wait their turn); those not taken are dropped (count._Job._pass)."""
