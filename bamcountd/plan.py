@@ -537,7 +537,7 @@ def plan_shards(
     target = max(total / max(policy.slots * policy.pieces_per_slot, 1), float(policy.min_reads))
     shards: list[Shard] = _sweeps(regions, swept, lengths, densities, policy) if swept else []
     small: list[int] = []
-    uses = Counter(region_columns(regions)[0])
+    uses = Counter(region_columns(regions)[0]) if rest else Counter[str | None]()  # (a BED's rows: all swept)
     for index in rest:
         region, weight = regions[index], weights[index]
         kind = ACCOUNT if policy.account and region.whole else COUNT
