@@ -460,8 +460,8 @@ async def _readers_ahead(
     """A sweep reader for each process the count will run, started before the regions file is
     read when it may well be swept (big enough for plan.SWEEP_FROM rows of 16 bytes): a
     reader's start is mostly numpy's import, which then runs on a core that would wait while
-    the file is read and the sweeps are planned.  None under a shared limiter (the daemon's,
-    whose counts may wait their turn); those not taken are dropped (count._Job._pass)."""
+    the file is read and the sweeps are planned.  None under a shared limiter (the daemon's, a
+    many-BAM count's: a count may wait its turn there); those not taken are dropped (_Job._pass)."""
     try:
         big = request.regions_file is not None and request.regions_file.stat().st_size >= plan.SWEEP_FROM * 16
     except OSError:
