@@ -149,10 +149,11 @@ class IndexStat:
 
 
 def _summarise(lines: Sequence[str], limit: int = 3) -> str:
-    shown = " | ".join(lines[:limit])
-    if len(lines) > limit:
-        shown += f" | (+{len(lines) - limit} more lines)"
-    return shown
+    """At most ``limit`` lines, the last among them: a traceback's (a reader's) or a tool's
+    closing summary says what failed there."""
+    if len(lines) <= limit:
+        return " | ".join(lines)
+    return " | ".join([*lines[: limit - 1], f"(+{len(lines) - limit} more lines)", lines[-1]])
 
 
 async def run(

@@ -401,6 +401,18 @@ def test_ctrl_c_exits_130_and_leaves_no_samtools(bam: Path, tmp_path: Path, toke
     assert not (tmp_path / "o.tsv").exists()
 
 
+def test_a_long_stderr_is_shown_by_its_first_lines_and_its_last() -> None:
+    """A reader's traceback ends with the line that says what failed; it is kept."""
+    from bamcountd.samtools import Completed
+
+    lines = ["Traceback (most recent call last):", *(f'  File "x.py", line {n}' for n in range(5)), "ValueError: bad"]
+    failure = Completed(("python",), 1, b"", "\n".join(lines).encode(), 0.1).describe_failure()
+    shown = 'Traceback (most recent call last): | File "x.py", line 0 | (+4 more lines) | ValueError: bad'
+    assert failure == f"exit status 1: {shown}"  # each line stripped
+    short = Completed(("samtools",), 0, b"", b"[W::x] one\n[W::y] two\n", 0.1).describe_failure()
+    assert short == "exit status 0 but it reported a problem: [W::x] one | [W::y] two"
+
+
 def test_the_cli_waits_for_samtools_through_pidfds(bam: Path) -> None:
     """Python 3.11 would start a thread per samtools to wait for it; the CLI's event loop learns
     of exits through pidfds instead (3.12 does so by itself, and is left as it is)."""
