@@ -121,9 +121,8 @@ class RegionCounts(Sequence[RegionCount]):
     def rows(self) -> tuple[RegionCount, ...]:
         if self._rows is None:
             names = self.table.names if self.table.names is not None else repeat(None, len(self.counts))
-            with _collector_paused():  # tuple.__new__ makes each RegionCount with no Python call per row
-                rows = zip(self.table.labels(), self.counts, names, strict=True)
-                self._rows = tuple(map(tuple.__new__, repeat(RegionCount), rows))
+            with _collector_paused():
+                self._rows = _rows(self.table.labels(), self.counts, names)
         return self._rows
 
     def __len__(self) -> int:
@@ -485,9 +484,12 @@ def _reader_argv(intervals: Path) -> list[str]:
 def _region_counts(regions: Sequence[plan.Region], counts: list[int]) -> Sequence[RegionCount]:
     if isinstance(regions, plan.RegionTable):  # made from the columns, if at all
         return RegionCounts(regions, counts)
+    return _rows(map(_LABEL, regions), counts, map(_NAME, regions))
+
+
+def _rows(labels: Iterable[str], counts: Iterable[int], names: Iterable[str | None]) -> tuple[RegionCount, ...]:
     # tuple.__new__ on the rows makes each RegionCount with no Python call per row.
-    rows = zip(map(_LABEL, regions), counts, map(_NAME, regions), strict=True)
-    return tuple(map(tuple.__new__, repeat(RegionCount), rows))
+    return tuple(map(tuple.__new__, repeat(RegionCount), zip(labels, counts, names, strict=True)))
 
 
 _LABEL, _REFERENCE, _START, _END, _NAME = map(operator.itemgetter, range(5))  # Region's fields
