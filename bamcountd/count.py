@@ -31,7 +31,7 @@ from anyio.abc import ObjectSendStream
 from bamcountd import logs, plan
 from bamcountd import samtools as st
 from bamcountd.bamstream import write_intervals, write_intervals_file
-from bamcountd.cramfile import UNPLACED_ID, CramTotals, read_totals
+from bamcountd.cramfile import UNPLACED_ID, CramTotals, multi_region_unsafe, read_totals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -955,6 +955,9 @@ class _Job:
     containers: CramTotals | None = None  # a local CRAM's records per reference, by its container headers
     thread_slots: tuple[int, ...] = ()  # each process's threads, most first (process_threads); () for ``threads`` each
     readers: list[_ReaderAhead] = field(default_factory=list)  # sweep readers started already (_readers_ahead)
+    #: A CRAM's references that this samtools' multi-region iterator may misread, by the index
+    #: they were found in (see cramfile.multi_region_unsafe): each is read by a query of its own.
+    unsafe: tuple[Path | None, frozenset[int]] = (None, frozenset())
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -1371,6 +1374,15 @@ class _Job:
         extra shards the reducer asks for (to explain a mismatch) run the same way."""
         if not shards:
             return
+        if self.cram and not self.samtools.multi_region_reads_any_crai and self.unsafe[0] != index:
+            self.unsafe = (index, await anyio.to_thread.run_sync(multi_region_unsafe, index))
+            if self.unsafe[1]:
+                self.log.info("multi_region_avoided", references=len(self.unsafe[1]))
+                self.notes.append(
+                    f"samtools {self.samtools.version}'s multi-region iterator misreads CRAM indexes whose slices "
+                    f"nest or share containers (fixed in 1.18); {len(self.unsafe[1])} references of {index} are "
+                    "like that, and each was read by a query of its own"
+                )
         local = _Slots(self.thread_slots or (self.threads,) * self.processes)
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
@@ -1458,11 +1470,25 @@ class _Job:
                 samtools, bam, index, shard.args, filters=filters, threads=threads, expression=expression
             )
             return argv, scratch
+        if self._one_query_each(shard):
+            if shard.kind == plan.TALLY:
+                return None, scratch
+            whole = tuple(map(plan.reference_arg, shard.args))
+            return st.count_argv(samtools, bam, index, whole, filters=filters, threads=threads), scratch
         bed = _write_bed(scratch / f"group{number}.bed", shard.args, self.lengths)
         if shard.kind == plan.TALLY:
             return None, bed
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
+
+    def _one_query_each(self, shard: plan.Shard) -> bool:
+        """Whether a group's or a sweep's references must each be read by a query of their own,
+        not by the multi-region iterator, which this samtools may misread their index with."""
+        unsafe = self.unsafe[1]
+        if not unsafe or not (shard.bed or shard.kind == plan.SWEEP):
+            return False
+        names = shard.args if shard.bed else dict.fromkeys(name for name, _, _ in shard.stretches)
+        return any(self.ref_ids[name] in unsafe for name in names)
 
     @cached_property
     def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[int]]:
@@ -1485,15 +1511,22 @@ class _Job:
         numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, mine))
         starts = list(map(all_starts.__getitem__, chosen))  # 0-based, as a BED's
         intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(all_ends.__getitem__, chosen))))
-        stretches = where.with_suffix(".bed")
-        stretches.write_bytes(write_intervals(shard.stretches))
+        stretches: Path | None = where.with_suffix(".bed")
+        whole: tuple[str, ...] = ()
+        if self._one_query_each(shard):  # whole references: the sweep credits only its ranges
+            stretches, whole = None, tuple(map(plan.reference_arg, dict.fromkeys(n for n, _, _ in shard.stretches)))
+        else:
+            assert stretches is not None
+            stretches.write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
             st.with_index(self.bam, index),
+            regions=whole,
             bed=stretches,
             filters=self.request.filters,
             readers=_reader_argv(intervals) if ahead is None else ahead[0],
             threads=threads,
+            one_query_each=bool(whole),
             cwd=where.parent,
             timeout=self.request.timeout,
         )
@@ -1505,7 +1538,10 @@ class _Job:
         reference), or one region (one total, ``-e`` applied to both streams)."""
         bam, request = self.bam, self.request
         regions: tuple[str, ...] = ()
-        if shard.kind == plan.TALLY:
+        one_query_each = self._one_query_each(shard)
+        if shard.kind == plan.TALLY and one_query_each:  # ``where``: the scratch folder
+            bed, cwd, readers, regions = None, where, st.PER_REFERENCE, tuple(map(plan.reference_arg, shard.args))
+        elif shard.kind == plan.TALLY:
             bed, cwd, readers = where, where.parent, st.PER_REFERENCE
         else:
             bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
@@ -1519,6 +1555,7 @@ class _Job:
             expression=shard.expression,
             readers=readers,
             threads=threads,
+            one_query_each=one_query_each,
             cwd=cwd,
             timeout=request.timeout,
         )

@@ -88,17 +88,58 @@ def _container(data: bytes, name: str, offset: int) -> tuple[int, int, int, int]
     return ref_id, records, at + 4, length
 
 
-def crai_entries(crai: Path) -> list[tuple[int, int]]:
-    """(reference id, container offset) of each entry of a CRAI (gzip-compressed text).
+def crai_rows(crai: Path) -> list[tuple[int, int, int, int]]:
+    """(reference id, alignment start, span, container offset) of each entry of a CRAI
+    (gzip-compressed text), in file order.
 
     :raises IndexMismatch: not a CRAI
     """
     try:
         text = gzip.decompress(crai.read_bytes()).decode("ascii")
         rows = [line.split("\t") for line in text.splitlines() if line]
-        return [(int(row[0]), int(row[3])) for row in rows]
+        return [(int(row[0]), int(row[1]), int(row[2]), int(row[3])) for row in rows]
     except (OSError, EOFError, ValueError, IndexError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError):
         raise IndexMismatch(f"{crai}: not a CRAI index (gzip-compressed text, six columns a line)") from None
+
+
+def crai_entries(crai: Path) -> list[tuple[int, int]]:
+    """(reference id, container offset) of each entry of a CRAI.
+
+    :raises IndexMismatch: not a CRAI
+    """
+    return [(ref_id, offset) for ref_id, _, _, offset in crai_rows(crai)]
+
+
+def multi_region_unsafe(crai: Path) -> frozenset[int]:
+    """The references (header numbers) that htslib before 1.18 may misread with its
+    multi-region iterator (``view -M``): those with a CRAI entry whose span lies within an
+    earlier entry's (a slice inside another: a long read that outreaches the slices after it),
+    and those that share a container with another reference (small contigs in
+    multi-reference containers).
+
+    Such entries load as a nested list, or as several entries at one offset, and that
+    iterator then takes wrong ends from them: it stops short of records or reads some twice,
+    with exit status 0 (htslib fda1e03 and f4a3b99, in 1.18; samtools issue 1819).  Each
+    entry is checked against every earlier one of its reference, not only those htslib would
+    nest it in: a reference is never missed, at worst one more is read another way.
+
+    :raises IndexMismatch: not a CRAI
+    """
+    reach: dict[int, int] = {}  # the furthest end of the entries so far, per reference
+    at_offset: dict[int, set[int]] = {}
+    unsafe: set[int] = set()
+    for ref_id, start, span, offset in crai_rows(crai):
+        if ref_id < 0:  # unplaced reads are never queried by position
+            continue
+        at_offset.setdefault(offset, set()).add(ref_id)
+        end = start + span - 1
+        if ref_id in reach and end <= reach[ref_id]:
+            unsafe.add(ref_id)
+        reach[ref_id] = max(end, reach.get(ref_id, end))
+    for refs in at_offset.values():
+        if len(refs) > 1:
+            unsafe |= refs
+    return frozenset(unsafe)
 
 
 def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:

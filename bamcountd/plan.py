@@ -130,6 +130,11 @@ def region_columns(
     return list(map(_REFERENCE, regions)), starts, list(map(_END, regions))
 
 
+def reference_arg(name: str) -> str:
+    """A whole reference as samtools must see it (see Region.samtools_arg)."""
+    return _quoted(name)
+
+
 def _quoted(name: str, *, ranged: bool = False) -> str:
     """htslib's spelling of a reference: ``{name}``, which it never misreads, where it can.
 

@@ -44,6 +44,9 @@ EXPRESSIONS_VERSION = (1, 12)
 #: ``view --save-counts``: the records a query reached and those its filters accepted, from one
 #: ``view -c``, which makes a filtered count's accounting free.
 SAVE_COUNTS_VERSION = (1, 22)
+#: htslib's multi-region iterator (``view -M``) reads a CRAI with nested entries or several
+#: references at one container right (cramfile.multi_region_unsafe says which need it before).
+MULTI_REGION_CRAM_VERSION = (1, 18)
 
 INSTALL_HINT = "install it (apt-get install samtools) or pass --samtools PATH"
 
@@ -84,6 +87,10 @@ class Samtools:
     @property
     def supports_save_counts(self) -> bool:
         return self.version_info >= SAVE_COUNTS_VERSION
+
+    @property
+    def multi_region_reads_any_crai(self) -> bool:
+        return self.version_info >= MULTI_REGION_CRAM_VERSION
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,7 @@ async def run_tally(
     expression: str | None = None,
     readers: str | Sequence[str] | Reader = PER_REFERENCE,
     threads: int = 1,
+    one_query_each: bool = False,
     cwd: Path,
     timeout: float | None = None,
 ) -> Tally:
@@ -321,7 +329,9 @@ async def run_tally(
     reference.  On cancellation or timeout every process is killed.  ``cwd`` is private:
     idxstats looks for ``-.bai`` there, which must not exist.  ``readers`` may also be a
     command line of its own (the interval sweep), which then reads the passing records alone,
-    or such a :class:`Reader` started already.
+    or such a :class:`Reader` started already.  Several ``regions`` are read by the
+    multi-region iterator (``-M``: each record once), or with ``one_query_each`` by a query
+    each, in their order: for whole references, which share no record.
     """
     started = time.monotonic()
     ahead = readers if isinstance(readers, Reader) else None
@@ -335,7 +345,7 @@ async def run_tally(
         view += ["-M", "-L", str(bed)]
     if split:
         view += ["-U", f"/dev/fd/{unselected_write}"]
-    if len(regions) > 1:
+    if len(regions) > 1 and not one_query_each:
         view.append("-M")  # the multi-region iterator: each record once, however many regions it overlaps
     view += [source, *regions]
     if isinstance(readers, Reader):

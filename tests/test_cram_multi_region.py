@@ -1,0 +1,143 @@
+"""CRAM indexes that htslib before 1.18 misreads with its multi-region iterator (``view -M``):
+slices nested in others (long reads) and small contigs sharing containers.  There, ``-M``
+stops short of records or reads some twice, with exit status 0; bamcountd reads such
+references by a query each, and every count still equals ``samtools view -c`` of one region."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bamcountd import CountRequest, CountResult, Filters, count_bam_sync
+from bamcountd import samtools as st
+from bamcountd.cramfile import multi_region_unsafe
+from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
+
+
+def _cram(
+    folder: Path, name: str, references: dict[str, int], reads: list[tuple[str, int, int]], **options: str
+) -> Path:
+    """A reference-less CRAM (and its CRAI) of ``reads``: (reference, 1-based position, length)."""
+    sam = folder / f"{name}.sam"
+    rng = random.Random(name)
+    with open(sam, "w") as out:
+        out.write("@HD\tVN:1.6\tSO:coordinate\n" + "".join(f"@SQ\tSN:{n}\tLN:{n_}\n" for n, n_ in references.items()))
+        order = {n: i for i, n in enumerate(references)}
+        for number, (ref, pos, length) in enumerate(sorted(reads, key=lambda r: (order[r[0]], r[1]))):
+            flag = rng.choice([0, 16, 1024, 256, 512, 2048])
+            out.write(f"r{number}\t{flag}\t{ref}\t{pos}\t{rng.choice([0, 10, 30, 60])}\t{length}M\t*\t0\t0\t*\t*\n")
+    cram = folder / f"{name}.cram"
+    fmt = [arg for key, value in options.items() for arg in ("--output-fmt-option", f"{key}={value}")]
+    subprocess.run(
+        [SAMTOOLS, "view", "--no-PG", "-C", "--output-fmt-option", "no_ref", *fmt, "-o", str(cram), str(sam)],
+        check=True,
+    )
+    subprocess.run([SAMTOOLS, "index", str(cram)], check=True)
+    return cram
+
+
+@pytest.fixture(scope="module")
+def long_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Short reads and a few long ones that outreach the small slices after them: CRAI entries
+    inside others."""
+    rng = random.Random(3)
+    lengths = {"chr1": 400_000, "chr2": 300_000}
+    reads = []
+    for ref, length in lengths.items():
+        for _ in range(3000):
+            long = rng.random() < 0.02
+            span = rng.randrange(5_000, 25_000) if long else 100
+            reads.append((ref, rng.randrange(1, length - 30_000), span))
+    return _cram(tmp_path_factory.mktemp("nested"), "long", lengths, reads, seqs_per_slice="50")
+
+
+@pytest.fixture(scope="module")
+def small_contigs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A chromosome and 60 small contigs that share multi-reference containers."""
+    rng = random.Random(4)
+    lengths = {"chr1": 200_000, **{f"chrUn_{i}": 2_000 + 37 * i for i in range(60)}}
+    reads = [(ref, rng.randrange(1, length - 100), 100) for ref, length in lengths.items() for _ in range(120)]
+    reads += [("chr1", rng.randrange(1, 199_000), 100) for _ in range(3000)]
+    return _cram(tmp_path_factory.mktemp("shared"), "small", lengths, reads)
+
+
+@pytest.fixture(params=["this samtools", "forced"])
+def forced(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """As the samtools under test decides, or with every affected reference read by a query of
+    its own whatever the version (a samtools 1.18+ would otherwise never take that path)."""
+    if request.param == "forced":
+        monkeypatch.setattr(st, "MULTI_REGION_CRAM_VERSION", (999,))
+    return bool(request.param == "forced")
+
+
+def _read_one_by_one(result: CountResult, forced: bool) -> bool:
+    """Whether the count says it read references by a query each, and whether it had to."""
+    version = tuple(int(part) for part in result.samtools_version.split("."))
+    said = any("query of its own" in note for note in result.notes)
+    return said == (forced or version < st.MULTI_REGION_CRAM_VERSION)
+
+
+@pytest.fixture(autouse=True)
+def _no_reference_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REF_PATH", str(tmp_path / "no-such-folder" / "%s"))
+
+
+def test_the_index_layouts_are_found(tmp_path: Path) -> None:
+    """Nested entries and references at one container are unsafe; a clean index has none."""
+    crai = tmp_path / "x.crai"
+
+    def found(rows: list[tuple[int, int, int, int]]) -> frozenset[int]:
+        crai.write_bytes(gzip.compress("".join(f"{r}\t{s}\t{n}\t{o}\t100\t50\n" for r, s, n, o in rows).encode()))
+        return multi_region_unsafe(crai)
+
+    assert found([(0, 1, 500, 100), (0, 400, 600, 900), (1, 1, 300, 1500), (-1, 0, 0, 2000), (-1, 0, 0, 2500)]) == set()
+    assert found([(0, 1, 5000, 100), (0, 400, 600, 900), (1, 1, 300, 1500)]) == {0}  # 400-999 inside 1-5000
+    assert found([(0, 1, 500, 100), (1, 1, 300, 900), (2, 5, 30, 900), (3, 1, 9, 1500)]) == {1, 2}  # one container
+
+
+def test_nested_slices_leave_no_range_short(long_reads: Path, forced: bool) -> None:
+    """A BED's ranges (swept) and regions on references whose slices nest: each count is
+    samtools' own count of that one range (``-M`` on this CRAM stops short of records)."""
+    assert multi_region_unsafe(long_reads.with_name(long_reads.name + ".crai")) == {0, 1}
+    rng = random.Random(8)
+    intervals = sorted(
+        (ref, start, start + rng.randrange(200, 8_000))
+        for ref, length in (("chr1", 400_000), ("chr2", 300_000))
+        for start in rng.sample(range(length * 9 // 10), 25)
+    )
+    bed = long_reads.with_name("ranges.bed")
+    bed.write_text("".join(f"{ref}\t{start}\t{end}\n" for ref, start, end in intervals))
+    for filters, args in ((Filters(), ()), (Filters(exclude_flags=0x904, min_mapq=20), ("-F", "0x904", "-q", "20"))):
+        result = count_bam_sync(CountRequest(bam=long_reads, regions_file=bed, filters=filters))
+        wanted = [samtools_count(long_reads, *args, f"{ref}:{start + 1}-{end}") for ref, start, end in intervals]
+        assert [r.count for r in result.regions] == wanted
+        assert sum(wanted) > 0
+        assert result.shards < len(intervals)  # swept, not counted one command each
+        assert _read_one_by_one(result, forced)
+    regions = ("{chr1}:1000-90000", "{chr1}:150000-250000", "{chr2}:1-300000")
+    few = count_bam_sync(CountRequest(bam=long_reads, regions=regions))
+    assert [r.count for r in few.regions] == list(oracle(long_reads, regions).values())
+
+
+@pytest.mark.parametrize("filters", [(), ("-F", "0x904", "-q", "20"), ("-G", "0x900")])
+def test_small_contigs_sharing_containers_count_exactly(
+    small_contigs: Path, forced: bool, filters: tuple[str, ...]
+) -> None:
+    """Every reference of a CRAM whose small contigs share containers, tallied per reference:
+    ``-M`` over them here reads records twice and out of order."""
+    unsafe = multi_region_unsafe(small_contigs.with_name(small_contigs.name + ".crai"))
+    assert len(unsafe) > 30
+    parsed = {
+        (): Filters(),
+        ("-F", "0x904", "-q", "20"): Filters(exclude_flags=0x904, min_mapq=20),
+        ("-G", "0x900"): Filters(exclude_all_flags=0x900),
+    }[filters]
+    result = count_bam_sync(CountRequest(bam=small_contigs, filters=parsed, verify="full"))
+    names = [*header_names(small_contigs), "*"]
+    assert {r.region: r.count for r in result.regions} == oracle(small_contigs, names, filters)
+    assert result.total == samtools_count(small_contigs, *filters)
+    assert _read_one_by_one(result, forced)
