@@ -31,7 +31,7 @@ from anyio.abc import ObjectSendStream
 from bamcountd import logs, plan
 from bamcountd import samtools as st
 from bamcountd.bamstream import write_intervals, write_intervals_file
-from bamcountd.cramfile import UNPLACED_ID, CramTotals, multi_region_unsafe, read_totals
+from bamcountd.cramfile import EOF_CONTAINER, UNPLACED_ID, CramTotals, multi_region_unsafe, read_totals
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -1539,13 +1539,20 @@ class _Job:
         bam, request = self.bam, self.request
         regions: tuple[str, ...] = ()
         one_query_each = self._one_query_each(shard)
-        if shard.kind == plan.TALLY and one_query_each:  # ``where``: the scratch folder
+        piped = self._containers_of(shard) if one_query_each and shard.kind == plan.TALLY else None
+        if piped is not None:  # ``where``: the scratch folder
+            bed, cwd, readers = None, where, st.PER_REFERENCE
+        elif shard.kind == plan.TALLY and one_query_each:
             bed, cwd, readers, regions = None, where, st.PER_REFERENCE, tuple(map(plan.reference_arg, shard.args))
         elif shard.kind == plan.TALLY:
             bed, cwd, readers = where, where.parent, st.PER_REFERENCE
         else:
             bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
-        source = st.with_index(bam, index) if (regions or bed is not None) else st.source(bam)
+        if piped is not None:
+            source = "-"
+            self.log.debug("tally_piped", region=shard.label, bytes=sum(end - first for first, end in piped.ranges))
+        else:
+            source = st.with_index(bam, index) if (regions or bed is not None) else st.source(bam)
         tally = await st.run_tally(
             self.samtools,
             source,
@@ -1556,6 +1563,7 @@ class _Job:
             readers=readers,
             threads=threads,
             one_query_each=one_query_each,
+            piped=piped,
             cwd=cwd,
             timeout=request.timeout,
         )
@@ -1563,7 +1571,22 @@ class _Job:
             tally = replace(tally, view=st.without_empty_reference_notes(tally.view, self.empty))
         what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
         tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
+        if piped is not None:  # unplaced reads in the containers: the * shard counts them
+            tallies.pop(os.fsencode(plan.UNPLACED), None)
         return _Outcome(shard, tally.view, tallies)
+
+    def _containers_of(self, shard: plan.Shard) -> st.ByteRanges | None:
+        """A local CRAM 3's bytes that hold a group's records and no other reference's (but
+        unplaced reads): its header, that run of containers, the EOF container.  samtools reads
+        them as a stream, each record once, through no index; None where no such run exists."""
+        found = self.containers
+        if found is None or not isinstance(self.bam, Path):
+            return None
+        refs = frozenset(self.ref_ids[name] for name in shard.args)
+        span = found.span(refs, besides=frozenset((UNPLACED_ID,)))
+        if span is None:
+            return None
+        return st.ByteRanges(self.bam, ((0, found.header_end), span), EOF_CONTAINER)
 
 
 def _lacks_statistics(index: Path) -> bool:

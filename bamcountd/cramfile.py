@@ -21,6 +21,8 @@ from pathlib import Path
 from bamcountd.errors import CorruptBam, IndexMismatch
 
 UNPLACED_ID = -1
+#: The container that ends every CRAM 3 file (its length, reference -1, "EOF", no blocks).
+EOF_CONTAINER = bytes.fromhex("0f000000ffffffff0fe0454f4600000000010005bdd94f0001000606010001000100ee63014b")
 _MULTI_ID = -2
 _FILE_DEFINITION = 26  # "CRAM", major, minor, a 20-byte file id
 _HEADER_READ = 4096  # a container header is far smaller, landmarks included
@@ -35,9 +37,25 @@ class CramTotals:
 
     single: dict[int, int]
     components: tuple[tuple[frozenset[int], int], ...]
+    #: Where the SAM header's container ends, and each container with records, in file order:
+    #: its first byte, the byte after it, the references it holds (by the CRAI for several).
+    header_end: int = 0
+    containers: tuple[tuple[int, int, frozenset[int]], ...] = ()
 
     def component_of(self, ref_id: int) -> frozenset[int] | None:
         return next((refs for refs, _ in self.components if ref_id in refs), None)
+
+    def span(self, refs: frozenset[int], *, besides: frozenset[int] = frozenset()) -> tuple[int, int] | None:
+        """The bytes ``[first, end)`` of the containers that hold records of ``refs``, when they
+        are one run that holds records of no other reference (but ``besides``); None when there
+        is no such run."""
+        held = [(first, end) for first, end, inner in self.containers if inner & refs]
+        if not held:
+            return None
+        first, end, allowed = held[0][0], held[-1][1], refs | besides
+        if any(first <= start < end and not inner <= allowed for start, _, inner in self.containers):
+            return None
+        return first, end
 
 
 def _itf8(data: bytes, at: int) -> tuple[int, int]:
@@ -154,6 +172,8 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
     single: dict[int, int] = {}
     multi: dict[int, int] = {}  # offset -> records of each multi-reference container
     starts: set[int] = set()
+    spans: list[tuple[int, int, int]] = []  # each container with records: offset, end, reference id
+    header_end = 0
     with open(cram, "rb") as handle:
         definition = handle.read(_FILE_DEFINITION)
         if len(definition) < _FILE_DEFINITION or definition[:4] != b"CRAM":
@@ -173,8 +193,11 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
                     raise
                 handle.seek(offset)  # a header with many landmarks (slices): read it whole
                 ref_id, records, header, length = _container(handle.read(_LONG_HEADER_READ), name, offset)
-            if not first and records:  # the first container holds the SAM header
+            if first:
+                header_end = offset + header + length
+            elif records:  # the first container holds the SAM header
                 starts.add(offset)
+                spans.append((offset, offset + header + length, ref_id))
                 if ref_id == _MULTI_ID:
                     multi[offset] = records
                 elif ref_id >= UNPLACED_ID and ref_id < references:
@@ -184,7 +207,14 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
             first = False
             offset += header + length
     components = _components(crai, entries, starts, multi, single)  # takes its references out of single
-    return CramTotals(single, components)
+    inside: dict[int, set[int]] = {}
+    for ref_id, offset in entries:
+        inside.setdefault(offset, set()).add(ref_id)
+    containers = tuple(
+        (offset, end, frozenset(inside.get(offset, ())) if ref_id == _MULTI_ID else frozenset((ref_id,)))
+        for offset, end, ref_id in spans
+    )
+    return CramTotals(single, components, header_end, containers)
 
 
 def _components(

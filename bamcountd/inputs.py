@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from bamcountd.cramfile import EOF_CONTAINER
 from bamcountd.errors import BadReference, BamNotFound, CorruptBam, RemoteUnsupported
 from bamcountd.samtools import Header
 from bamcountd.urls import Url, looks_like_url
@@ -22,10 +23,9 @@ Input = Path | Url
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 _CRAM_MAGIC = b"CRAM"
 _CRAM_MAJORS = (2, 3)  # what samtools 1.10+ reads (3.1 included)
-# The last bytes of a whole file: BGZF's empty block, and CRAM 3's EOF container (a CRAM 2.1's
-# differs, and is left to samtools quickcheck).
+# The last bytes of a whole file: BGZF's empty block, and CRAM 3's EOF container (cramfile; a
+# CRAM 2.1's differs, and is left to samtools quickcheck).
 _BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
-_CRAM3_EOF = bytes.fromhex("0f000000ffffffff0fe0454f4600000000010005bdd94f0001000606010001000100ee63014b")
 
 
 def parse_input(value: str | Path | Url) -> Input:
@@ -94,7 +94,7 @@ def check_remote_bytes(url: Url, head: bytes, tail: bytes) -> bool:
     :raises CorruptBam: not a BAM or CRAM, or cut short
     """
     cram = sniff(head, str(url))
-    if cram and head[4] == 3 and not tail.endswith(_CRAM3_EOF):
+    if cram and head[4] == 3 and not tail.endswith(EOF_CONTAINER):
         raise CorruptBam(f"{url}: the CRAM has no EOF container at its end: it is truncated (or still being written)")
     if not cram and not tail.endswith(_BGZF_EOF):
         raise CorruptBam(f"{url}: the BAM has no BGZF EOF marker at its end: it is truncated (or still being written)")

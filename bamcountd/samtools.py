@@ -9,15 +9,17 @@ stderr of a command that normally prints nothing there is treated as a failure.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -237,6 +239,55 @@ def _uncompressed_view(samtools: Samtools, filters: Filters, threads: int) -> li
 
 
 @dataclass(frozen=True)
+class ByteRanges:
+    """What samtools reads on its stdin instead of a file: ``ranges`` of the file at ``path``,
+    in order, then ``tail`` (a CRAM's header, some of its containers, its EOF container)."""
+
+    path: Path
+    ranges: tuple[tuple[int, int], ...]
+    tail: bytes = b""
+
+
+def _widen(descriptor: int) -> None:
+    """Make a pipe hold 1 MiB (Linux's usual most), not 64 KiB: samtools then waits on its
+    writer a sixteenth as often, which on busy cores is where time goes."""
+    with suppress(OSError):  # a lower limit (fs.pipe-max-size): the pipe keeps its size
+        fcntl.fcntl(descriptor, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+
+
+class _PipeIn(threading.Thread):
+    """Writes a :class:`ByteRanges` into a pipe (``sendfile``: no copy through Python, and no
+    wait on the event loop), then closes it; the thread owns the descriptor from its start."""
+
+    def __init__(self, descriptor: int, piped: ByteRanges) -> None:
+        super().__init__(name="bamcountd-pipe-in", daemon=True)
+        self.descriptor, self.piped = descriptor, piped
+        self.error: CorruptBam | None = None
+
+    def run(self) -> None:
+        piped = self.piped
+        try:
+            with open(piped.path, "rb") as source:
+                for first, end in piped.ranges:
+                    offset = first
+                    while offset < end:
+                        sent = os.sendfile(self.descriptor, source.fileno(), offset, end - offset)
+                        if not sent:
+                            self.error = CorruptBam(f"{piped.path}: the file ends at byte {offset}, before byte {end}")
+                            return
+                        offset += sent
+            tail = memoryview(piped.tail)
+            while tail:
+                tail = tail[os.write(self.descriptor, tail) :]
+        except BrokenPipeError:
+            pass  # samtools stopped reading: its exit status says why
+        except OSError as error:
+            self.error = CorruptBam(f"{piped.path}: cannot be read ({error.strerror})")
+        finally:
+            os.close(self.descriptor)
+
+
+@dataclass(frozen=True)
 class Tally:
     """The commands of an accounted count: ``view`` and a reader on each of its outputs (the
     records that pass the filters, and, when filters apply, those that do not)."""
@@ -316,6 +367,7 @@ async def run_tally(
     readers: str | Sequence[str] | Reader = PER_REFERENCE,
     threads: int = 1,
     one_query_each: bool = False,
+    piped: ByteRanges | None = None,
     cwd: Path,
     timeout: float | None = None,
 ) -> Tally:
@@ -331,13 +383,17 @@ async def run_tally(
     command line of its own (the interval sweep), which then reads the passing records alone,
     or such a :class:`Reader` started already.  Several ``regions`` are read by the
     multi-region iterator (``-M``: each record once), or with ``one_query_each`` by a query
-    each, in their order: for whole references, which share no record.
+    each, in their order: for whole references, which share no record.  With ``piped``,
+    ``source`` is ``-`` and samtools reads those bytes on its stdin.
     """
     started = time.monotonic()
     ahead = readers if isinstance(readers, Reader) else None
     split = ahead is None and (filters.active or expression is not None) and readers in (PER_REFERENCE, TOTAL)
     selected_read, selected_write = os.pipe() if ahead is None else (-1, ahead.take())
     unselected_read, unselected_write = os.pipe() if split else (-1, -1)
+    piped_read, piped_write = os.pipe() if piped is not None else (-1, -1)
+    if piped is not None:
+        _widen(piped_write)
     view = _uncompressed_view(samtools, filters, threads)
     if expression is not None:
         view += ["-e", expression]
@@ -359,7 +415,12 @@ async def run_tally(
         reader = [samtools.executable, "view", "--no-PG", "-c", "-"]
         unselected_reader = reader if expression is None else [*reader[:-1], "-e", expression, "-"]
     plan: list[tuple[list[str], int, int, tuple[int, ...]]] = [
-        (view, subprocess.DEVNULL, selected_write, (unselected_write,) if split else ()),
+        (
+            view,
+            subprocess.DEVNULL if piped is None else piped_read,
+            selected_write,
+            (unselected_write,) if split else (),
+        ),
     ]
     if ahead is None:
         plan.append((reader, selected_read, subprocess.PIPE, ()))
@@ -371,6 +432,7 @@ async def run_tally(
         assert stream is not None
         outputs[key] = b"".join([chunk async for chunk in stream])
 
+    pipe_in: _PipeIn | None = None
     async with AsyncExitStack() as stack:
         processes: list[anyio.abc.Process] = []
         try:  # each child gets only its own ends (subprocess closes every other descriptor)
@@ -379,8 +441,18 @@ async def run_tally(
                 processes.append(await stack.enter_async_context(process))
             if ahead is not None:
                 processes.append(ahead.process)  # its own readers_ahead reaps it
+            if piped is not None:
+                pipe_in, piped_write = _PipeIn(piped_write, piped), -1
+                pipe_in.start()
         finally:  # ours would keep the pipes from ever closing
-            for descriptor in (selected_read, selected_write, unselected_read, unselected_write):
+            for descriptor in (
+                selected_read,
+                selected_write,
+                unselected_read,
+                unselected_write,
+                piped_read,
+                piped_write,
+            ):
                 if descriptor >= 0:
                     os.close(descriptor)
         try:
@@ -399,6 +471,10 @@ async def run_tally(
             if isinstance(error, TimeoutError):
                 raise SamtoolsTimeout(f"view -u: killed after the {timeout:g} s time limit") from None
             raise
+    if pipe_in is not None:  # samtools read it all, or it would not have ended well
+        await anyio.to_thread.run_sync(pipe_in.join)
+        if pipe_in.error is not None:
+            raise pipe_in.error
     seconds = time.monotonic() - started
     done = []
     commands = [view, reader, *([unselected_reader] if split else [])]

@@ -12,7 +12,7 @@ reads.  Then runs, alternately, with no filters and with ``-F 0x904 -q 20``:
   bamcountd to time, as in bench_count.py: an installed wheel starts ~20 ms sooner than the
   editable install of a checkout, whose import hook runs at every start).
 
-    .venv/bin/python benchmarks/bench_cram.py [--reads 2000000] [--repeats 3]
+    .venv/bin/python benchmarks/bench_cram.py [--reads 2000000 [10000000 ...]] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -95,28 +95,34 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> tupl
     return seconds, done.stdout
 
 
-def setup(doc: str | None) -> tuple[argparse.Namespace, Path, Path, int]:
-    """The command line (--reads, --repeats), the benchmark CRAM and its FASTA, the cores."""
+def setup(doc: str | None) -> tuple[argparse.Namespace, list[tuple[Path, Path]], int]:
+    """The command line (--reads, one size or more; --repeats), the benchmark CRAM and its FASTA
+    of each size, the cores."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reads", type=int, default=2_000_000)
+    parser.add_argument("--reads", type=int, nargs="+", default=[2_000_000])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cram, fasta = make_cram(HERE / "data", args.reads)
+    crams = [make_cram(HERE / "data", reads) for reads in args.reads]
     # As an installed package is, byte-compiled: with PYTHONDONTWRITEBYTECODE set, every start
     # would otherwise compile bamcountd again, and that would be timed.
     compileall.compile_dir(HERE.parent / "bamcountd", quiet=1)
-    return args, cram, fasta, len(os.sched_getaffinity(0))
+    return args, crams, len(os.sched_getaffinity(0))
 
 
 def main() -> int:
-    args, cram, fasta, cores = setup(__doc__)
+    args, crams, cores = setup(__doc__)
+    for (cram, fasta), reads in zip(crams, args.reads, strict=True):
+        run_size(cram, fasta, reads, cores, args.repeats)
+    return 0
+
+
+def run_size(cram: Path, fasta: Path, reads: int, cores: int, repeats: int) -> None:
+    """One CRAM's table: each command's rounds, median, and ratio to ``samtools view -c -@N``."""
     with tempfile.TemporaryDirectory(prefix="bench-cram-") as scratch:
         # No reference server: samtools gets the FASTA with -T; bamcountd needs none.
         env = {**os.environ, "REF_PATH": f"{scratch}/none/%s", "XDG_CACHE_HOME": scratch}
         bamcountd = [*BAMCOUNTD, "count", str(cram), "--format", "json"]
-        print(
-            f"# {cram.name}: {args.reads} reads, {cram.stat().st_size >> 20} MiB; {cores} cores; {args.repeats} rounds"
-        )
+        print(f"\n# {cram.name}: {reads} reads, {cram.stat().st_size >> 20} MiB; {cores} cores; {repeats} rounds")
         for label, (filters, fields) in FILTERS.items():
             by_hand = ["--input-fmt-option", f"required_fields={fields:#x}", "--input-fmt-option", "decode_md=0"]
             commands = {
@@ -144,7 +150,7 @@ def main() -> int:
             }
             times: dict[str, list[float]] = {name: [] for name in commands}
             answers: dict[str, str] = {}
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 for name, argv in commands.items():
                     seconds, out = timed(argv, env)
                     times[name].append(seconds)
@@ -158,7 +164,6 @@ def main() -> int:
                 print(
                     f"{name:34s} median {median:6.3f} s  ({' '.join(f'{v:.3f}' for v in values)})  x{median / base:.2f}"
                 )
-    return 0
 
 
 def total_of(out: str) -> int:

@@ -44,14 +44,17 @@ def make_bam(cram: Path, fasta: Path) -> Path:
 
 
 def main() -> int:
-    args, cram, fasta, cores = setup(__doc__)
+    args, crams, cores = setup(__doc__)
+    if len(crams) != 1:
+        raise SystemExit("bench_url.py takes one --reads")
+    [(cram, fasta)] = crams
     bam = make_bam(cram, fasta)
     with tempfile.TemporaryDirectory(prefix="bench-url-") as scratch, serve(HERE / "data") as server:
         # samtools runs in a folder of its own: it drops the index it downloads where it runs.
         env = {**os.environ, "REF_PATH": f"{scratch}/none/%s", "XDG_CACHE_HOME": scratch}
         work = Path(scratch) / "work"
         work.mkdir()
-        print(f"# loopback http, {cores} cores, {args.repeats} rounds; {args.reads} reads")
+        print(f"# loopback http, {cores} cores, {args.repeats} rounds; {args.reads[0]} reads")
         for path in (bam, cram):
             url = server.url(path.name)
             reference = ["-T", str(fasta)] if path.suffix == ".cram" else []

@@ -1,7 +1,8 @@
 """CRAM indexes that htslib before 1.18 misreads with its multi-region iterator (``view -M``):
 slices nested in others (long reads) and small contigs sharing containers.  There, ``-M``
 stops short of records or reads some twice, with exit status 0; bamcountd reads such
-references by a query each, and every count still equals ``samtools view -c`` of one region."""
+references by a query each (a CRAM 3's group of them: its run of containers, piped to samtools
+as a stream), and every count still equals ``samtools view -c`` of one region."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from bamcountd import CountRequest, CountResult, Filters, count_bam_sync
+from bamcountd import CountRequest, CountResult, Filters, count_bam_sync, logs
 from bamcountd import samtools as st
 from bamcountd.cramfile import multi_region_unsafe
 from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
@@ -55,14 +57,17 @@ def long_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _cram(tmp_path_factory.mktemp("nested"), "long", lengths, reads, seqs_per_slice="50")
 
 
-@pytest.fixture(scope="module")
-def small_contigs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A chromosome and 60 small contigs that share multi-reference containers."""
+@pytest.fixture(scope="module", params=["3.0", "2.1"])
+def small_contigs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A chromosome and 60 small contigs that share multi-reference containers, as CRAM 3
+    (whose container headers let a tally read just their containers, as a stream) and as CRAM
+    2.1 (they do not: a query per reference)."""
     rng = random.Random(4)
     lengths = {"chr1": 200_000, **{f"chrUn_{i}": 2_000 + 37 * i for i in range(60)}}
     reads = [(ref, rng.randrange(1, length - 100), 100) for ref, length in lengths.items() for _ in range(120)]
     reads += [("chr1", rng.randrange(1, 199_000), 100) for _ in range(3000)]
-    return _cram(tmp_path_factory.mktemp("shared"), "small", lengths, reads)
+    folder = tmp_path_factory.mktemp("shared")
+    return _cram(folder, f"small-{request.param}", lengths, reads, version=request.param)
 
 
 @pytest.fixture(params=["this samtools", "forced"])
@@ -136,8 +141,15 @@ def test_small_contigs_sharing_containers_count_exactly(
         ("-F", "0x904", "-q", "20"): Filters(exclude_flags=0x904, min_mapq=20),
         ("-G", "0x900"): Filters(exclude_all_flags=0x900),
     }[filters]
-    result = count_bam_sync(CountRequest(bam=small_contigs, filters=parsed, verify="full"))
+    logs.configure(level="debug", json=True)
+    with capture_logs() as events:
+        result = count_bam_sync(CountRequest(bam=small_contigs, filters=parsed, verify="full"))
+    logs.configure(level="warning", json=False)
     names = [*header_names(small_contigs), "*"]
     assert {r.region: r.count for r in result.regions} == oracle(small_contigs, names, filters)
     assert result.total == samtools_count(small_contigs, *filters)
     assert _read_one_by_one(result, forced)
+    # Without -M, a CRAM 3's small contigs are tallied from their run of containers, as a stream.
+    avoided = any("query of its own" in note for note in result.notes)
+    piped = [e for e in events if e["event"] == "tally_piped"]
+    assert bool(piped) == (avoided and small_contigs.name == "small-3.0.cram")
