@@ -31,7 +31,15 @@ from anyio.abc import ObjectSendStream
 from bamcountd import logs, plan
 from bamcountd import samtools as st
 from bamcountd.bamstream import write_intervals, write_intervals_file
-from bamcountd.cramfile import EOF_CONTAINER, UNPLACED_ID, CramTotals, multi_region_unsafe, read_totals
+from bamcountd.cramfile import (
+    EOF_CONTAINER,
+    UNPLACED_ID,
+    CramTotals,
+    Unsafe,
+    crai_span,
+    multi_region_unsafe,
+    read_totals,
+)
 from bamcountd.errors import (
     BadOption,
     BamcountdError,
@@ -309,7 +317,8 @@ async def _opened(request: CountRequest) -> AsyncIterator[_Opened]:
 
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
-        fetched = _Remote(url=source, info=probe.info, folder=Path(folder))
+        major = probe.head[4] if cram and len(probe.head) > 4 else None
+        fetched = _Remote(url=source, info=probe.info, folder=Path(folder), cram_major=major)
         yield _Opened(executable, source, cram, fetched, cache)
         await fetched.recheck()  # the object the count began with is the one it ended with
 
@@ -524,6 +533,7 @@ class _Remote:
     info: ObjectInfo
     folder: Path
     index_url: Url | None = None  # the index fetched into ``folder``
+    cram_major: int | None = None  # a CRAM's major version, from its first bytes
 
     async def recheck(self) -> None:
         """Raise if the object cannot be read now as it was when the count began: gone (404),
@@ -957,7 +967,7 @@ class _Job:
     readers: list[_ReaderAhead] = field(default_factory=list)  # sweep readers started already (_readers_ahead)
     #: A CRAM's references that this samtools' multi-region iterator may misread, by the index
     #: they were found in (see cramfile.multi_region_unsafe): each is read by a query of its own.
-    unsafe: tuple[Path | None, frozenset[int]] = (None, frozenset())
+    unsafe: tuple[Path | None, Unsafe] = (None, Unsafe(frozenset(), frozenset()))
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -1198,6 +1208,14 @@ class _Job:
             shards = plan.plan_shards(
                 self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities, swept=swept
             )
+        shared = self._unsafe(self.index).shared
+        if shared:  # a group that shares containers: tallied, which can read their run of them once
+            shards = [
+                replace(s, kind=plan.TALLY)
+                if s.kind == plan.SUM and any(self.ref_ids[n] in shared for n in s.args)
+                else s
+                for s in shards
+            ]
         self.log.debug("planned", regions=len(self.regions), shards=len(shards), processes=slots, threads=self.threads)
         return shards
 
@@ -1374,15 +1392,7 @@ class _Job:
         extra shards the reducer asks for (to explain a mismatch) run the same way."""
         if not shards:
             return
-        if self.cram and not self.samtools.multi_region_reads_any_crai and self.unsafe[0] != index:
-            self.unsafe = (index, await anyio.to_thread.run_sync(multi_region_unsafe, index))
-            if self.unsafe[1]:
-                self.log.info("multi_region_avoided", references=len(self.unsafe[1]))
-                self.notes.append(
-                    f"samtools {self.samtools.version}'s multi-region iterator misreads CRAM indexes whose slices "
-                    f"nest or share containers (fixed in 1.18); {len(self.unsafe[1])} references of {index} are "
-                    "like that, and each was read by a query of its own"
-                )
+        self._unsafe(index)
         local = _Slots(self.thread_slots or (self.threads,) * self.processes)
         send, receive = anyio.create_memory_object_stream[_Outcome](max_buffer_size=self.processes)
         with tempfile.TemporaryDirectory(prefix="bamcountd-") as scratch_name:
@@ -1481,10 +1491,27 @@ class _Job:
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
 
+    def _unsafe(self, index: Path | None) -> Unsafe:
+        """This count's references that its samtools' multi-region iterator may misread through
+        ``index`` (none but for a CRAM, and a samtools before 1.18), found once per index."""
+        if index is None or not self.cram or self.samtools.multi_region_reads_any_crai:
+            return Unsafe(frozenset(), frozenset())
+        if self.unsafe[0] != index:
+            self.unsafe = (index, multi_region_unsafe(index))  # a CRAI is small: read here
+            count = len(self.unsafe[1].all)
+            if count:
+                self.log.info("multi_region_avoided", references=count)
+                self.notes.append(
+                    f"samtools {self.samtools.version}'s multi-region iterator misreads CRAM indexes whose slices "
+                    f"nest or share containers (fixed in 1.18); {count} references of {index} are like that, and "
+                    "each was read by a query of its own"
+                )
+        return self.unsafe[1]
+
     def _one_query_each(self, shard: plan.Shard) -> bool:
         """Whether a group's or a sweep's references must each be read by a query of their own,
         not by the multi-region iterator, which this samtools may misread their index with."""
-        unsafe = self.unsafe[1]
+        unsafe = self.unsafe[1].all
         if not unsafe or not (shard.bed or shard.kind == plan.SWEEP):
             return False
         names = shard.args if shard.bed else dict.fromkeys(name for name, _, _ in shard.stretches)
@@ -1539,7 +1566,7 @@ class _Job:
         bam, request = self.bam, self.request
         regions: tuple[str, ...] = ()
         one_query_each = self._one_query_each(shard)
-        piped = self._containers_of(shard) if one_query_each and shard.kind == plan.TALLY else None
+        piped = await self._containers_of(index, shard, where) if one_query_each and shard.kind == plan.TALLY else None
         if piped is not None:  # ``where``: the scratch folder
             bed, cwd, readers = None, where, st.PER_REFERENCE
         elif shard.kind == plan.TALLY and one_query_each:
@@ -1575,18 +1602,35 @@ class _Job:
             tallies.pop(os.fsencode(plan.UNPLACED), None)
         return _Outcome(shard, tally.view, tallies)
 
-    def _containers_of(self, shard: plan.Shard) -> st.ByteRanges | None:
-        """A local CRAM 3's bytes that hold a group's records and no other reference's (but
-        unplaced reads): its header, that run of containers, the EOF container.  samtools reads
-        them as a stream, each record once, through no index; None where no such run exists."""
-        found = self.containers
-        if found is None or not isinstance(self.bam, Path):
+    async def _containers_of(self, index: Path, shard: plan.Shard, scratch: Path) -> st.ByteRanges | None:
+        """A CRAM 3's bytes that hold a group's records and no other reference's (but unplaced
+        reads): its header, that run of containers, the EOF container.  samtools reads them as a
+        stream, each record once, through no index; a URL's are fetched into ``scratch`` first.
+        None where no such run exists, or for a CRAM 2 (its EOF container differs)."""
+        refs, besides = frozenset(self.ref_ids[name] for name in shard.args), frozenset((UNPLACED_ID,))
+        if isinstance(self.bam, Path):
+            found = self.containers  # None for a CRAM 2
+            span = None if found is None else found.span(refs, besides=besides)
+            if found is None or span is None:
+                return None
+            return st.ByteRanges(self.bam, ((0, found.header_end), span), EOF_CONTAINER)
+        remote = self.remote
+        assert remote is not None
+        if remote.cram_major != 3:
             return None
-        refs = frozenset(self.ref_ids[name] for name in shard.args)
-        span = found.span(refs, besides=frozenset((UNPLACED_ID,)))
-        if span is None:
+        data_end = remote.info.size - len(EOF_CONTAINER)
+        found_span = await anyio.to_thread.run_sync(partial(crai_span, index, refs, besides=besides, data_end=data_end))
+        if found_span is None:
             return None
-        return st.ByteRanges(self.bam, ((0, found.header_end), span), EOF_CONTAINER)
+        header_end, first, end = found_span
+        from bamcountd import remote as http  # (a local count imports no http.client)
+
+        fd, name = tempfile.mkstemp(prefix="containers-", suffix=".cram", dir=scratch)
+        os.close(fd)
+        out = Path(name)
+        ranges = ((0, header_end), (first, end))
+        await anyio.to_thread.run_sync(partial(http.fetch_ranges, remote.url, ranges, out, info=remote.info))
+        return st.ByteRanges(out, ((0, out.stat().st_size),), EOF_CONTAINER)
 
 
 def _lacks_statistics(index: Path) -> bool:

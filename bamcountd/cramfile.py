@@ -17,6 +17,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bamcountd.errors import CorruptBam, IndexMismatch
 
@@ -128,12 +129,48 @@ def crai_entries(crai: Path) -> list[tuple[int, int]]:
     return [(ref_id, offset) for ref_id, _, _, offset in crai_rows(crai)]
 
 
-def multi_region_unsafe(crai: Path) -> frozenset[int]:
-    """The references (header numbers) that htslib before 1.18 may misread with its
-    multi-region iterator (``view -M``): those with a CRAI entry whose span lies within an
-    earlier entry's (a slice inside another: a long read that outreaches the slices after it),
-    and those that share a container with another reference (small contigs in
-    multi-reference containers).
+def crai_span(
+    crai: Path, refs: frozenset[int], *, besides: frozenset[int] = frozenset(), data_end: int
+) -> tuple[int, int, int] | None:
+    """By the CRAI alone (for a CRAM whose container headers were not read: at a URL): where
+    the first data container starts (the header ends), and the bytes ``[first, end)`` of the
+    containers that hold records of ``refs``, when they are one run whose entries name no other
+    reference (but ``besides``); a container ends where the next one the CRAI names starts, the
+    last at ``data_end`` (where the EOF container starts).  None when there is no such run.
+
+    :raises IndexMismatch: not a CRAI
+    """
+    rows = crai_rows(crai)
+    offsets = sorted({offset for _, _, _, offset in rows})
+    held = sorted({offset for ref_id, _, _, offset in rows if ref_id in refs})
+    if not held:
+        return None
+    first, last = held[0], held[-1]
+    later = offsets.index(last) + 1
+    end = offsets[later] if later < len(offsets) else data_end
+    allowed = refs | besides
+    if end <= first or any(first <= offset < end and ref_id not in allowed for ref_id, _, _, offset in rows):
+        return None
+    return offsets[0], first, end
+
+
+class Unsafe(NamedTuple):
+    """References (header numbers) that htslib before 1.18 may misread with its multi-region
+    iterator: by nested CRAI entries, and by sharing a container."""
+
+    nested: frozenset[int]
+    shared: frozenset[int]
+
+    @property
+    def all(self) -> frozenset[int]:
+        return self.nested | self.shared
+
+
+def multi_region_unsafe(crai: Path) -> Unsafe:
+    """The references that htslib before 1.18 may misread with its multi-region iterator
+    (``view -M``): those with a CRAI entry whose span lies within an earlier entry's (a slice
+    inside another: a long read that outreaches the slices after it), and those that share a
+    container with another reference (small contigs in multi-reference containers).
 
     Such entries load as a nested list, or as several entries at one offset, and that
     iterator then takes wrong ends from them: it stops short of records or reads some twice,
@@ -145,19 +182,17 @@ def multi_region_unsafe(crai: Path) -> frozenset[int]:
     """
     reach: dict[int, int] = {}  # the furthest end of the entries so far, per reference
     at_offset: dict[int, set[int]] = {}
-    unsafe: set[int] = set()
+    nested: set[int] = set()
     for ref_id, start, span, offset in crai_rows(crai):
         if ref_id < 0:  # unplaced reads are never queried by position
             continue
         at_offset.setdefault(offset, set()).add(ref_id)
         end = start + span - 1
         if ref_id in reach and end <= reach[ref_id]:
-            unsafe.add(ref_id)
+            nested.add(ref_id)
         reach[ref_id] = max(end, reach.get(ref_id, end))
-    for refs in at_offset.values():
-        if len(refs) > 1:
-            unsafe |= refs
-    return frozenset(unsafe)
+    shared = {ref_id for refs in at_offset.values() if len(refs) > 1 for ref_id in refs}
+    return Unsafe(frozenset(nested), frozenset(shared))
 
 
 def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:

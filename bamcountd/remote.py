@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from bamcountd.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
+from bamcountd.errors import RemoteAccessDenied, RemoteChanged, RemoteNotFound, RemoteUnavailable, RemoteUnsupported
 from bamcountd.urls import ATTEMPTS, ObjectInfo, Url, pause, redact
 
 _TIMEOUT = 30.0
@@ -110,6 +110,32 @@ def fetch(url: Url, out: Path, *, limit: int = 1 << 30) -> ObjectInfo:
         etag=response.headers.get("ETag"),
         last_modified=response.headers.get("Last-Modified"),
     )
+
+
+def fetch_ranges(url: Url, ranges: tuple[tuple[int, int], ...], out: Path, *, info: ObjectInfo) -> None:
+    """Download the bytes ``[first, end)`` of each range, in order, into ``out``, by range
+    requests of at most :data:`_RANGE_CHUNK` bytes, each checked to be of the object ``info``.
+
+    :raises RemoteChanged: the object is not ``info`` any more
+    :raises RemoteNotFound, RemoteAccessDenied, RemoteUnavailable, RemoteUnsupported: as :func:`probe`
+    """
+    with open(out, "wb") as handle:
+        for first, end in ranges:
+            at = first
+            while at < end:
+                stop = min(end, at + _RANGE_CHUNK)
+                response = _ranged(url, f"bytes={at}-{stop - 1}")
+                now, start, last = _identity(url, response, asked=stop - at)
+                if now != info:
+                    raise RemoteChanged(f"{url}: the object changed during the count")
+                if (start, last) != (at, stop - 1):
+                    raise RemoteUnsupported(f"{url}: the server answered bytes {at}-{stop - 1} with {start}-{last}")
+                handle.write(response.body)
+                at = stop
+
+
+#: The most one range request of fetch_ranges asks for (a response is held in memory).
+_RANGE_CHUNK = 8 << 20
 
 
 def _ranged(url: Url, byte_range: str) -> _Response:
