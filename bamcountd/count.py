@@ -966,7 +966,7 @@ class _Job:
     thread_slots: tuple[int, ...] = ()  # each process's threads, most first (process_threads); () for ``threads`` each
     readers: list[_ReaderAhead] = field(default_factory=list)  # sweep readers started already (_readers_ahead)
     #: A CRAM's references that this samtools' multi-region iterator may misread, by the index
-    #: they were found in (see cramfile.multi_region_unsafe): each is read by a query of its own.
+    #: they were found in (see cramfile.multi_region_unsafe): they are read without it.
     unsafe: tuple[Path | None, Unsafe] = (None, Unsafe(frozenset(), frozenset()))
 
     def __post_init__(self) -> None:
@@ -1504,7 +1504,7 @@ class _Job:
                 self.notes.append(
                     f"samtools {self.samtools.version}'s multi-region iterator misreads CRAM indexes whose slices "
                     f"nest or share containers (fixed in 1.18); {count} references of {index} are like that, and "
-                    "each was read by a query of its own"
+                    "were read without it (their run of containers as a stream, or a query each)"
                 )
         return self.unsafe[1]
 
