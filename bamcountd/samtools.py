@@ -230,6 +230,31 @@ async def spawn(argv: Sequence[str], **options: Any) -> anyio.abc.Process:
     return process
 
 
+def kill(process: anyio.abc.Process) -> None:
+    """SIGKILL ``process`` unless it is known to have ended, without reaping it.
+
+    ``Popen.kill`` polls first, and a child that had just ended is reaped there: asyncio's
+    watcher then finds it gone, reports exit status 255 and warns on stderr.  A pidfd names
+    this very child, ended or not, and signals it without reaping it.
+    """
+    if process.returncode is not None:
+        return
+    try:
+        descriptor = os.pidfd_open(process.pid)
+    except AttributeError:  # no pidfds here
+        with suppress(ProcessLookupError):
+            process.kill()
+        return
+    except OSError:  # reaped already: nothing left to kill
+        return
+    try:
+        signal.pidfd_send_signal(descriptor, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def _uncompressed_view(samtools: Samtools, filters: Filters, threads: int) -> list[str]:
     """``samtools view -u [filters] [-@ N]``: records for a reader to count, nothing to deflate."""
     view = [samtools.executable, "view", "--no-PG", "-u", *samtools.view_options, *filters.argv()]
@@ -318,8 +343,7 @@ class Reader:
         """Not needed after all (nothing will feed it): killed now, even while it is starting."""
         if self.feed is not None:
             os.close(self.take())
-            if self.process.returncode is None:
-                self.process.kill()
+            kill(self.process)
 
 
 @asynccontextmanager
@@ -466,8 +490,7 @@ async def run_tally(
                     await process.wait()
         except BaseException as error:
             for process in processes:
-                if process.returncode is None:
-                    process.kill()
+                kill(process)
             if isinstance(error, TimeoutError):
                 raise SamtoolsTimeout(f"view -u: killed after the {timeout:g} s time limit") from None
             raise
@@ -557,8 +580,7 @@ async def run_stream(
                     readers = []  # each thread closes its own
                 await process.wait()
         except BaseException as error:
-            if process.returncode is None:
-                process.kill()
+            kill(process)
             for read in readers:
                 os.close(read)
             if isinstance(error, TimeoutError):

@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from bamcountd import CountRequest, count_bam
@@ -449,3 +451,26 @@ def test_index_cache_blocked_is_one_line_not_a_traceback(
     cached_index_path(bam, cache, csi=False).mkdir(parents=True)  # a folder where the index goes
     code, out, err = run_cli(capsys, bam, "--index-cache", cache)
     assert_failed(code, 1, out, err, "Is a directory")
+
+
+def test_killing_a_child_that_just_ended_keeps_its_exit_status(caplog: pytest.LogCaptureFixture) -> None:
+    """A child that ended before the event loop heard of it: ``Popen.kill`` reaps it while
+    polling, and asyncio's watcher then reports status 255 and warns; samtools.kill leaves it
+    to the watcher, which reports its own status."""
+    from bamcountd import samtools as st
+
+    async def ended_then_killed(kill: Callable[[anyio.abc.Process], None]) -> int:
+        async with await st.spawn([sys.executable, "-c", "import sys; sys.exit(3)"]) as process:
+            time.sleep(1.0)  # the loop is held: the child ends unheard of
+            kill(process)
+            return await process.wait()
+
+    def warned() -> bool:
+        return any("exit status already read" in record.getMessage() for record in caplog.records)
+
+    with caplog.at_level("WARNING", logger="asyncio"):
+        assert anyio.run(ended_then_killed, st.kill) == 3
+        assert not warned()
+        if _pidfds_work() and sys.version_info < (3, 12):  # the race it avoids is there to avoid
+            assert anyio.run(ended_then_killed, lambda process: process.kill()) == 255
+            assert warned()
