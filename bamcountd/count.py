@@ -36,7 +36,8 @@ from bamcountd.cramfile import (
     UNPLACED_ID,
     CramTotals,
     Unsafe,
-    crai_span,
+    container_span,
+    crai_containers,
     multi_region_unsafe,
     read_totals,
 )
@@ -967,7 +968,7 @@ class _Job:
     readers: list[_ReaderAhead] = field(default_factory=list)  # sweep readers started already (_readers_ahead)
     #: A CRAM's references that this samtools' multi-region iterator may misread, by the index
     #: they were found in (see cramfile.multi_region_unsafe): they are read without it.
-    unsafe: tuple[Path | None, Unsafe] = (None, Unsafe(frozenset(), frozenset()))
+    unsafe_found: tuple[Path | None, Unsafe] = (None, Unsafe(frozenset(), frozenset()))
 
     def __post_init__(self) -> None:
         self.lengths = {ref.name: ref.length for ref in self.header.references}
@@ -1496,9 +1497,9 @@ class _Job:
         ``index`` (none but for a CRAM, and a samtools before 1.18), found once per index."""
         if index is None or not self.cram or self.samtools.multi_region_reads_any_crai:
             return Unsafe(frozenset(), frozenset())
-        if self.unsafe[0] != index:
-            self.unsafe = (index, multi_region_unsafe(index))  # a CRAI is small: read here
-            count = len(self.unsafe[1].all)
+        if self.unsafe_found[0] != index:
+            self.unsafe_found = (index, multi_region_unsafe(index))  # a CRAI is small: read here
+            count = len(self.unsafe_found[1].all)
             if count:
                 self.log.info("multi_region_avoided", references=count)
                 self.notes.append(
@@ -1506,12 +1507,12 @@ class _Job:
                     f"nest or share containers (fixed in 1.18); {count} references of {index} are like that, and "
                     "were read without it (their run of containers as a stream, or a query each)"
                 )
-        return self.unsafe[1]
+        return self.unsafe_found[1]
 
     def _one_query_each(self, shard: plan.Shard) -> bool:
         """Whether a group's or a sweep's references must each be read by a query of their own,
         not by the multi-region iterator, which this samtools may misread their index with."""
-        unsafe = self.unsafe[1].all
+        unsafe = self.unsafe_found[1].all
         if not unsafe or not (shard.bed or shard.kind == plan.SWEEP):
             return False
         names = shard.args if shard.bed else dict.fromkeys(name for name, _, _ in shard.stretches)
@@ -1619,16 +1620,16 @@ class _Job:
         if remote.cram_major != 3:
             return None
         data_end = remote.info.size - len(EOF_CONTAINER)
-        found_span = await anyio.to_thread.run_sync(partial(crai_span, index, refs, besides=besides, data_end=data_end))
-        if found_span is None:
+        containers = await anyio.to_thread.run_sync(partial(crai_containers, index, data_end=data_end))
+        span = container_span(containers, refs, besides=besides) if containers else None
+        if span is None:
             return None
-        header_end, first, end = found_span
         from bamcountd import remote as http  # (a local count imports no http.client)
 
         fd, name = tempfile.mkstemp(prefix="containers-", suffix=".cram", dir=scratch)
         os.close(fd)
         out = Path(name)
-        ranges = ((0, header_end), (first, end))
+        ranges = ((0, containers[0][0]), span)
         await anyio.to_thread.run_sync(partial(http.fetch_ranges, remote.url, ranges, out, info=remote.info))
         return st.ByteRanges(out, ((0, out.stat().st_size),), EOF_CONTAINER)
 

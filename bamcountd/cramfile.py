@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -41,22 +42,33 @@ class CramTotals:
     #: Where the SAM header's container ends, and each container with records, in file order:
     #: its first byte, the byte after it, the references it holds (by the CRAI for several).
     header_end: int = 0
-    containers: tuple[tuple[int, int, frozenset[int]], ...] = ()
+    containers: tuple[Container, ...] = ()
 
     def component_of(self, ref_id: int) -> frozenset[int] | None:
         return next((refs for refs, _ in self.components if ref_id in refs), None)
 
     def span(self, refs: frozenset[int], *, besides: frozenset[int] = frozenset()) -> tuple[int, int] | None:
-        """The bytes ``[first, end)`` of the containers that hold records of ``refs``, when they
-        are one run that holds records of no other reference (but ``besides``); None when there
-        is no such run."""
-        held = [(first, end) for first, end, inner in self.containers if inner & refs]
-        if not held:
-            return None
-        first, end, allowed = held[0][0], held[-1][1], refs | besides
-        if any(first <= start < end and not inner <= allowed for start, _, inner in self.containers):
-            return None
-        return first, end
+        """See :func:`container_span`."""
+        return container_span(self.containers, refs, besides=besides)
+
+
+#: A container with records: its first byte, the byte after it, the references it holds.
+Container = tuple[int, int, frozenset[int]]
+
+
+def container_span(
+    containers: Sequence[Container], refs: frozenset[int], *, besides: frozenset[int] = frozenset()
+) -> tuple[int, int] | None:
+    """The bytes ``[first, end)`` of the ``containers`` (in file order) that hold records of
+    ``refs``, when they are one run that holds records of no other reference (but ``besides``);
+    None when there is no such run."""
+    held = [(first, end) for first, end, inner in containers if inner & refs]
+    if not held:
+        return None
+    first, end, allowed = held[0][0], held[-1][1], refs | besides
+    if end <= first or any(first <= start < end and not inner <= allowed for start, _, inner in containers):
+        return None
+    return first, end
 
 
 def _itf8(data: bytes, at: int) -> tuple[int, int]:
@@ -129,29 +141,19 @@ def crai_entries(crai: Path) -> list[tuple[int, int]]:
     return [(ref_id, offset) for ref_id, _, _, offset in crai_rows(crai)]
 
 
-def crai_span(
-    crai: Path, refs: frozenset[int], *, besides: frozenset[int] = frozenset(), data_end: int
-) -> tuple[int, int, int] | None:
-    """By the CRAI alone (for a CRAM whose container headers were not read: at a URL): where
-    the first data container starts (the header ends), and the bytes ``[first, end)`` of the
-    containers that hold records of ``refs``, when they are one run whose entries name no other
-    reference (but ``besides``); a container ends where the next one the CRAI names starts, the
-    last at ``data_end`` (where the EOF container starts).  None when there is no such run.
+def crai_containers(crai: Path, *, data_end: int) -> list[Container]:
+    """The data containers by the CRAI alone (for a CRAM whose container headers were not
+    read: at a URL), in file order: each ends where the next one the CRAI names starts, the last
+    at ``data_end`` (where the EOF container starts); the first starts where the header ends.
 
     :raises IndexMismatch: not a CRAI
     """
-    rows = crai_rows(crai)
-    offsets = sorted({offset for _, _, _, offset in rows})
-    held = sorted({offset for ref_id, _, _, offset in rows if ref_id in refs})
-    if not held:
-        return None
-    first, last = held[0], held[-1]
-    later = offsets.index(last) + 1
-    end = offsets[later] if later < len(offsets) else data_end
-    allowed = refs | besides
-    if end <= first or any(first <= offset < end and ref_id not in allowed for ref_id, _, _, offset in rows):
-        return None
-    return offsets[0], first, end
+    inside: dict[int, set[int]] = {}
+    for ref_id, _, _, offset in crai_rows(crai):
+        inside.setdefault(offset, set()).add(ref_id)
+    offsets = sorted(inside)
+    ends = [*offsets[1:], data_end]
+    return [(offset, end, frozenset(inside[offset])) for offset, end in zip(offsets, ends, strict=True)]
 
 
 class Unsafe(NamedTuple):
