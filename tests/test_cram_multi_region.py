@@ -23,23 +23,30 @@ from tests.support.bams import SAMTOOLS, header_names, oracle, samtools_count
 
 
 def _cram(
-    folder: Path, name: str, references: dict[str, int], reads: list[tuple[str, int, int]], **options: str
+    folder: Path,
+    name: str,
+    references: dict[str, int],
+    reads: list[tuple[str, int, int]],
+    *,
+    flags: tuple[int, ...] = (0, 16, 1024, 256, 512, 2048),
+    **options: str,
 ) -> Path:
-    """A reference-less CRAM (and its CRAI) of ``reads``: (reference, 1-based position, length)."""
+    """A CRAM (and its CRAI) of ``reads``: (reference, 1-based position, length); without a
+    reference unless ``options`` name one (``reference=FASTA``), the rest output format options."""
     sam = folder / f"{name}.sam"
     rng = random.Random(name)
     with open(sam, "w") as out:
         out.write("@HD\tVN:1.6\tSO:coordinate\n" + "".join(f"@SQ\tSN:{n}\tLN:{n_}\n" for n, n_ in references.items()))
         order = {n: i for i, n in enumerate(references)}
         for number, (ref, pos, length) in enumerate(sorted(reads, key=lambda r: (order[r[0]], r[1]))):
-            flag = rng.choice([0, 16, 1024, 256, 512, 2048])
-            out.write(f"r{number}\t{flag}\t{ref}\t{pos}\t{rng.choice([0, 10, 30, 60])}\t{length}M\t*\t0\t0\t*\t*\n")
+            flag = rng.choice(flags)
+            mapq, cigar = (0, "*") if flag & 4 else (rng.choice([0, 10, 30, 60]), f"{length}M")
+            out.write(f"r{number}\t{flag}\t{ref}\t{pos}\t{mapq}\t{cigar}\t*\t0\t0\t*\t*\n")
     cram = folder / f"{name}.cram"
+    reference = options.pop("reference", None)
+    how = ["--reference", reference] if reference is not None else ["--output-fmt-option", "no_ref"]
     fmt = [arg for key, value in options.items() for arg in ("--output-fmt-option", f"{key}={value}")]
-    subprocess.run(
-        [SAMTOOLS, "view", "--no-PG", "-C", "--output-fmt-option", "no_ref", *fmt, "-o", str(cram), str(sam)],
-        check=True,
-    )
+    subprocess.run([SAMTOOLS, "view", "--no-PG", "-C", *how, *fmt, "-o", str(cram), str(sam)], check=True)
     subprocess.run([SAMTOOLS, "index", str(cram)], check=True)
     return cram
 
@@ -193,3 +200,48 @@ def test_at_a_url_the_same_references_are_read_a_query_each(
     bed_rows = [line.split("\t") for line in bed.read_text().splitlines()]
     wanted = [samtools_count(long_reads, "-F", "0x904", "-q", "20", f"chr1:{int(s) + 1}-{e}") for _, s, e in bed_rows]
     assert [r.count for r in by_url.regions] == wanted
+
+
+_LAYOUTS = {
+    "3.1": {"version": "3.1"},
+    "2.1": {"version": "2.1"},
+    "lzma, bzip2": {"use_lzma": "1", "use_bzip2": "1"},
+    "small slices, 4 a container": {"seqs_per_slice": "40", "slices_per_container": "4"},
+    "references mixed in slices": {"multi_seq_per_slice": "1", "seqs_per_slice": "300"},
+    "embedded reference": {"embed_ref": "1"},
+}
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_crams_written_every_way_count_as_samtools(layout: str, tmp_path: Path) -> None:
+    """The same reads as CRAMs written with samtools' other layouts (versions, codecs, slices,
+    multi-reference slices, an embedded reference): every default row, with the issue's four
+    filter sets, equals samtools' count decoding the whole CRAM."""
+    rng = random.Random(layout)
+    lengths = {"chr1": 120_000, "chr2": 60_000, **{f"chrUn_{i}": 1_500 + 91 * i for i in range(12)}}
+    reads = [
+        (ref, rng.randrange(1, length - 150), rng.choice([100, 150]))
+        for ref, length in lengths.items()
+        for _ in range(60)
+    ]
+    reads += [(ref, rng.randrange(1, lengths[ref] - 150), 100) for ref in ("chr1", "chr2") for _ in range(1500)]
+    options = dict(_LAYOUTS[layout])
+    if layout == "embedded reference":  # needs a reference to embed
+        fasta = tmp_path / "ref.fa"
+        fasta.write_text(
+            "".join(f">{n}\n{'ACGT' * (length // 4)}{'A' * (length % 4)}\n" for n, length in lengths.items())
+        )
+        subprocess.run([SAMTOOLS, "faidx", str(fasta)], check=True)
+        options["reference"] = str(fasta)
+    paired_too = (0, 16, 99, 147, 83, 163, 1024, 256, 512, 2048, 4)  # 4: placed, unmapped
+    cram = _cram(tmp_path, "layout", lengths, reads, flags=paired_too, **options)
+    names = [*header_names(cram), "*"]
+    for args, filters in (
+        ((), Filters()),
+        (("-F", "0x904", "-q", "20"), Filters(exclude_flags=0x904, min_mapq=20)),
+        (("-f", "2"), Filters(require_flags=2)),
+        (("-G", "0x900"), Filters(exclude_all_flags=0x900)),
+    ):
+        result = count_bam_sync(CountRequest(bam=cram, filters=filters, verify="full"))
+        assert {r.region: r.count for r in result.regions} == oracle(cram, names, args)
+        assert result.total > 0
