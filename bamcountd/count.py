@@ -1539,12 +1539,12 @@ class _Job:
         numbers = list(map({name: k for k, name in enumerate(names)}.__getitem__, mine))
         starts = list(map(all_starts.__getitem__, chosen))  # 0-based, as a BED's
         intervals.write_bytes(write_intervals_file(names, numbers, starts, list(map(all_ends.__getitem__, chosen))))
-        stretches: Path | None = where.with_suffix(".bed")
+        stretches: Path | None = None
         whole: tuple[str, ...] = ()
         if self._one_query_each(shard):  # whole references: the sweep credits only its ranges
-            stretches, whole = None, tuple(map(plan.reference_arg, dict.fromkeys(n for n, _, _ in shard.stretches)))
+            whole = tuple(map(plan.reference_arg, dict.fromkeys(n for n, _, _ in shard.stretches)))
         else:
-            assert stretches is not None
+            stretches = where.with_suffix(".bed")
             stretches.write_bytes(write_intervals(shard.stretches))
         tally = await st.run_tally(
             self.samtools,
