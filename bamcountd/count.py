@@ -36,7 +36,7 @@ from bamcountd.cramfile import (
     UNPLACED_ID,
     CramTotals,
     Unsafe,
-    container_span,
+    container_run,
     crai_containers,
     multi_region_unsafe,
     read_totals,
@@ -1567,7 +1567,8 @@ class _Job:
         bam, request = self.bam, self.request
         regions: tuple[str, ...] = ()
         one_query_each = self._one_query_each(shard)
-        piped = await self._containers_of(index, shard, where) if one_query_each and shard.kind == plan.TALLY else None
+        run = await self._containers_of(index, shard, where) if one_query_each and shard.kind == plan.TALLY else None
+        piped, others = (None, frozenset[bytes]()) if run is None else run
         if piped is not None:  # ``where``: the scratch folder
             bed, cwd, readers = None, where, st.PER_REFERENCE
         elif shard.kind == plan.TALLY and one_query_each:
@@ -1599,39 +1600,48 @@ class _Job:
             tally = replace(tally, view=st.without_empty_reference_notes(tally.view, self.empty))
         what = f"{bam}: region {shard.label}"  # a big header makes long tables: off the loop
         tallies = await anyio.to_thread.run_sync(st.parse_tally, tally, what)
-        if piped is not None:  # unplaced reads in the containers: the * shard counts them
-            tallies.pop(os.fsencode(plan.UNPLACED), None)
+        for name in others:  # records of other references in the run: their own shards count them
+            tallies.pop(name, None)
         return _Outcome(shard, tally.view, tallies)
 
-    async def _containers_of(self, index: Path, shard: plan.Shard, scratch: Path) -> st.ByteRanges | None:
-        """A CRAM 3's bytes that hold a group's records and no other reference's (but unplaced
-        reads): its header, that run of containers, the EOF container.  samtools reads them as a
-        stream, each record once, through no index; a URL's are fetched into ``scratch`` first.
-        None where no such run exists, or for a CRAM 2 (its EOF container differs)."""
-        refs, besides = frozenset(self.ref_ids[name] for name in shard.args), frozenset((UNPLACED_ID,))
+    async def _containers_of(
+        self, index: Path, shard: plan.Shard, scratch: Path
+    ) -> tuple[st.ByteRanges, frozenset[bytes]] | None:
+        """A CRAM 3's bytes that hold a group's records: its header, the run of containers from
+        the first with the group's records to the last, the EOF container; and the names of the
+        other references (``*`` too) that run holds records of, which are not the group's to
+        count.  samtools reads them as a stream, each record once, through no index; a URL's
+        are fetched into ``scratch`` first.  None where the containers are out of order, or for
+        a CRAM 2 (its EOF container differs)."""
+        refs = frozenset(self.ref_ids[name] for name in shard.args)
         if isinstance(self.bam, Path):
             found = self.containers  # None for a CRAM 2
-            span = None if found is None else found.span(refs, besides=besides)
-            if found is None or span is None:
+            run = None if found is None else found.run(refs)
+            if found is None or run is None:
                 return None
-            return st.ByteRanges(self.bam, ((0, found.header_end), span), EOF_CONTAINER)
+            return st.ByteRanges(self.bam, ((0, found.header_end), run[:2]), EOF_CONTAINER), self._names(run.others)
         remote = self.remote
         assert remote is not None
         if remote.cram_major != 3:
             return None
         data_end = remote.info.size - len(EOF_CONTAINER)
         containers = await anyio.to_thread.run_sync(partial(crai_containers, index, data_end=data_end))
-        span = container_span(containers, refs, besides=besides) if containers else None
-        if span is None:
+        run = container_run(containers, refs) if containers else None
+        if run is None:
             return None
         from bamcountd import remote as http  # (a local count imports no http.client)
 
         fd, name = tempfile.mkstemp(prefix="containers-", suffix=".cram", dir=scratch)
         os.close(fd)
         out = Path(name)
-        ranges = ((0, containers[0][0]), span)
+        ranges = ((0, containers[0][0]), run[:2])
         await anyio.to_thread.run_sync(partial(http.fetch_ranges, remote.url, ranges, out, info=remote.info))
-        return st.ByteRanges(out, ((0, out.stat().st_size),), EOF_CONTAINER)
+        return st.ByteRanges(out, ((0, out.stat().st_size),), EOF_CONTAINER), self._names(run.others)
+
+    def _names(self, ref_ids: Iterable[int]) -> frozenset[bytes]:
+        """The names of references by header number, -1 as ``*``, as samtools prints them."""
+        references = self.header.references
+        return frozenset(os.fsencode(references[i].name if i >= 0 else plan.UNPLACED) for i in ref_ids)
 
 
 def _lacks_statistics(index: Path) -> bool:

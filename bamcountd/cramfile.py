@@ -47,28 +47,33 @@ class CramTotals:
     def component_of(self, ref_id: int) -> frozenset[int] | None:
         return next((refs for refs, _ in self.components if ref_id in refs), None)
 
-    def span(self, refs: frozenset[int], *, besides: frozenset[int] = frozenset()) -> tuple[int, int] | None:
-        """See :func:`container_span`."""
-        return container_span(self.containers, refs, besides=besides)
+    def run(self, refs: frozenset[int]) -> ContainerRun | None:
+        """See :func:`container_run`."""
+        return container_run(self.containers, refs)
 
 
 #: A container with records: its first byte, the byte after it, the references it holds.
 Container = tuple[int, int, frozenset[int]]
 
 
-def container_span(
-    containers: Sequence[Container], refs: frozenset[int], *, besides: frozenset[int] = frozenset()
-) -> tuple[int, int] | None:
-    """The bytes ``[first, end)`` of the ``containers`` (in file order) that hold records of
-    ``refs``, when they are one run that holds records of no other reference (but ``besides``);
-    None when there is no such run."""
+class ContainerRun(NamedTuple):
+    """The bytes ``[first, end)`` of a run of containers, and the references it holds records
+    of besides those it was found for (the unplaced as -1)."""
+
+    first: int
+    end: int
+    others: frozenset[int]
+
+
+def container_run(containers: Sequence[Container], refs: frozenset[int]) -> ContainerRun | None:
+    """The ``containers`` (in file order) from the first that holds records of ``refs`` to the
+    last that does; None when none does, or when they are out of order."""
     held = [(first, end) for first, end, inner in containers if inner & refs]
-    if not held:
+    if not held or held[-1][1] <= held[0][0]:
         return None
-    first, end, allowed = held[0][0], held[-1][1], refs | besides
-    if end <= first or any(first <= start < end and not inner <= allowed for start, _, inner in containers):
-        return None
-    return first, end
+    first, end = held[0][0], held[-1][1]
+    others = frozenset(ref for start, _, inner in containers if first <= start < end for ref in inner - refs)
+    return ContainerRun(first, end, others)
 
 
 def _itf8(data: bytes, at: int) -> tuple[int, int]:

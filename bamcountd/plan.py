@@ -605,30 +605,42 @@ def _bed_safe(name: str) -> bool:
 def _groups(
     small: Iterable[int], regions: Sequence[Region], weights: Sequence[float], policy: ShardPolicy, *, limit: float
 ) -> list[Shard]:
+    """Small references in groups of up to ``limit`` expected records, in header order.  Those
+    to tally (policy.tally) fill groups apart from the others, which cost a count, not a tally;
+    a CRAM header may alternate between the two thousands of times (GRCh38's alts, decoys and
+    HLA contigs), and a group closed at each change would make a process of every few.  A group
+    to tally also closes before it would reach over more than a quarter of ``limit`` of other
+    regions' records: read as its run of containers (count._Job._containers_of), it would read
+    theirs too."""
     groups: list[Shard] = []
-    members: list[int] = []
-    load = 0.0
+    members: dict[bool, list[int]] = {False: [], True: []}
+    loads = {False: 0.0, True: 0.0}
+    before = list(accumulate(weights, initial=0.0)) if policy.tally else []  # records before each region
 
-    def close() -> None:
-        nonlocal members, load
-        if len(members) == 1:
-            index = members[0]
+    def close(tallied: bool) -> None:
+        held, load = members[tallied], loads[tallied]
+        if len(held) == 1:
+            index = held[0]
             single = ACCOUNT if policy.account else COUNT
             groups.append(Shard((index,), (regions[index].samtools_arg(),), kind=single, weight=load))
-        elif members:
-            names = tuple(regions[i].reference or "" for i in members)
-            kind = TALLY if policy.filtered or not policy.tally.isdisjoint(members) else SUM
-            groups.append(Shard(tuple(members), names, kind=kind, weight=load))
-        members, load = [], 0.0
+        elif held:
+            names = tuple(regions[i].reference or "" for i in held)
+            kind = TALLY if policy.filtered or tallied else SUM
+            groups.append(Shard(tuple(held), names, kind=kind, weight=load))
+        members[tallied], loads[tallied] = [], 0.0
 
     for index in small:
-        # A group holding one region to tally is tallied whole: regions that need none go in
-        # groups of their own, which cost a count, not a tally.
-        if members and (load + weights[index] > limit or (index in policy.tally) != (members[-1] in policy.tally)):
-            close()
-        members.append(index)
-        load += weights[index]
-    close()
+        tallied = index in policy.tally
+        held = members[tallied]
+        if held and (
+            loads[tallied] + weights[index] > limit
+            or (tallied and before[index] - before[held[-1] + 1] > limit / 4)  # others' records between
+        ):
+            close(tallied)
+        members[tallied].append(index)
+        loads[tallied] += weights[index]
+    close(False)
+    close(True)
     return groups
 
 

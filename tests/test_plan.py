@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,10 +128,37 @@ def test_regions_to_tally_are_grouped_apart_from_those_summed() -> None:
     regions = [Region(name, name) for name in names]
     policy = ShardPolicy(slots=1, pieces_per_slot=1, min_reads=1, split=False, small_reads=500, tally=frozenset({2, 3}))
     shards = plan_shards(regions, [100.0] * 5, dict.fromkeys(names, 100), policy)
+    assert sorted((s.kind, s.args) for s in shards) == [(plan.SUM, ("a", "b", "e")), (plan.TALLY, ("c", "d"))]
+
+
+def test_references_that_alternate_between_tally_and_sum_make_few_groups() -> None:
+    """GRCh38's alts, decoys and HLA contigs alternate, in header order, between those that
+    share containers and those with their own: each kind fills its own groups, never a
+    process of every few references."""
+    names = [f"u{i}" for i in range(3000)]
+    regions = [Region(name, name) for name in names]
+    tally = frozenset(i for i in range(3000) if i % 3)  # two in three share containers
+    policy = ShardPolicy(slots=2, pieces_per_slot=1, min_reads=1, split=False, small_reads=500, tally=tally)
+    shards = plan_shards(regions, [10.0] * 3000, dict.fromkeys(names, 1000), policy)
+    kinds = Counter(s.kind for s in shards)
+    assert kinds == {plan.SUM: 1, plan.TALLY: 2}  # 30,000 records, 15,000 at most a group
+    assert sorted(i for s in shards for i in s.regions) == list(range(3000))
+    assert all(set(s.regions) <= tally for s in shards if s.kind == plan.TALLY)
+
+
+def test_a_group_to_tally_reaches_over_few_other_records() -> None:
+    """A group to tally is read as its run of containers, others' records between included:
+    it closes before reaching over more than a quarter of a group's records of others."""
+    names = ["a", "big", "b", "c"]
+    regions = [Region(name, name) for name in names]
+    policy = ShardPolicy(
+        slots=1, pieces_per_slot=1, min_reads=1, split=False, small_reads=500, tally=frozenset({0, 2, 3})
+    )
+    shards = plan_shards(regions, [100.0, 400.0, 100.0, 100.0], dict.fromkeys(names, 1000), policy)
     assert sorted((s.kind, s.args) for s in shards) == [
-        (plan.COUNT, ("{e}",)),
-        (plan.SUM, ("a", "b")),
-        (plan.TALLY, ("c", "d")),
+        (plan.COUNT, ("{a}",)),
+        (plan.COUNT, ("{big}",)),
+        (plan.TALLY, ("b", "c")),
     ]
 
 
