@@ -1018,8 +1018,9 @@ class _Job:
         shares: dict[int, float] = {}
         for refs, total in found.components:
             lengths = {ref: references[ref].length if ref >= 0 else 1 for ref in refs}
+            whole = max(sum(lengths.values()), 1)
             for ref, length in lengths.items():
-                shares[ref] = total * length / max(sum(lengths.values()), 1)
+                shares[ref] = total * length / whole
         stats = [
             st.IndexStat(ref.name, ref.length, found.single.get(i, round(shares.get(i, 0))), 0)
             for i, ref in enumerate(references)

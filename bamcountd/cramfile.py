@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -126,14 +127,24 @@ def _container(data: bytes, name: str, offset: int) -> tuple[int, int, int, int]
 
 def crai_rows(crai: Path) -> list[tuple[int, int, int, int]]:
     """(reference id, alignment start, span, container offset) of each entry of a CRAI
-    (gzip-compressed text), in file order.
+    (gzip-compressed text), in file order.  A count asks several times (its totals, the
+    references samtools may misread): the file is parsed once while it stays the same.
 
     :raises IndexMismatch: not a CRAI
     """
     try:
+        found = crai.stat()
+        return list(_parsed_crai(crai, found.st_ino, found.st_size, found.st_mtime_ns))
+    except OSError:
+        raise IndexMismatch(f"{crai}: not a CRAI index (gzip-compressed text, six columns a line)") from None
+
+
+@lru_cache(maxsize=2)
+def _parsed_crai(crai: Path, *_identity: int) -> tuple[tuple[int, int, int, int], ...]:
+    try:
         text = gzip.decompress(crai.read_bytes()).decode("ascii")
         rows = [line.split("\t") for line in text.splitlines() if line]
-        return [(int(row[0]), int(row[1]), int(row[2]), int(row[3])) for row in rows]
+        return tuple((int(row[0]), int(row[1]), int(row[2]), int(row[3])) for row in rows)
     except (OSError, EOFError, ValueError, IndexError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError):
         raise IndexMismatch(f"{crai}: not a CRAI index (gzip-compressed text, six columns a line)") from None
 
@@ -275,7 +286,7 @@ def _components(
 
     def root(ref_id: int) -> int:
         while parent.setdefault(ref_id, ref_id) != ref_id:
-            ref_id = parent[ref_id]
+            parent[ref_id] = ref_id = parent[parent[ref_id]]  # halving the path: GRCh38 has thousands
         return ref_id
 
     for refs in inside.values():
@@ -286,9 +297,12 @@ def _components(
     members: dict[int, set[int]] = {}
     for ref_id in parent:
         members.setdefault(root(ref_id), set()).add(ref_id)
+    records: dict[int, int] = {}  # of each component's multi-reference containers, by its root
+    for offset, inner in inside.items():
+        key = root(next(iter(inner)))
+        records[key] = records.get(key, 0) + multi[offset]
     components = []
-    for refs in members.values():
-        total = sum(multi[o] for o, inner in inside.items() if inner <= refs)
-        total += sum(single.pop(ref_id, 0) for ref_id in refs)
+    for key, refs in members.items():
+        total = records.get(key, 0) + sum(single.pop(ref_id, 0) for ref_id in refs)
         components.append((frozenset(refs), total))
     return tuple(sorted(components, key=lambda item: min(item[0])))

@@ -62,6 +62,7 @@ _IDXSTATS_TABLE = re.compile(rb"(?:[^\t\n]+\t[0-9]+\t[0-9]+\t[0-9]+\n)*")
 _IDXSTATS_RECORDS = re.compile(rb"^([^\t\n]+)\t[0-9]+\t([0-9]+)\t([0-9]+)$(?<!\t0\t0)", re.M)
 _CRAM_NO_ENTRY = re.compile(r"\A\[W::hts_itr_multi_cram\] No index entry for region ([0-9]+):[0-9]+-[0-9]+\Z")
 _COUNT_LINE = re.compile(rb"\A([0-9]+)\n?\Z")
+_HEADER_FIELD = re.compile(rb"\t([A-Za-z][A-Za-z0-9]):([^\t]*)")  # TAG:VALUE (SAM 1.6, 1.3)
 _VERSION_LINE = re.compile(r"\Asamtools ([0-9]+\.[0-9]+(?:\.[0-9]+)?)")
 _VERSION_ONLY = re.compile(r"\A([0-9]+\.[0-9]+(?:\.[0-9]+)?)[^+\s]*\+htslib-")  # a build may add "-20-gabc"
 
@@ -724,7 +725,7 @@ async def read_header(
                 if field.startswith(b"SO:"):
                     sort_order = field[3:].decode("ascii", "replace")
         elif raw.startswith(b"@SQ\t"):
-            fields = dict((f[:2], f[3:]) for f in raw.split(b"\t")[1:] if len(f) >= 3 and f[2:3] == b":")
+            fields = dict(_HEADER_FIELD.findall(raw))
             if b"SN" not in fields or b"LN" not in fields or not fields[b"LN"].isdigit():
                 raise CorruptBam(f"{bam}: malformed @SQ header line: {raw[:200]!r}")
             references.append(Reference(name=os.fsdecode(fields[b"SN"]), length=int(fields[b"LN"])))
