@@ -33,11 +33,13 @@ from bamcountd import samtools as st
 from bamcountd.bamstream import write_intervals, write_intervals_file
 from bamcountd.cramfile import (
     EOF_CONTAINER,
+    EOF_CONTAINER_2,
     UNPLACED_ID,
     CramTotals,
     Unsafe,
     container_run,
     crai_containers,
+    cram2_containers,
     multi_region_unsafe,
     read_totals,
 )
@@ -1612,15 +1614,23 @@ class _Job:
         the first with the group's records to the last, the EOF container; and the names of the
         other references (``*`` too) that run holds records of, which are not the group's to
         count.  samtools reads them as a stream, each record once, through no index; a URL's
-        are fetched into ``scratch`` first.  None where the containers are out of order, or for
-        a CRAM 2 (its EOF container differs)."""
+        are fetched into ``scratch`` first.  A local CRAM 2.1's containers are found by its CRAI.
+        None where the containers are out of order, or for another CRAM 2 or one at a URL."""
         refs = frozenset(self.ref_ids[name] for name in shard.args)
         if isinstance(self.bam, Path):
-            found = self.containers  # None for a CRAM 2
-            run = None if found is None else found.run(refs)
-            if found is None or run is None:
+            found = self.containers  # None for a CRAM 2 (or a CRAM 3 whose headers were set aside)
+            if found is not None:
+                run = found.run(refs)
+                if run is None:
+                    return None
+                ranges = ((0, found.header_end), run[:2])
+                return st.ByteRanges(self.bam, ranges, EOF_CONTAINER), self._names(run.others)
+            containers = await anyio.to_thread.run_sync(cram2_containers, self.bam, index)
+            run = container_run(containers, refs) if containers else None
+            if containers is None or run is None:
                 return None
-            return st.ByteRanges(self.bam, ((0, found.header_end), run[:2]), EOF_CONTAINER), self._names(run.others)
+            ranges = ((0, containers[0][0]), run[:2])
+            return st.ByteRanges(self.bam, ranges, EOF_CONTAINER_2), self._names(run.others)
         remote = self.remote
         assert remote is not None
         if remote.cram_major != 3:

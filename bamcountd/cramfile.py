@@ -26,6 +26,8 @@ from bamcountd.errors import CorruptBam, IndexMismatch
 UNPLACED_ID = -1
 #: The container that ends every CRAM 3 file (its length, reference -1, "EOF", no blocks).
 EOF_CONTAINER = bytes.fromhex("0f000000ffffffff0fe0454f4600000000010005bdd94f0001000606010001000100ee63014b")
+#: The container that ends a CRAM 2.1 file (no CRC32 yet).
+EOF_CONTAINER_2 = bytes.fromhex("0b000000ffffffff0fe0454f460000000001000001000606010001000100")
 _MULTI_ID = -2
 _FILE_DEFINITION = 26  # "CRAM", major, minor, a 20-byte file id
 _HEADER_READ = 4096  # a container header is far smaller, landmarks included
@@ -170,6 +172,26 @@ def crai_containers(crai: Path, *, data_end: int) -> list[Container]:
     offsets = sorted(inside)
     ends = [*offsets[1:], data_end]
     return [(offset, end, frozenset(inside[offset])) for offset, end in zip(offsets, ends, strict=True)]
+
+
+def cram2_containers(cram: Path, crai: Path) -> list[Container] | None:
+    """A local CRAM 2.1's data containers by its CRAI (:func:`crai_containers`; its container
+    headers carry no CRC32, so :func:`read_totals` does not walk them), the last ending where
+    its EOF container starts; None for any other file, or one that does not end in that
+    container.
+
+    :raises IndexMismatch: ``crai`` is not a CRAI
+    """
+    with open(cram, "rb") as handle:
+        definition = handle.read(_FILE_DEFINITION)
+        size = handle.seek(0, 2)
+        if size < _FILE_DEFINITION + len(EOF_CONTAINER_2):
+            return None
+        handle.seek(size - len(EOF_CONTAINER_2))
+        tail = handle.read()
+    if definition[:6] != b"CRAM\x02\x01" or tail != EOF_CONTAINER_2:
+        return None
+    return crai_containers(crai, data_end=size - len(EOF_CONTAINER_2))
 
 
 class Unsafe(NamedTuple):
