@@ -320,8 +320,9 @@ async def _opened(request: CountRequest) -> AsyncIterator[_Opened]:
 
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
-        major = probe.head[4] if cram and len(probe.head) > 4 else None
-        fetched = _Remote(url=source, info=probe.info, folder=Path(folder), cram_major=major)
+        fetched = _Remote(
+            url=source, info=probe.info, folder=Path(folder), cram_eof=_cram_eof(cram, probe.head, probe.tail)
+        )
         yield _Opened(executable, source, cram, fetched, cache)
         await fetched.recheck()  # the object the count began with is the one it ended with
 
@@ -536,7 +537,9 @@ class _Remote:
     info: ObjectInfo
     folder: Path
     index_url: Url | None = None  # the index fetched into ``folder``
-    cram_major: int | None = None  # a CRAM's major version, from its first bytes
+    #: The container a CRAM ends with: a CRAM 3's, or a CRAM 2.1's that has one (None: a BAM,
+    #: a CRAM 2.0, a 2.1 without one).
+    cram_eof: bytes | None = None
 
     async def recheck(self) -> None:
         """Raise if the object cannot be read now as it was when the count began: gone (404),
@@ -580,6 +583,15 @@ class _Remote:
             self.index_url = candidate
             return out
         return None
+
+
+def _cram_eof(cram: bool, head: bytes, tail: bytes) -> bytes | None:
+    """See _Remote.cram_eof (a CRAM 3's EOF container was checked already)."""
+    if cram and head[4:5] == b"\x03":
+        return EOF_CONTAINER
+    if cram and head[4:6] == b"\x02\x01" and tail.endswith(EOF_CONTAINER_2):
+        return EOF_CONTAINER_2
+    return None
 
 
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:
@@ -1614,8 +1626,8 @@ class _Job:
         the first with the group's records to the last, the EOF container; and the names of the
         other references (``*`` too) that run holds records of, which are not the group's to
         count.  samtools reads them as a stream, each record once, through no index; a URL's
-        are fetched into ``scratch`` first.  A local CRAM 2.1's containers are found by its CRAI.
-        None where the containers are out of order, or for another CRAM 2 or one at a URL."""
+        are fetched into ``scratch`` first.  A CRAM 2.1's containers are found by its CRAI.  None
+        where the containers are out of order, or for a CRAM 2.0 (it ends in no EOF container)."""
         refs = frozenset(self.ref_ids[name] for name in shard.args)
         if isinstance(self.bam, Path):
             found = self.containers  # None for a CRAM 2 (or a CRAM 3 whose headers were set aside)
@@ -1633,9 +1645,10 @@ class _Job:
             return st.ByteRanges(self.bam, ranges, EOF_CONTAINER_2), self._names(run.others)
         remote = self.remote
         assert remote is not None
-        if remote.cram_major != 3:
+        eof = remote.cram_eof
+        if eof is None:
             return None
-        data_end = remote.info.size - len(EOF_CONTAINER)
+        data_end = remote.info.size - len(eof)
         containers = await anyio.to_thread.run_sync(partial(crai_containers, index, data_end=data_end))
         run = container_run(containers, refs) if containers else None
         if run is None:
@@ -1647,7 +1660,7 @@ class _Job:
         out = Path(name)
         ranges = ((0, containers[0][0]), run[:2])
         await anyio.to_thread.run_sync(partial(http.fetch_ranges, remote.url, ranges, out, info=remote.info))
-        return st.ByteRanges(out, ((0, out.stat().st_size),), EOF_CONTAINER), self._names(run.others)
+        return st.ByteRanges(out, ((0, out.stat().st_size),), eof), self._names(run.others)
 
     def _names(self, ref_ids: Iterable[int]) -> frozenset[bytes]:
         """The names of references by header number, -1 as ``*``, as samtools prints them."""

@@ -70,7 +70,7 @@ def long_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_contigs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A chromosome and 60 small contigs that share multi-reference containers, as CRAM 3
     (whose container headers let a tally read just their containers, as a stream) and as CRAM
-    2.1 (whose CRAI does, locally; at a URL, a query per reference)."""
+    2.1 (whose CRAI does, with its EOF container)."""
     rng = random.Random(4)
     lengths = {"chr1": 200_000, **{f"chrUn_{i}": 2_000 + 37 * i for i in range(60)}}
     reads = [(ref, rng.randrange(1, length - 100), 100) for ref, length in lengths.items() for _ in range(120)]
@@ -208,9 +208,9 @@ def test_alternating_alts_and_decoys_count_exactly_in_few_processes(
 def test_at_a_url_the_same_references_are_read_a_query_each(
     small_contigs: Path, long_reads: Path, forced: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A URL's CRAM has no container headers read up front: a CRAM 3's group of such references
-    is fetched by its CRAI's offsets and piped (a CRAM 2's goes a query per reference), a sweep
-    reads whole references, and each counts as the local file does."""
+    """A URL's CRAM has no container headers read up front: a CRAM 3's or 2.1's group of such
+    references is fetched by its CRAI's offsets and piped, a sweep reads whole references, and
+    each counts as the local file does."""
     monkeypatch.chdir(tmp_path)  # htslib may drop an index where it runs: never the test's folder
     bed = long_reads.with_name("url-ranges.bed")
     rng = random.Random(12)
@@ -233,7 +233,7 @@ def test_at_a_url_the_same_references_are_read_a_query_each(
         assert _read_one_by_one(by_url, forced)
         avoided = any("were read without it" in note for note in by_url.notes)
         piped = any(e["event"] == "tally_piped" for e in events)
-        assert piped == (avoided and cram.name == "small-3.0.cram")
+        assert piped == (avoided and cram.name.startswith("small-"))
     bed_rows = [line.split("\t") for line in bed.read_text().splitlines()]
     wanted = [samtools_count(long_reads, "-F", "0x904", "-q", "20", f"chr1:{int(s) + 1}-{e}") for _, s, e in bed_rows]
     assert [r.count for r in by_url.regions] == wanted
