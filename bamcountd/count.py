@@ -40,6 +40,7 @@ from bamcountd.cramfile import (
     container_run,
     crai_containers,
     cram2_containers,
+    ending_container,
     multi_region_unsafe,
     read_totals,
 )
@@ -321,7 +322,10 @@ async def _opened(request: CountRequest) -> AsyncIterator[_Opened]:
         probe = await anyio.to_thread.run_sync(remote.probe, source)
         cram = check_remote_bytes(source, probe.head, probe.tail)
         fetched = _Remote(
-            url=source, info=probe.info, folder=Path(folder), cram_eof=_cram_eof(cram, probe.head, probe.tail)
+            url=source,
+            info=probe.info,
+            folder=Path(folder),
+            cram_eof=ending_container(probe.head, probe.tail) if cram else None,
         )
         yield _Opened(executable, source, cram, fetched, cache)
         await fetched.recheck()  # the object the count began with is the one it ended with
@@ -583,15 +587,6 @@ class _Remote:
             self.index_url = candidate
             return out
         return None
-
-
-def _cram_eof(cram: bool, head: bytes, tail: bytes) -> bytes | None:
-    """See _Remote.cram_eof (a CRAM 3's EOF container was checked already)."""
-    if cram and head[4:5] == b"\x03":
-        return EOF_CONTAINER
-    if cram and head[4:6] == b"\x02\x01" and tail.endswith(EOF_CONTAINER_2):
-        return EOF_CONTAINER_2
-    return None
 
 
 def count_bam_sync(request: CountRequest, *, progress: ProgressCallback | None = None) -> CountResult:

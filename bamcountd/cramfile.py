@@ -174,6 +174,15 @@ def crai_containers(crai: Path, *, data_end: int) -> list[Container]:
     return [(offset, end, frozenset(inside[offset])) for offset, end in zip(offsets, ends, strict=True)]
 
 
+def ending_container(head: bytes, tail: bytes) -> bytes | None:
+    """The EOF container a CRAM ends with, from its first and last bytes: a CRAM 3's, or a CRAM
+    2.1's; None for any other file (a CRAM 2.0 has none) or one cut short."""
+    for version, container in ((b"\x03", EOF_CONTAINER), (b"\x02\x01", EOF_CONTAINER_2)):
+        if head[:4] == b"CRAM" and head[4 : 4 + len(version)] == version and tail.endswith(container):
+            return container
+    return None
+
+
 def cram2_containers(cram: Path, crai: Path) -> list[Container] | None:
     """A local CRAM 2.1's data containers by its CRAI (:func:`crai_containers`; its container
     headers carry no CRC32, so :func:`read_totals` does not walk them), the last ending where
@@ -183,13 +192,11 @@ def cram2_containers(cram: Path, crai: Path) -> list[Container] | None:
     :raises IndexMismatch: ``crai`` is not a CRAI
     """
     with open(cram, "rb") as handle:
-        definition = handle.read(_FILE_DEFINITION)
+        head = handle.read(_FILE_DEFINITION)
         size = handle.seek(0, 2)
-        if size < _FILE_DEFINITION + len(EOF_CONTAINER_2):
-            return None
-        handle.seek(size - len(EOF_CONTAINER_2))
+        handle.seek(max(size - len(EOF_CONTAINER_2), 0))
         tail = handle.read()
-    if definition[:6] != b"CRAM\x02\x01" or tail != EOF_CONTAINER_2:
+    if size < _FILE_DEFINITION + len(EOF_CONTAINER_2) or ending_container(head, tail) != EOF_CONTAINER_2:
         return None
     return crai_containers(crai, data_end=size - len(EOF_CONTAINER_2))
 
