@@ -35,6 +35,7 @@ from bamcountd.cramfile import (
     EOF_CONTAINER,
     EOF_CONTAINER_2,
     UNPLACED_ID,
+    Container,
     CramTotals,
     Unsafe,
     container_run,
@@ -1624,38 +1625,35 @@ class _Job:
         are fetched into ``scratch`` first.  A CRAM 2.1's containers are found by its CRAI.  None
         where the containers are out of order, or for a CRAM 2.0 (it ends in no EOF container)."""
         refs = frozenset(self.ref_ids[name] for name in shard.args)
-        if isinstance(self.bam, Path):
-            found = self.containers  # None for a CRAM 2 (or a CRAM 3 whose headers were set aside)
-            if found is not None:
-                run = found.run(refs)
-                if run is None:
-                    return None
-                ranges = ((0, found.header_end), run[:2])
-                return st.ByteRanges(self.bam, ranges, EOF_CONTAINER), self._names(run.others)
-            containers = await anyio.to_thread.run_sync(cram2_containers, self.bam, index)
-            run = container_run(containers, refs) if containers else None
-            if containers is None or run is None:
-                return None
-            ranges = ((0, containers[0][0]), run[:2])
-            return st.ByteRanges(self.bam, ranges, EOF_CONTAINER_2), self._names(run.others)
         remote = self.remote
-        assert remote is not None
-        eof = remote.cram_eof
-        if eof is None:
-            return None
-        data_end = remote.info.size - len(eof)
-        containers = await anyio.to_thread.run_sync(partial(crai_containers, index, data_end=data_end))
+        containers: Sequence[Container] | None
+        if remote is None and self.containers is not None:  # a local CRAM 3's, from their headers
+            containers, header_end, eof = self.containers.containers, self.containers.header_end, EOF_CONTAINER
+        else:
+            if remote is None:  # a local CRAM 2.1's (None for any other: a query each)
+                assert isinstance(self.bam, Path)
+                containers, eof = await anyio.to_thread.run_sync(cram2_containers, self.bam, index), EOF_CONTAINER_2
+            elif remote.cram_eof is not None:
+                eof = remote.cram_eof
+                find = partial(crai_containers, index, data_end=remote.info.size - len(eof))
+                containers = await anyio.to_thread.run_sync(find)
+            else:
+                return None
+            header_end = containers[0][0] if containers else 0
         run = container_run(containers, refs) if containers else None
         if run is None:
             return None
+        ranges, others = ((0, header_end), run[:2]), self._names(run.others)
+        if remote is None:
+            assert isinstance(self.bam, Path)
+            return st.ByteRanges(self.bam, ranges, eof), others
         from bamcountd import remote as http  # (a local count imports no http.client)
 
         fd, name = tempfile.mkstemp(prefix="containers-", suffix=".cram", dir=scratch)
         os.close(fd)
         out = Path(name)
-        ranges = ((0, containers[0][0]), run[:2])
         await anyio.to_thread.run_sync(partial(http.fetch_ranges, remote.url, ranges, out, info=remote.info))
-        return st.ByteRanges(out, ((0, out.stat().st_size),), eof), self._names(run.others)
+        return st.ByteRanges(out, ((0, out.stat().st_size),), eof), others
 
     def _names(self, ref_ids: Iterable[int]) -> frozenset[bytes]:
         """The names of references by header number, -1 as ``*``, as samtools prints them."""
