@@ -1220,6 +1220,10 @@ class _Job:
             shards = plan.plan_shards(
                 self.regions, weights, self.lengths, policy, index_empty=index_empty, densities=densities, swept=swept
             )
+        if account and self.request.verify == "auto" and not self.samtools.supports_save_counts:
+            # Read as its own containers, a reference's records are all there by construction:
+            # no region query has to be proved to reach them, so none is accounted.
+            shards = [replace(s, kind=plan.COUNT) if s.kind == plan.ACCOUNT and self._own_run(s) else s for s in shards]
         shared = self._unsafe(self.index).shared
         if shared:  # a group that shares containers: tallied, which can read their run of them once
             shards = [
@@ -1468,7 +1472,12 @@ class _Job:
             return await self._sweep(index, shard, where, threads)
         if argv is None:
             return await self._tally(index, shard, where, threads)
-        completed = await st.run(argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd)
+        piped = self._own_run(shard)
+        if piped is not None:
+            self.log.debug("count_piped", region=shard.label, bytes=sum(end - first for first, end in piped.ranges))
+        completed = await st.run(
+            argv, timeout=self.request.timeout, env=self.samtools.env, cwd=self.samtools.cwd, piped=piped
+        )
         if shard.bed and self.empty:
             completed = st.without_empty_reference_notes(completed, self.empty)
         return _Outcome(shard, completed)
@@ -1478,20 +1487,26 @@ class _Job:
         samtools, bam, filters = self.samtools, self.bam, self.request.filters
         if shard.kind == plan.SWEEP:
             return None, scratch / f"sweep{number}.intervals"  # written as it starts (see _sweep)
+        saved: Path | None = None
         if shard.kind == plan.ACCOUNT:
             # samtools 1.22+ saves what one `view -c` reached; a boundary correction's
             # `-e 'pos < S'` would count as rejected there, so corrections are tallied.
             if not samtools.supports_save_counts or shard.expression is not None:
                 return None, scratch
             saved = scratch / f"counts{number}.json"
-            argv = st.count_argv(samtools, bam, index, shard.args, filters=filters, threads=threads, save_counts=saved)
-            return argv, saved
         if not shard.bed:
-            expression = shard.expression
             argv = st.count_argv(
-                samtools, bam, index, shard.args, filters=filters, threads=threads, expression=expression
+                samtools,
+                bam,
+                index,
+                shard.args,
+                filters=filters,
+                threads=threads,
+                expression=shard.expression,
+                save_counts=saved,
+                piped=self._own_run(shard) is not None,
             )
-            return argv, scratch
+            return argv, scratch if saved is None else saved
         if self._one_query_each(shard):
             if shard.kind == plan.TALLY:
                 return None, scratch
@@ -1502,6 +1517,23 @@ class _Job:
             return None, bed
         # An unfiltered group's total is checked against the index (see _Reducer.add).
         return st.count_argv(samtools, bam, index, (), filters=filters, threads=threads, bed=bed), scratch
+
+    def _own_run(self, shard: plan.Shard) -> st.ByteRanges | None:
+        """What samtools reads instead of a whole reference's region query, for the default rows
+        of a local CRAM 3: the reference's own run of containers (cramfile._own_runs), each of
+        its records once, through no index, and no other's; None for any other shard."""
+        containers = self.containers
+        if containers is None or self.remote is not None or not isinstance(self.bam, Path):
+            return None
+        if not self.whole_file or shard.kind not in (plan.COUNT, plan.ACCOUNT) or len(shard.regions) != 1:
+            return None
+        region = self.regions[shard.regions[0]]
+        if not region.whole or region.everything or shard.expression is not None or shard.sign != 1:
+            return None
+        run = containers.own_runs.get(UNPLACED_ID if region.reference is None else self.ref_ids[region.reference])
+        if run is None or shard.args != (region.samtools_arg(),):
+            return None
+        return st.ByteRanges(self.bam, ((0, containers.header_end), run), EOF_CONTAINER)
 
     def _unsafe(self, index: Path | None) -> Unsafe:
         """This count's references that its samtools' multi-region iterator may misread through
@@ -1588,6 +1620,9 @@ class _Job:
             bed, cwd, readers = where, where.parent, st.PER_REFERENCE
         else:
             bed, cwd, readers, regions = None, where, st.TOTAL, shard.args
+            piped = self._own_run(shard)
+            if piped is not None:
+                regions = ()
         if piped is not None:
             source = "-"
             self.log.debug("tally_piped", region=shard.label, bytes=sum(end - first for first, end in piped.ranges))

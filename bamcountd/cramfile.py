@@ -16,7 +16,7 @@ import gzip
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +46,9 @@ class CramTotals:
     #: its first byte, the byte after it, the references it holds (by the CRAI for several).
     header_end: int = 0
     containers: tuple[Container, ...] = ()
+    #: The references (-1 for the unplaced) whose records fill a run of containers of their own,
+    #: by its bytes ``[first, end)``: see :func:`_own_runs`.
+    own_runs: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def component_of(self, ref_id: int) -> frozenset[int] | None:
         return next((refs for refs, _ in self.components if ref_id in refs), None)
@@ -105,12 +108,20 @@ def _skip_ltf8(data: bytes, at: int) -> int:
     return at + ones + 1
 
 
-def _container(data: bytes, name: str, offset: int) -> tuple[int, int, int, int]:
-    """(reference id, records, bytes of header, bytes of data) of the container at ``offset``."""
+class _Header(NamedTuple):
+    ref_id: int
+    start: int  # the smallest position of its records (1-based; 0 if one has none)
+    records: int
+    size: int  # bytes of the header
+    length: int  # bytes of the data
+
+
+def _container(data: bytes, name: str, offset: int) -> _Header:
+    """The header of the container at ``offset``."""
     try:
         (length,) = struct.unpack_from("<i", data, 0)
         ref_id, at = _itf8(data, 4)
-        _, at = _itf8(data, at)  # start
+        start, at = _itf8(data, at)
         _, at = _itf8(data, at)  # span
         records, at = _itf8(data, at)
         at = _skip_ltf8(data, at)  # record counter
@@ -124,7 +135,7 @@ def _container(data: bytes, name: str, offset: int) -> tuple[int, int, int, int]
         raise CorruptBam(f"{name}: the CRAM container at byte {offset} is cut short") from None
     if zlib.crc32(data[:at]) != crc or length < 0:
         raise CorruptBam(f"{name}: the CRAM container header at byte {offset} fails its CRC32 check")
-    return ref_id, records, at + 4, length
+    return _Header(ref_id, start, records, at + 4, length)
 
 
 def crai_rows(crai: Path) -> list[tuple[int, int, int, int]]:
@@ -255,6 +266,7 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
     multi: dict[int, int] = {}  # offset -> records of each multi-reference container
     starts: set[int] = set()
     spans: list[tuple[int, int, int]] = []  # each container with records: offset, end, reference id
+    unpositioned: set[int] = set()  # references with a container that starts at position 0
     header_end = 0
     with open(cram, "rb") as handle:
         definition = handle.read(_FILE_DEFINITION)
@@ -269,17 +281,19 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
             if not data:
                 break
             try:
-                ref_id, records, header, length = _container(data, name, offset)
+                ref_id, start, records, header, length = _container(data, name, offset)
             except CorruptBam:
                 if len(data) < _HEADER_READ:
                     raise
                 handle.seek(offset)  # a header with many landmarks (slices): read it whole
-                ref_id, records, header, length = _container(handle.read(_LONG_HEADER_READ), name, offset)
+                ref_id, start, records, header, length = _container(handle.read(_LONG_HEADER_READ), name, offset)
             if first:
                 header_end = offset + header + length
             elif records:  # the first container holds the SAM header
                 starts.add(offset)
                 spans.append((offset, offset + header + length, ref_id))
+                if start < 1 and ref_id >= 0:
+                    unpositioned.add(ref_id)
                 if ref_id == _MULTI_ID:
                     multi[offset] = records
                 elif ref_id >= UNPLACED_ID and ref_id < references:
@@ -296,7 +310,27 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
         (offset, end, frozenset(inside.get(offset, ())) if ref_id == _MULTI_ID else frozenset((ref_id,)))
         for offset, end, ref_id in spans
     )
-    return CramTotals(single, components, header_end, containers)
+    own = _own_runs(spans, single, unpositioned)
+    return CramTotals(single, components, header_end, containers, own)
+
+
+def _own_runs(
+    spans: Sequence[tuple[int, int, int]], single: dict[int, int], unpositioned: set[int]
+) -> dict[int, tuple[int, int]]:
+    """The references whose records fill consecutive containers of their own (in ``spans``,
+    file order): read as that run, a stream of exactly their records, with no index.  Not a
+    reference with a container that starts at position 0: it may hold a record with no
+    position, which no region query returns, and the count must say so (count._Job._recover)."""
+    seen: dict[int, list[int]] = {}  # reference: first span, last span, spans
+    for number, (_, _, ref_id) in enumerate(spans):
+        if ref_id in single:
+            where = seen.setdefault(ref_id, [number, number, 0])
+            where[1], where[2] = number, where[2] + 1
+    return {
+        ref_id: (spans[first][0], spans[last][1])
+        for ref_id, (first, last, count) in seen.items()
+        if count == last - first + 1 and ref_id not in unpositioned
+    }
 
 
 def _components(

@@ -167,12 +167,21 @@ def _summarise(lines: Sequence[str], limit: int = 3) -> str:
 
 
 async def run(
-    argv: Sequence[str], *, timeout: float | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    piped: ByteRanges | None = None,
 ) -> Completed:
     """Run one command to completion; on cancellation or timeout the child is killed.
 
     The child is spawned by :func:`spawn`, and killed and reaped if the calling scope is cancelled,
-    which is what guarantees that no samtools outlives a failed or interrupted count.
+    which is what guarantees that no samtools outlives a failed or interrupted count.  With
+    ``piped``, the child reads those bytes on its stdin.
+
+    :raises SamtoolsTimeout: the command ran past ``timeout``
+    :raises CorruptBam: ``piped``'s file ends before its ranges do
     """
     started = time.monotonic()
     output: dict[str, bytes] = {}
@@ -181,9 +190,21 @@ async def run(
         assert stream is not None
         output[name] = b"".join([chunk async for chunk in stream])
 
+    piped_read, piped_write = os.pipe() if piped is not None else (subprocess.DEVNULL, -1)
+    pipe_in: _PipeIn | None = None
     try:
         with anyio.fail_after(timeout):
-            async with await spawn(argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd) as process:
+            try:
+                process = await spawn(argv, stdin=piped_read, env=env, cwd=cwd)
+                if piped is not None:
+                    _widen(piped_write)
+                    pipe_in, piped_write = _PipeIn(piped_write, piped), -1
+                    pipe_in.start()
+            finally:  # ours would keep the pipe from ever closing
+                for descriptor in (piped_read, piped_write):
+                    if descriptor >= 0:
+                        os.close(descriptor)
+            async with process:
                 async with anyio.create_task_group() as group:
                     group.start_soon(drain, "stdout", process.stdout)
                     group.start_soon(drain, "stderr", process.stderr)
@@ -191,6 +212,10 @@ async def run(
     except TimeoutError:
         shown = redact(" ".join(argv[1:3]))  # idxstats' second word is the input, a URL's secrets and all
         raise SamtoolsTimeout(f"{shown}: killed after the {timeout:g} s time limit") from None
+    if pipe_in is not None:  # samtools read it all, or it would not have ended well
+        await anyio.to_thread.run_sync(pipe_in.join)
+        if pipe_in.error is not None:
+            raise pipe_in.error
     assert process.returncode is not None
     return Completed(
         argv=tuple(argv),
@@ -797,11 +822,13 @@ def count_argv(
     expression: str | None = None,
     bed: Path | None = None,
     save_counts: Path | None = None,
+    piped: bool = False,
 ) -> list[str]:
     """``samtools view -c`` for one shard.
 
     Regions come as arguments, or as a BED file for the multi-region iterator (``-M -L``),
-    which reads each stretch of the file once instead of seeking once per region.
+    which reads each stretch of the file once instead of seeking once per region; ``piped``:
+    none, samtools reads its stdin (see :class:`ByteRanges`).
     ``save_counts`` asks samtools 1.22+ to write there what it reached and accepted.
     """
     argv = [samtools.executable, "view", "--no-PG", "-c", *samtools.view_options, *filters.argv()]
@@ -814,7 +841,9 @@ def count_argv(
     if bed is not None:
         argv += ["-M", "-L", str(bed)]
     regions = list(regions)
-    if regions or bed is not None:
+    if piped:  # a stream on stdin: some of a CRAM's containers, which need no index
+        argv.append("-")
+    elif regions or bed is not None:
         argv += [with_index(bam, index), *regions]
     else:  # the whole file, which needs no index
         argv.append(source(bam))

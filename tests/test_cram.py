@@ -10,16 +10,28 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
+from structlog.testing import capture_logs
 
-from bamcountd import CountRequest, Filters, count_bam_sync
+from bamcountd import CountRequest, Filters, count_bam_sync, cramfile, logs
 from bamcountd import samtools as st
 from bamcountd.cli import main
-from bamcountd.cramfile import crai_entries, read_totals
+from bamcountd.cramfile import EOF_CONTAINER, crai_entries, read_totals
 from bamcountd.errors import BadOption, BadReference, BamcountdError, BamNotFound, CorruptBam, IndexMismatch
 from bamcountd.service.watch import is_candidate_name
-from bamcountd.synth import tricky_bam
-from tests.support.bams import FILTER_CASES, header_names, oracle, samtools_count, write_cram, write_fasta
+from bamcountd.synth import Reference, random_records, tricky_bam, write_bam
+from tests.support.bams import (
+    FILTER_CASES,
+    bam_record,
+    bam_records,
+    header_names,
+    oracle,
+    samtools_count,
+    write_cram,
+    write_fasta,
+    write_raw_bam,
+)
 
 
 @pytest.fixture(scope="session")
@@ -251,3 +263,103 @@ def test_another_crams_index_points_at_no_container(tmp_path: Path) -> None:
     with pytest.raises(IndexMismatch, match="where the CRAM has no container"):
         count_bam_sync(CountRequest(bam=one, index=tmp_path / "two.cram.crai"))
     assert count_bam_sync(CountRequest(bam=two)).total == samtools_count(two)
+
+
+# --- whole references read as their own runs of containers ---------------------------------
+
+
+@pytest.mark.parametrize("verify", ["auto", "full"])
+@pytest.mark.parametrize("case", ["F904_q20", "f2", "G900"])
+def test_filtered_default_rows_read_references_as_their_own_containers(
+    crams: dict[str, tuple[Path, Path | None]], tmp_path: Path, verify: str, case: str
+) -> None:
+    """A filtered count's whole references whose records fill containers of their own are read
+    as those containers, through no index: all their records are there, so even a first
+    filtered count (an empty cache: no earlier proof) accounts for none of them.  ``--verify
+    full`` still does: passed and left out, piped the same way, must make the headers' total."""
+    cram, reference = crams["reference"]
+    args, filters = FILTER_CASES[case]
+    names = [*header_names(cram), "*"]
+    found = read_totals(cram, cram.with_name(cram.name + ".crai"), len(names) - 1)
+    assert found is not None
+    own = {"*" if ref < 0 else "{" + names[ref] + "}" for ref in found.own_runs}
+    assert "{chr1}" in own and len(own) >= 3
+    assert not own & {"{" + names[ref] + "}" for refs, _ in found.components for ref in refs}
+    logs.configure(level="debug", json=True)
+    try:
+        with capture_logs() as events:
+            # References of over 500 reads are a shard each (smaller ones are tallied in groups).
+            request = CountRequest(
+                bam=cram, filters=filters, verify=verify, index_cache=tmp_path / "cache", min_shard_reads=5000
+            )
+            result = count_bam_sync(request)
+    finally:
+        logs.configure(level="warning", json=False)
+    assert {r.region: r.count for r in result.regions} == oracle(cram, names, args, reference=reference)
+    assert result.total == samtools_count(cram, *args, reference=reference)
+    assert result.verification == "containers"
+    counted = {e["region"] for e in events if e["event"] == "count_piped"}
+    tallied = {e["region"] for e in events if e["event"] == "tally_piped"}
+    alone = {"{chr1}", "{chr2}"}
+    assert alone <= own
+    if verify == "auto":
+        assert alone <= counted <= own and not alone & tallied
+    else:
+        assert not counted and alone <= tallied
+    # Asked for by name, a reference is a region query, as samtools' own.
+    with capture_logs() as events:
+        named = count_bam_sync(CountRequest(bam=cram, filters=filters, regions=("chr1",)))
+    assert named.total == samtools_count(cram, *args, "chr1", reference=reference)
+    assert not [e for e in events if e["event"] == "count_piped"]
+
+
+@pytest.mark.parametrize("case", ["none", "F904_q20"])
+def test_a_reference_whose_container_starts_at_position_0_is_queried(tmp_path: Path, case: str) -> None:
+    """A container that starts at position 0 may hold a record that names its reference but
+    has no position, which no region query returns: that reference is queried, so that the
+    count sees the difference, counts the default rows from one pass, and says so."""
+    references = [Reference("chr1", 50_000), Reference("chr2", 30_000)]
+    plain = write_bam(tmp_path / "plain.bam", references, random_records(references, 400, read_length=50, seed=8))
+    header, raw = bam_records(plain)
+    first_on_chr2 = next(i for i, r in enumerate(raw) if int.from_bytes(r[4:8], "little", signed=True) == 1)
+    raw.insert(first_on_chr2, bam_record("z0", flag=4, tid=1, pos=-1, bin_=4680))
+    cram = write_cram(write_raw_bam(tmp_path / "posless.bam", header, raw), tmp_path / "posless.cram", reference=None)
+    found = read_totals(cram, cram.with_name("posless.cram.crai"), 2)
+    assert found is not None and set(found.own_runs) == {0}
+    args, filters = FILTER_CASES[case]
+    logs.configure(level="debug", json=True)
+    try:
+        with capture_logs() as events:  # chr1 and chr2 a shard each
+            request = CountRequest(bam=cram, filters=filters, index_cache=tmp_path / "cache", min_shard_reads=1000)
+            result = count_bam_sync(request)
+    finally:
+        logs.configure(level="warning", json=False)
+    assert {e["region"] for e in events if e["event"] == "count_piped"} == {"{chr1}"}
+    rows = {r.region: r.count for r in result.regions}
+    assert rows["chr1"] == samtools_count(cram, *args, "chr1")
+    assert result.total == samtools_count(cram, *args) == sum(rows.values())
+    unmapped_pass = not filters.active  # the record is unmapped: -F 0x904 leaves it out
+    assert rows["chr2"] == samtools_count(cram, *args, "chr2") + unmapped_pass
+    assert list(result.notes) == [
+        "1 record of chr2 without a position (POS 0), which no region query returns: the rows come from one pass "
+        "over the whole file, which counts such records under their reference"
+    ]
+
+
+def test_a_piped_file_that_ends_before_its_ranges_is_an_error(
+    crams: dict[str, tuple[Path, Path | None]], tmp_path: Path
+) -> None:
+    cram, _ = crams["no_ref"]
+    short = tmp_path / "short.cram"
+    short.write_bytes(cram.read_bytes()[:5000])
+    piped = st.ByteRanges(short, ((0, cram.stat().st_size),), EOF_CONTAINER)
+    with pytest.raises(CorruptBam, match=f"{short}: the file ends at byte 5000, before byte"):
+        anyio.run(lambda: st.run([st.find(None), "view", "--no-PG", "-c", "-"], timeout=60, piped=piped))
+
+
+def test_only_a_reference_in_one_run_of_its_own_containers_is_piped() -> None:
+    """Containers in file order (first byte, end, reference): 3's are not consecutive, 4 shares
+    multi-reference containers (not in ``single``), 5 has one that starts at position 0."""
+    spans = [(10, 20, 0), (20, 30, 0), (30, 40, 3), (40, 50, 1), (50, 60, 3), (60, 70, 5), (70, 80, -1)]
+    single = {0: 2, 1: 1, 3: 2, 5: 1, -1: 1}
+    assert cramfile._own_runs(spans, single, unpositioned={5}) == {0: (10, 30), 1: (40, 50), -1: (70, 80)}
