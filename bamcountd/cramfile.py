@@ -258,7 +258,8 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
     CRC), checked against the containers its CRAI points at.
 
     :raises CorruptBam: a container header is cut short or fails its CRC32
-    :raises IndexMismatch: the CRAI points at bytes that are no container of this file
+    :raises IndexMismatch: the CRAI points at bytes that are no container of this file, lacks
+        one of its containers, or files one under another reference
     """
     name = str(cram)
     entries = crai_entries(crai)
@@ -303,6 +304,7 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
             first = False
             offset += header + length
     components = _components(crai, entries, starts, multi, single)  # takes its references out of single
+    _check_indexed(crai, entries, spans)
     inside: dict[int, set[int]] = {}
     for ref_id, offset in entries:
         inside.setdefault(offset, set()).add(ref_id)
@@ -312,6 +314,27 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
     )
     own = _own_runs(spans, single, unpositioned)
     return CramTotals(single, components, header_end, containers, own)
+
+
+def _check_indexed(crai: Path, entries: list[tuple[int, int]], spans: Sequence[tuple[int, int, int]]) -> None:
+    """Every container with records is in the CRAI, a single reference's under that reference:
+    else the CRAI is another file's, or older than this one's data.
+
+    :raises IndexMismatch: a container is missing from the CRAI, or filed under another reference
+    """
+    named: dict[int, set[int]] = {}
+    for ref_id, offset in entries:
+        named.setdefault(offset, set()).add(ref_id)
+    for offset, _, ref_id in spans:
+        refs = named.get(offset)
+        if refs is None:
+            raise IndexMismatch(f"{crai}: the index lacks the CRAM's container at byte {offset}")
+        if ref_id != _MULTI_ID and refs != {ref_id}:
+            listed = ", ".join(map(str, sorted(refs)))
+            raise IndexMismatch(
+                f"{crai}: the index files the CRAM's container at byte {offset} under reference number {listed}, "
+                f"but it holds reference number {ref_id}'s records"
+            )
 
 
 def _own_runs(

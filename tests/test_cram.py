@@ -4,6 +4,7 @@ reference; bad CRAMs give errors, never numbers."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -363,3 +364,26 @@ def test_only_a_reference_in_one_run_of_its_own_containers_is_piped() -> None:
     spans = [(10, 20, 0), (20, 30, 0), (30, 40, 3), (40, 50, 1), (50, 60, 3), (60, 70, 5), (70, 80, -1)]
     single = {0: 2, 1: 1, 3: 2, 5: 1, -1: 1}
     assert cramfile._own_runs(spans, single, unpositioned={5}) == {0: (10, 30), 1: (40, 50), -1: (70, 80)}
+
+
+@pytest.mark.parametrize("damage", ["another reference", "a line missing"])
+def test_an_index_that_misfiles_or_lacks_a_container_is_an_error(
+    crams: dict[str, tuple[Path, Path | None]], tmp_path: Path, damage: str
+) -> None:
+    """The default rows of a local CRAM 3 read most references through no index at all, so the
+    CRAI is set against the containers before anything is counted: one of its lines under
+    another reference, or one missing, and the count is an error, not a number."""
+    cram, _ = crams["no_ref"]
+    copy = Path(shutil.copy(cram, tmp_path / "x.cram"))
+    lines = gzip.decompress(cram.with_name(cram.name + ".crai").read_bytes()).decode().splitlines()
+    first_chr2 = next(i for i, line in enumerate(lines) if line.split("\t")[0] == "1")
+    if damage == "another reference":
+        lines[first_chr2] = "0" + lines[first_chr2][1:]
+        expected = "under reference number 0, but it holds reference number 1's records"
+    else:
+        del lines[first_chr2]
+        expected = "the index lacks the CRAM's container at byte"
+    (tmp_path / "x.cram.crai").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(IndexMismatch, match=expected):
+        count_bam_sync(CountRequest(bam=copy, filters=Filters(exclude_flags=0x904), index_cache=tmp_path / "c"))
+    assert main(["count", str(copy)]) == 1
