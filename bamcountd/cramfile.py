@@ -304,10 +304,10 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
             first = False
             offset += header + length
     components = _components(crai, entries, starts, multi, single)  # takes its references out of single
-    _check_indexed(crai, entries, spans)
-    inside: dict[int, set[int]] = {}
+    inside: dict[int, set[int]] = {}  # the references the CRAI files under each container
     for ref_id, offset in entries:
         inside.setdefault(offset, set()).add(ref_id)
+    _check_indexed(crai, inside, spans)
     containers = tuple(
         (offset, end, frozenset(inside.get(offset, ())) if ref_id == _MULTI_ID else frozenset((ref_id,)))
         for offset, end, ref_id in spans
@@ -316,17 +316,15 @@ def read_totals(cram: Path, crai: Path, references: int) -> CramTotals | None:
     return CramTotals(single, components, header_end, containers, own)
 
 
-def _check_indexed(crai: Path, entries: list[tuple[int, int]], spans: Sequence[tuple[int, int, int]]) -> None:
-    """Every container with records is in the CRAI, a single reference's under that reference:
-    else the CRAI is another file's, or older than this one's data.
+def _check_indexed(crai: Path, inside: dict[int, set[int]], spans: Sequence[tuple[int, int, int]]) -> None:
+    """Every container with records is in the CRAI (``inside``: the references it files under
+    each container's offset), a single reference's under that reference: else the CRAI is
+    another file's, or older than this one's data.
 
     :raises IndexMismatch: a container is missing from the CRAI, or filed under another reference
     """
-    named: dict[int, set[int]] = {}
-    for ref_id, offset in entries:
-        named.setdefault(offset, set()).add(ref_id)
     for offset, _, ref_id in spans:
-        refs = named.get(offset)
+        refs = inside.get(offset)
         if refs is None:
             raise IndexMismatch(f"{crai}: the index lacks the CRAM's container at byte {offset}")
         if ref_id != _MULTI_ID and refs != {ref_id}:
