@@ -197,9 +197,7 @@ async def run(
             try:
                 process = await spawn(argv, stdin=piped_read, env=env, cwd=cwd)
                 if piped is not None:
-                    _widen(piped_write)
-                    pipe_in, piped_write = _PipeIn(piped_write, piped), -1
-                    pipe_in.start()
+                    pipe_in, piped_write = _PipeIn.feeding(piped_write, piped), -1
             finally:  # ours would keep the pipe from ever closing
                 for descriptor in (piped_read, piped_write):
                     if descriptor >= 0:
@@ -212,10 +210,8 @@ async def run(
     except TimeoutError:
         shown = redact(" ".join(argv[1:3]))  # idxstats' second word is the input, a URL's secrets and all
         raise SamtoolsTimeout(f"{shown}: killed after the {timeout:g} s time limit") from None
-    if pipe_in is not None:  # samtools read it all, or it would not have ended well
-        await anyio.to_thread.run_sync(pipe_in.join)
-        if pipe_in.error is not None:
-            raise pipe_in.error
+    if pipe_in is not None:
+        await pipe_in.finished()
     assert process.returncode is not None
     return Completed(
         argv=tuple(argv),
@@ -314,6 +310,23 @@ class _PipeIn(threading.Thread):
         super().__init__(name="bamcountd-pipe-in", daemon=True)
         self.descriptor, self.piped = descriptor, piped
         self.error: CorruptBam | None = None
+
+    @classmethod
+    def feeding(cls, descriptor: int, piped: ByteRanges) -> _PipeIn:
+        """One started on the write end ``descriptor``, widened first (see _widen)."""
+        _widen(descriptor)
+        writer = cls(descriptor, piped)
+        writer.start()
+        return writer
+
+    async def finished(self) -> None:
+        """Wait for it to end, once samtools has (it read it all, or it would not have ended well).
+
+        :raises CorruptBam: the file ended before its ranges did, or could not be read
+        """
+        await anyio.to_thread.run_sync(self.join)
+        if self.error is not None:
+            raise self.error
 
     def run(self) -> None:
         piped = self.piped
@@ -442,8 +455,6 @@ async def run_tally(
     selected_read, selected_write = os.pipe() if ahead is None else (-1, ahead.take())
     unselected_read, unselected_write = os.pipe() if split else (-1, -1)
     piped_read, piped_write = os.pipe() if piped is not None else (-1, -1)
-    if piped is not None:
-        _widen(piped_write)
     view = _uncompressed_view(samtools, filters, threads)
     if expression is not None:
         view += ["-e", expression]
@@ -492,8 +503,7 @@ async def run_tally(
             if ahead is not None:
                 processes.append(ahead.process)  # its own readers_ahead reaps it
             if piped is not None:
-                pipe_in, piped_write = _PipeIn(piped_write, piped), -1
-                pipe_in.start()
+                pipe_in, piped_write = _PipeIn.feeding(piped_write, piped), -1
         finally:  # ours would keep the pipes from ever closing
             for descriptor in (
                 selected_read,
@@ -520,10 +530,8 @@ async def run_tally(
             if isinstance(error, TimeoutError):
                 raise SamtoolsTimeout(f"view -u: killed after the {timeout:g} s time limit") from None
             raise
-    if pipe_in is not None:  # samtools read it all, or it would not have ended well
-        await anyio.to_thread.run_sync(pipe_in.join)
-        if pipe_in.error is not None:
-            raise pipe_in.error
+    if pipe_in is not None:
+        await pipe_in.finished()
     seconds = time.monotonic() - started
     done = []
     commands = [view, reader, *([unselected_reader] if split else [])]
